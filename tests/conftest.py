@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random models, and one real vLLM engine per test session.
+
+Engine start-up is slow on CPU, so the engine is built once, in-process and eager
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, enforce_eager=True), with three plugins configured.
+"""
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from vllm_plugin.base_model import tokenizer_fingerprint
+from vllm_plugin.checkpoint import save_plugin
+from vllm_plugin.testing import tiny_base, tiny_plugin
+
+MAX_MODEL_LEN = 256
+MAX_NUM_SEQS = 8
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    os.environ["VLLM_PLUGIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+class Tiny:
+    """The tiny base (as an HF folder and a loaded model) and three saved plugins."""
+
+    def __init__(self, root: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.base_dir = tiny_base(root / "base")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.base_dir)
+        self.base = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=torch.float32).eval()
+        self.vocab_size = self.base.config.vocab_size
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)
+        self.plugins = {
+            "a": tiny_plugin(self.vocab_size, "gru", seed=1, fingerprint=self.fingerprint),
+            "b": tiny_plugin(self.vocab_size, "gru", seed=2, fingerprint=self.fingerprint, n_layers=2),
+            "t": tiny_plugin(self.vocab_size, "transformer", seed=3, fingerprint=self.fingerprint),
+        }
+        self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text).input_ids
+
+    def env_value(self) -> str:
+        return json.dumps({n: str(p) for n, p in self.plugin_dirs.items()})
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    return Tiny(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def engine(tiny):
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t."""
+    from vllm import LLM
+
+    from vllm_plugin.processor import PluginLogitsProcessor
+
+    os.environ["VLLM_PLUGINS"] = tiny.env_value()
+    llm = LLM(model=str(tiny.base_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
+              max_num_seqs=MAX_NUM_SEQS, max_logprobs=20, seed=0,
+              logits_processors=[PluginLogitsProcessor])
+    yield llm
+    del llm
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def server(tiny, tmp_path_factory):
+    """`vllm serve` of the tiny base on loopback with plugins a, b, t; yields its base URL."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {**os.environ, "VLLM_PLUGINS": tiny.env_value()}
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+    vllm_cmd = Path(sys.executable).with_name("vllm")
+    cmd = [str(vllm_cmd), "serve", str(tiny.base_dir), "--host", "127.0.0.1", "--port", str(port),
+           "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-logprobs", "20", "--served-model-name", "tiny",
+           "--logits-processors", "vllm_plugin.processor:PluginLogitsProcessor"]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 300
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2):
+                    break
+            except OSError:
+                if time.time() > deadline:
+                    raise RuntimeError(f"vllm serve did not come up:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

@@ -1,0 +1,97 @@
+"""Checkpoints round-trip and every unusable one is refused by name."""
+import json
+
+import pytest
+import torch
+
+from vllm_plugin.checkpoint import CheckpointError, load_plugin, read_config, save_plugin
+from vllm_plugin.testing import tiny_plugin
+
+V = 101
+
+
+@pytest.fixture
+def saved(tmp_path):
+    plugin = tiny_plugin(V, "gru", fingerprint="sha256:abc", training={"dataset": "e2e"})
+    return plugin, save_plugin(plugin, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("arch", ["gru", "transformer"])
+def test_round_trip(tmp_path, arch):
+    plugin = tiny_plugin(V, arch, prompt_template="{input}")
+    folder = save_plugin(plugin, tmp_path / arch)
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_plugin(folder, vocab_size=V)
+    assert loaded.config == plugin.config
+    for (k, a), (_, b) in zip(plugin.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    save_plugin(loaded, folder)  # overwriting in place works and leaves no temporaries
+    assert sorted(p.name for p in tmp_path.iterdir()) == [arch]
+
+
+def test_wrong_vocab(saved):
+    with pytest.raises(CheckpointError, match="vocabulary of 101 tokens.*has 50"):
+        load_plugin(saved[1], vocab_size=50)
+
+
+def test_wrong_tokenizer(saved):
+    with pytest.raises(CheckpointError, match="tokenizer sha256:abc.*sha256:other"):
+        load_plugin(saved[1], vocab_size=V, tokenizer_fingerprint="sha256:other")
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_plugin(tmp_path / "nope")
+
+
+def test_missing_weights(saved):
+    (saved[1] / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_plugin(saved[1])
+
+
+def test_missing_config(saved):
+    (saved[1] / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_plugin(saved[1])
+
+
+def test_corrupt_weights(saved):
+    path = saved[1] / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_plugin(saved[1])
+
+
+def test_pickle_is_never_loaded(saved):
+    torch.save(saved[0].state_dict(), saved[1] / "model.safetensors")
+    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
+        load_plugin(saved[1])
+
+
+def test_corrupt_config(saved):
+    (saved[1] / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_plugin(saved[1])
+
+
+def test_unknown_architecture(saved):
+    cfg = json.loads((saved[1] / "config.json").read_text())
+    cfg["architecture"] = "lstm"
+    (saved[1] / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="unknown plugin architecture 'lstm'"):
+        read_config(saved[1])
+
+
+def test_weights_not_matching_config(saved):
+    cfg = json.loads((saved[1] / "config.json").read_text())
+    cfg["d_model"] = 64
+    (saved[1] / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not match its config.json"):
+        load_plugin(saved[1])
+
+
+def test_not_a_plugin_config(saved):
+    (saved[1] / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match="not a vllm_plugin checkpoint"):
+        load_plugin(saved[1])

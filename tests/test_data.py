@@ -1,0 +1,131 @@
+"""Task data loads, groups and splits as the paper does; bad data is refused by name."""
+import json
+
+import pytest
+
+from training.base_logits import tokenize_examples
+from training.data import (DataError, format_prompt, group_references, load_e2e, load_examples, load_jsonl,
+                           load_webnlg, parse_mr, split_by_input)
+
+E2E_ROWS = [
+    ("name[Aromi], eatType[coffee shop], area[city centre]", "Aromi is a coffee shop in the city centre."),
+    ("name[Aromi], eatType[coffee shop], area[city centre]", "In the city centre there is Aromi, a coffee shop."),
+    ("name[Zizzi], food[Italian]", "Zizzi serves Italian food."),
+    ("name[Cotto], priceRange[cheap]", "Cotto is cheap."),
+    ("name[Strada], area[riverside]", "Strada is by the riverside."),
+]
+
+
+def write_e2e(path, rows=E2E_ROWS):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["mr", "ref", "fixed", "orig_mr"])
+        for mr, ref in rows:
+            w.writerow([mr, ref, 0, mr])
+    return path
+
+
+def test_parse_mr():
+    assert parse_mr("name[The Vaults], priceRange[more than £30], near[Café Brazil]") == [
+        ("name", "The Vaults"), ("priceRange", "more than £30"), ("near", "Café Brazil")]
+    with pytest.raises(ValueError):
+        parse_mr("no brackets here")
+
+
+def test_e2e_prompt_and_groups(tmp_path):
+    ex = load_e2e(write_e2e(tmp_path / "e2e.csv"))
+    assert len(ex) == 5 and len({e.group for e in ex}) == 4
+    assert ex[0].prompt.endswith("Attributes:\nname -- Aromi\neatType -- coffee shop\narea -- city centre\n\nSentence:\n")
+    refs = group_references(ex)
+    assert refs[ex[0].prompt] == [E2E_ROWS[0][1], E2E_ROWS[1][1]]
+
+
+def test_split_is_by_distinct_input(tmp_path):
+    rows = [(f"name[N{i}], area[riverside]", f"ref {i} {j}") for i in range(50) for j in range(i % 3 + 1)]
+    ex = load_e2e(write_e2e(tmp_path / "e2e.csv", rows))
+    fit, select = split_by_input(ex, 0.6, seed=3)
+    fit_groups, select_groups = {e.group for e in fit}, {e.group for e in select}
+    assert not fit_groups & select_groups
+    assert len(fit_groups) == 30 and len(select_groups) == 20
+    assert split_by_input(ex, 0.6, seed=3) == (fit, select)  # seeded
+
+
+def test_real_e2e_devel_shape(tmp_path):
+    from training.pipeline import default_data_file
+
+    path = default_data_file("e2e")
+    if not path.is_file():
+        pytest.skip("shared task data not present")
+    ex = load_e2e(path)
+    assert len(ex) == 4299 and len({e.group for e in ex}) == 1484
+    fit, select = split_by_input(ex)
+    assert len({e.group for e in fit}) == round(0.6 * 1484)
+
+
+def test_webnlg(tmp_path):
+    p = tmp_path / "w.jsonl"
+    p.write_text(json.dumps({"eid": "Id1", "category": "Airport", "size": 1,
+                             "triples": ["Aarhus | leaderName | Jacob_Bundsgaard"],
+                             "refs": ["The leader of Aarhus is Jacob Bundsgaard.", "Jacob leads Aarhus."]}) + "\n")
+    ex = load_webnlg(p)
+    assert len(ex) == 2 and ex[0].group == ex[1].group == "Airport/Id1"
+    assert "Triples:\nAarhus | leaderName | Jacob_Bundsgaard\n\nSentence:\n" in ex[0].prompt
+    assert dict(ex[0].meta)["category"] == "Airport"
+
+
+def test_generic_jsonl(tmp_path):
+    p = tmp_path / "own.jsonl"
+    p.write_text('{"prompt": "Q: 2+2?\\nA:", "completion": " 4"}\n\n{"prompt": "Q: 3+3?\\nA:", "completion": "6"}\n')
+    ex = load_jsonl(p)
+    assert [e.prompt for e in ex] == ["Q: 2+2?\nA:", "Q: 3+3?\nA:"] and ex[0].target == "4"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("a,b\n1,2\n", "expected CSV columns 'mr' and 'ref'"),
+    ("mr,ref\n,some text\n", ":2: empty 'mr' or 'ref'"),
+    ("mr,ref\nname[X],\n", ":2: empty 'mr' or 'ref'"),
+    ("mr,ref\nnot an mr,text\n", ":2: not a meaning representation"),
+    ("mr,ref\n", "has no rows"),
+])
+def test_bad_e2e(tmp_path, content, message):
+    p = tmp_path / "bad.csv"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_e2e(p)
+
+
+@pytest.mark.parametrize("loader, content, message", [
+    (load_jsonl, '{"prompt": "x", "completion": "y"}\n{broken\n', ":2: not valid JSON"),
+    (load_jsonl, '["a list"]\n', ":1: expected a JSON object"),
+    (load_jsonl, '{"prompt": "x"}\n', ":1: expected non-empty string fields"),
+    (load_webnlg, '{"triples": [], "refs": ["x"]}\n', ":1: expected non-empty 'triples'"),
+    (load_webnlg, '{"triples": ["a | b | c"], "refs": []}\n', "no entries with references"),
+])
+def test_bad_jsonl(tmp_path, loader, content, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(DataError, match=message):
+        loader(p)
+
+
+def test_missing_file_and_unknown_dataset(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples("e2e", tmp_path / "nope.csv")
+    with pytest.raises(DataError, match="unknown dataset 'squad'"):
+        load_examples("squad", tmp_path / "nope.csv")
+
+
+def test_tokenize_shares_prompts_and_limits_targets(tmp_path, tiny):
+    ex = load_e2e(write_e2e(tmp_path / "e2e.csv"))
+    ts = tokenize_examples(ex, tiny.tokenizer)
+    assert len(ts.prompts) == 4 and ts.example_prompt[:2] == [0, 0]
+    assert all(t[-1] == tiny.tokenizer.eos_token_id for t in ts.targets)
+    with pytest.raises(DataError, match="exceeds max_target_tokens=3"):
+        tokenize_examples(ex, tiny.tokenizer, max_target_tokens=3)
+
+
+def test_format_prompt_custom_template():
+    assert format_prompt("jsonl", "hello", "<<{input}>>") == "<<hello>>"

@@ -1,0 +1,130 @@
+"""Base-logit extraction, its cache, and a short real training run on the tiny base."""
+import json
+
+import pytest
+import torch
+
+import training.base_logits as bl_mod
+from training.base_logits import BaseLogits, BaseLogitsError, cached, extract_full, tokenize_examples
+from training.data import load_e2e, split_by_input
+from training.pipeline import RunSpec, run
+from training.train import PairSet, TrainConfig, evaluate
+from vllm_plugin.checkpoint import load_plugin
+from vllm_plugin.testing import CORPUS_WORDS
+
+from .test_data import write_e2e
+
+
+def synthetic_rows(n_inputs=40):
+    """Inputs whose references follow a fixed pattern a plugin can learn."""
+    names, foods, areas = CORPUS_WORDS[-12:], ["Italian", "French", "Chinese", "English"], ["riverside", "city centre"]
+    rows = []
+    for i in range(n_inputs):
+        name, food, area = names[i % 12], foods[i % 4], areas[i % 2]
+        mr = f"name[{name}], food[{food}], area[{area}], customer rating[{i}]"
+        rows.append((mr, f"{name} serves {food} food in the {area}."))
+        rows.append((mr, f"In the {area}, {name} serves {food} food."))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def e2e_file(tmp_path_factory):
+    return write_e2e(tmp_path_factory.mktemp("data") / "e2e.csv", synthetic_rows())
+
+
+def plain_log_probs(base, ts):
+    """Per target token log-probs from one whole forward per example (no sharing, no cache)."""
+    out = []
+    with torch.no_grad():
+        for p, t in zip(ts.example_prompt, ts.targets):
+            ids = torch.tensor([ts.prompts[p] + t])
+            logits = base(ids).logits[0, len(ts.prompts[p]) - 1:-1]
+            out.append(torch.log_softmax(logits.float(), -1))
+    return torch.cat(out)
+
+
+def test_full_extraction_equals_plain_forward(tiny, e2e_file):
+    ts = tokenize_examples(load_e2e(e2e_file)[:30], tiny.tokenizer)
+    assert len(ts.prompts) == 15  # each distinct prompt once
+    bl = extract_full(tiny.base, ts, prompts_per_batch=4, progress=False)
+    assert len(bl) == ts.num_target_tokens
+    got = bl.log_probs(torch.arange(len(bl)))
+    torch.testing.assert_close(got, plain_log_probs(tiny.base, ts), atol=2e-4, rtol=1e-4)
+
+
+def test_cache_round_trip_and_reuse(tiny, e2e_file, tmp_path):
+    ts = tokenize_examples(load_e2e(e2e_file)[:6], tiny.tokenizer)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return extract_full(tiny.base, ts, progress=False)
+
+    first = cached(tmp_path / "c", build)
+    second = cached(tmp_path / "c", build)
+    assert calls == [1]
+    assert torch.equal(first.hidden, second.hidden) and torch.equal(first.head_weight, second.head_weight)
+    (tmp_path / "c" / "base_logits.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BaseLogitsError, match="unreadable.*delete it to rebuild"):
+        BaseLogits.load(tmp_path / "c")
+
+
+def test_topk_tail_treatment_is_normalised():
+    lp = torch.log_softmax(torch.randn(3, 50), -1)
+    top = lp.topk(5)
+    targets = torch.tensor([top.indices[0, 0], 7, 9])
+    bl = BaseLogits(kind="topk", vocab_size=50, topk_ids=top.indices.int(), topk_logprobs=top.values,
+                    target_logprobs=lp.gather(1, targets[:, None])[:, 0])
+    full = bl.log_probs(torch.arange(3), targets)
+    torch.testing.assert_close(full.exp().sum(-1), torch.ones(3))
+    torch.testing.assert_close(full.gather(1, targets[:, None]), lp.gather(1, targets[:, None]))
+    torch.testing.assert_close(full.gather(1, top.indices), top.values)
+
+
+def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path, monkeypatch):
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, patience=5))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    history = [h["select_loss"] for h in metrics["history"]]
+    assert len(history) == 3
+    assert metrics["best_select_loss"] < metrics["base_select_loss"] - 0.5
+    assert history[-1] < history[0]
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["best_epoch"] == metrics["best_epoch"] and saved["source"] == "full"
+
+    plugin = load_plugin(tmp_path / "run" / "checkpoint", tiny.vocab_size, tiny.fingerprint)
+    assert plugin.config.training["dataset"] == "e2e" and plugin.config.tokenizer_fingerprint == tiny.fingerprint
+    examples = load_e2e(e2e_file)
+    _, select = split_by_input(examples)
+    # The base logits are cached: a resumed run must not extract them again.
+    monkeypatch.setattr(bl_mod, "extract_full", lambda *a, **k: pytest.fail("re-extracted base logits"))
+    monkeypatch.setattr("training.pipeline.extract_full", lambda *a, **k: pytest.fail("re-extracted"))
+    spec.train.epochs = 4
+    resumed = run(spec, progress=False, log=lambda *_: None)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
+    assert resumed["history"][:3] == metrics["history"]
+
+
+def test_pipeline_refuses_bad_input_before_work(tiny, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        run(RunSpec(data=str(tmp_path / "missing.csv"), base=str(tiny.base_dir), out=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="unknown base-logit source 'magic'"):
+        run(RunSpec(source="magic", base=str(tiny.base_dir), out=str(tmp_path / "r")))
+    with pytest.raises(ValueError, match="needs --endpoint"):
+        run(RunSpec(source="openai", base=str(tiny.base_dir), out=str(tmp_path / "r")))
+
+
+def test_pair_set_refuses_foreign_cache(tiny, e2e_file):
+    ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
+    other = tokenize_examples(load_e2e(e2e_file)[:2], tiny.tokenizer)
+    with pytest.raises(ValueError, match="does not belong to this data"):
+        PairSet(ts, extract_full(tiny.base, other, progress=False))
+
+
+def test_evaluate_base_alone_is_mean_nll(tiny, e2e_file):
+    ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
+    data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
+    lp = plain_log_probs(tiny.base, ts)
+    targets = torch.tensor([t for ex in ts.targets for t in ex])
+    expected = -lp.gather(1, targets[:, None]).mean().item()
+    assert evaluate(None, data) == pytest.approx(expected, rel=1e-4)

@@ -1,0 +1,333 @@
+"""The frozen base's next-token distributions on every target token, computed once and cached.
+
+Three sources, one cache format:
+
+- ``full``: a local transformers forward. Each distinct prompt is forwarded once; its
+  references continue from its KV cache. We store the base's final hidden state per target
+  token (H floats instead of V) plus its output layer, which rebuilds the exact full
+  log-probs on the fly at training time.
+- ``vllm``: top-k log-probs from a vLLM engine's ``prompt_logprobs`` (the closed-API regime).
+- ``openai``: top-k log-probs from any OpenAI-compatible ``/v1/completions`` endpoint
+  (``echo`` + ``logprobs``), e.g. a ``vllm serve`` of the base.
+
+Top-k treatment of the tail: top-k sources keep the k best log-probs and the exact log-prob of
+the target token (APIs return it with ``echo``). The probability mass left over is spread
+evenly over the tokens not listed. This keeps the base distribution normalised, keeps the
+exact base score of the token being trained on, and makes no claim about the tail's shape.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+SOURCES = ("full", "vllm", "openai")
+CACHE_VERSION = 1
+
+
+class BaseLogitsError(ValueError):
+    pass
+
+
+@dataclass
+class TokenizedSet:
+    """Examples as token ids; examples sharing a prompt point at one entry of ``prompts``."""
+
+    prompts: list[list[int]]
+    example_prompt: list[int]
+    targets: list[list[int]]  # each ends with EOS
+
+    @property
+    def num_target_tokens(self) -> int:
+        return sum(len(t) for t in self.targets)
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.prompts, self.example_prompt, self.targets]).encode())
+        return h.hexdigest()[:24]
+
+
+def tokenize_examples(examples, tokenizer, max_target_tokens: int = 256) -> TokenizedSet:
+    from .data import DataError
+
+    if not examples:
+        raise DataError("no examples to tokenize")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise DataError("the tokenizer has no EOS token; targets need one to end on")
+    prompt_index: dict[str, int] = {}
+    prompts, example_prompt, targets = [], [], []
+    for e in examples:
+        if e.prompt not in prompt_index:
+            prompt_index[e.prompt] = len(prompts)
+            prompts.append(tokenizer(e.prompt).input_ids)
+        target = tokenizer(e.target, add_special_tokens=False).input_ids + [eos]
+        if len(target) > max_target_tokens:
+            raise DataError(
+                f"target of {len(target)} tokens exceeds max_target_tokens={max_target_tokens}: "
+                f"{e.target[:80]!r}... (raise --max-target-tokens or drop the row)"
+            )
+        example_prompt.append(prompt_index[e.prompt])
+        targets.append(target)
+    return TokenizedSet(prompts, example_prompt, targets)
+
+
+@dataclass
+class BaseLogits:
+    """Per target token (flat, example-major) base log-probs in compact form."""
+
+    kind: str  # "full" or "topk"
+    vocab_size: int
+    meta: dict = field(default_factory=dict)
+    hidden: torch.Tensor | None = None  # full: [N, H]
+    head_weight: torch.Tensor | None = None  # full: [V, H]
+    head_bias: torch.Tensor | None = None
+    softcap: float | None = None
+    topk_ids: torch.Tensor | None = None  # topk: [N, k]
+    topk_logprobs: torch.Tensor | None = None
+    target_logprobs: torch.Tensor | None = None  # topk: [N], exact log-prob of the target token
+
+    def __len__(self):
+        return len(self.hidden) if self.kind == "full" else len(self.topk_ids)
+
+    def log_probs(self, rows: torch.Tensor, target_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-vocabulary base log-probs for flat rows ``rows`` -> [n, V]."""
+        if self.kind == "full":
+            logits = F.linear(self.hidden[rows].float(), self.head_weight, self.head_bias)
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return torch.log_softmax(logits, dim=-1)
+        ids, lp = self.topk_ids[rows].long(), self.topk_logprobs[rows]
+        tlp = self.target_logprobs[rows]
+        known_mass = lp.exp().sum(-1)
+        n_known = torch.full_like(known_mass, ids.shape[1])
+        if target_ids is not None:
+            outside = ~(ids == target_ids[:, None]).any(-1)
+            known_mass = known_mass + torch.where(outside, tlp.exp(), 0.0)
+            n_known = n_known + outside.float()
+        tail = (1.0 - known_mass).clamp(min=1e-6) / (self.vocab_size - n_known)
+        out = tail.log()[:, None].expand(-1, self.vocab_size).clone()
+        out.scatter_(1, ids, lp)
+        if target_ids is not None:
+            out.scatter_(1, target_ids[:, None], tlp[:, None])
+        return out
+
+    # ----- storage -------------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        folder = Path(folder)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+        try:
+            tensors = {k: getattr(self, k).contiguous() for k in
+                       ("hidden", "head_weight", "head_bias", "topk_ids", "topk_logprobs", "target_logprobs")
+                       if getattr(self, k) is not None}
+            save_file(tensors, str(tmp / "base_logits.safetensors"))
+            meta = {**self.meta, "kind": self.kind, "vocab_size": self.vocab_size,
+                    "softcap": self.softcap, "cache_version": CACHE_VERSION}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    @classmethod
+    def load(cls, folder: Path) -> "BaseLogits":
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+            tensors = load_file(str(folder / "base_logits.safetensors"))
+        except (OSError, json.JSONDecodeError, SafetensorError, ValueError) as e:
+            raise BaseLogitsError(f"base-logit cache {folder} is unreadable ({e}); delete it to rebuild") from e
+        if meta.get("cache_version") != CACHE_VERSION:
+            raise BaseLogitsError(f"base-logit cache {folder} has an old format; delete it to rebuild")
+        kind, vocab = meta.pop("kind"), meta.pop("vocab_size")
+        softcap = meta.pop("softcap", None)
+        return cls(kind=kind, vocab_size=vocab, meta=meta, softcap=softcap, **tensors)
+
+
+# ----- source: local transformers forward (full logits) ------------------------------------
+def _head_of(model):
+    head = model.get_output_embeddings()
+    bias = getattr(head, "bias", None)
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    return head.weight.detach().float().clone(), None if bias is None else bias.detach().float().clone(), softcap
+
+
+@torch.no_grad()
+def extract_full(model, ts: TokenizedSet, prompts_per_batch: int = 8, progress: bool = True,
+                 hidden_dtype=torch.float32) -> BaseLogits:
+    """Forward every distinct prompt once, then all its references from the prompt's KV cache."""
+    model.eval()
+    by_prompt: list[list[int]] = [[] for _ in ts.prompts]
+    for e, p in enumerate(ts.example_prompt):
+        by_prompt[p].append(e)
+    offsets = [0]
+    for t in ts.targets:
+        offsets.append(offsets[-1] + len(t))
+    hidden_size = model.config.get_text_config().hidden_size
+    hidden = torch.empty(offsets[-1], hidden_size, dtype=hidden_dtype)
+    order = sorted((p for p in range(len(ts.prompts)) if by_prompt[p]), key=lambda p: len(ts.prompts[p]))
+    bar = tqdm(total=ts.num_target_tokens, unit="tok", desc="base logits (full)", disable=not progress)
+    core = model.get_decoder()
+    for i in range(0, len(order), prompts_per_batch):
+        chunk = order[i:i + prompts_per_batch]
+        lens = torch.tensor([len(ts.prompts[p]) for p in chunk])
+        ids = torch.zeros(len(chunk), int(lens.max()), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, p in enumerate(chunk):
+            ids[r, :lens[r]] = torch.tensor(ts.prompts[p])
+            mask[r, :lens[r]] = 1
+        out = core(input_ids=ids, attention_mask=mask, use_cache=True)
+        last = out.last_hidden_state[torch.arange(len(chunk)), lens - 1]
+        rows = [r for r, p in enumerate(chunk) for _ in by_prompt[p]]
+        exs = [e for p in chunk for e in by_prompt[p]]
+        cont_len = max(len(ts.targets[e]) - 1 for e in exs)
+        cont_hidden = None
+        if cont_len > 0:
+            cache = out.past_key_values
+            cache.batch_select_indices(torch.tensor(rows))
+            cont = torch.zeros(len(exs), cont_len, dtype=torch.long)
+            cont_mask = torch.zeros_like(cont)
+            for j, e in enumerate(exs):
+                n = len(ts.targets[e]) - 1
+                cont[j, :n] = torch.tensor(ts.targets[e][:-1])
+                cont_mask[j, :n] = 1
+            rows_t = torch.tensor(rows)
+            position_ids = lens[rows_t][:, None] + torch.arange(cont_len)[None, :]
+            out2 = core(input_ids=cont, attention_mask=torch.cat([mask[rows_t], cont_mask], 1),
+                        position_ids=position_ids, past_key_values=cache, use_cache=True)
+            cont_hidden = out2.last_hidden_state
+        for j, (r, e) in enumerate(zip(rows, exs)):
+            n = len(ts.targets[e])
+            hidden[offsets[e]] = last[r].to(hidden_dtype)
+            if n > 1:
+                hidden[offsets[e] + 1:offsets[e + 1]] = cont_hidden[j, :n - 1].to(hidden_dtype)
+            bar.update(n)
+    bar.close()
+    weight, bias, softcap = _head_of(model)
+    return BaseLogits(kind="full", vocab_size=weight.shape[0], hidden=hidden, head_weight=weight,
+                      head_bias=bias, softcap=softcap)
+
+
+# ----- sources: top-k log-probs --------------------------------------------------------------
+def _topk_from_position(entries: dict[int, float], target: int, k: int):
+    """entries: token id -> log-prob at one position (top-k plus possibly the target)."""
+    best = sorted(entries.items(), key=lambda kv: -kv[1])[:k]
+    if len(best) < k:
+        raise BaseLogitsError(f"the source returned {len(best)} log-probs at a position, expected {k}")
+    if target not in entries:
+        raise BaseLogitsError("the source did not return the target token's log-prob (echo)")
+    return [t for t, _ in best], [lp for _, lp in best], entries[target]
+
+
+def _pack_topk(per_position, vocab_size: int, k: int, meta: dict) -> BaseLogits:
+    ids = torch.tensor([p[0] for p in per_position], dtype=torch.int32).view(-1, k)
+    lps = torch.tensor([p[1] for p in per_position], dtype=torch.float32).view(-1, k)
+    tlp = torch.tensor([p[2] for p in per_position], dtype=torch.float32)
+    return BaseLogits(kind="topk", vocab_size=vocab_size, topk_ids=ids, topk_logprobs=lps,
+                      target_logprobs=tlp, meta=meta)
+
+
+def extract_topk_vllm(llm, ts: TokenizedSet, k: int = 20, progress: bool = True) -> BaseLogits:
+    """Top-k prompt log-probs from a vLLM engine (``LLM(..., max_logprobs>=k)``)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=k, detokenize=False)
+    inputs = [TokensPrompt(prompt_token_ids=ts.prompts[p] + t) for p, t in zip(ts.example_prompt, ts.targets)]
+    outputs = llm.generate(inputs, params, use_tqdm=progress)
+    per_position = []
+    for (p, target), out in zip(zip(ts.example_prompt, ts.targets), outputs):
+        start = len(ts.prompts[p])
+        for j, tok in enumerate(target):
+            entries = {tid: lp.logprob for tid, lp in out.prompt_logprobs[start + j].items()}
+            per_position.append(_topk_from_position(entries, tok, k))
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    return _pack_topk(per_position, vocab, k, {"source": "vllm", "k": k})
+
+
+def _parse_token_key(key: str, vocab_lookup) -> int:
+    if key.startswith("token_id:"):
+        return int(key[len("token_id:"):])
+    if vocab_lookup is None:
+        raise BaseLogitsError(f"endpoint returned token text {key!r}, not ids; pass a tokenizer")
+    if key not in vocab_lookup:
+        raise BaseLogitsError(f"endpoint returned token {key!r} that the tokenizer does not know")
+    return vocab_lookup[key]
+
+
+def extract_topk_openai(base_url: str, model: str, ts: TokenizedSet, vocab_size: int, k: int = 20,
+                        api_key: str | None = None, concurrency: int = 4, timeout: float = 300.0,
+                        tokenizer=None, progress: bool = True) -> BaseLogits:
+    """Top-k log-probs from an OpenAI-compatible ``/v1/completions`` endpoint, prompt echoed back.
+
+    Asks for ``return_tokens_as_token_ids`` (vLLM's extension) so tokens come back as ids; with
+    other servers a tokenizer maps returned token text back to ids.
+    """
+    import httpx
+
+    url = base_url.rstrip("/") + "/completions"
+    headers = {"Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY', 'EMPTY')}"}
+    lookup = None
+    if tokenizer is not None:
+        lookup = {tokenizer.decode([i]): i for i in range(len(tokenizer))}
+
+    def one(args):
+        p, target = args
+        body = {"model": model, "prompt": ts.prompts[p] + target, "max_tokens": 1, "temperature": 0.0,
+                "echo": True, "logprobs": k, "return_tokens_as_token_ids": True}
+        r = client.post(url, json=body, headers=headers, timeout=timeout)
+        if r.status_code != 200:
+            raise BaseLogitsError(f"{url} answered {r.status_code}: {r.text[:300]}")
+        lp = r.json()["choices"][0]["logprobs"]
+        start = len(ts.prompts[p])
+        rows = []
+        for j, tok in enumerate(target):
+            top = lp["top_logprobs"][start + j] or {}
+            entries = {_parse_token_key(key, lookup): v for key, v in top.items()}
+            entries.setdefault(tok, lp["token_logprobs"][start + j])
+            rows.append(_topk_from_position(entries, tok, k))
+        return rows
+
+    per_position = []
+    with httpx.Client() as client, ThreadPoolExecutor(concurrency) as pool:
+        jobs = list(zip(ts.example_prompt, ts.targets))
+        for rows in tqdm(pool.map(one, jobs), total=len(jobs), desc="base logits (endpoint)",
+                         disable=not progress):
+            per_position.extend(rows)
+    return _pack_topk(per_position, vocab_size, k, {"source": "openai", "k": k, "url": base_url})
+
+
+# ----- cache ---------------------------------------------------------------------------------
+def cache_key(ts: TokenizedSet, base: str, tokenizer_fp: str, source: str, k: int | None) -> str:
+    payload = json.dumps({"base": str(base), "fp": tokenizer_fp, "source": source, "k": k,
+                          "data": ts.digest(), "v": CACHE_VERSION})
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def cached(folder: Path, build) -> BaseLogits:
+    """Load the cache at ``folder`` or build and save it; epochs and sweeps never recompute."""
+    folder = Path(folder)
+    if (folder / "meta.json").is_file():
+        return BaseLogits.load(folder)
+    result = build()
+    result.save(folder)
+    return result
+
+
+def entropy_bits(lp: torch.Tensor) -> float:
+    return float(-(lp.exp() * lp).sum(-1).mean() / math.log(2))

@@ -1,0 +1,156 @@
+"""data -> base logits (cached) -> training -> checkpoint, as one call."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
+from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
+from vllm_plugin.paths import cache_root
+
+from .base_logits import (SOURCES, BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
+                          extract_topk_vllm, tokenize_examples)
+from .data import PROMPT_TEMPLATES, DataError, load_examples, split_by_input
+from .train import PairSet, TrainConfig, train
+
+# Files each dataset trains on (the paper fits and selects on E2E's validation split).
+TRAIN_FILES = {"e2e": "e2e/devel.csv", "webnlg": "webnlg/train.jsonl"}
+TEST_FILES = {"e2e": "e2e/test.csv", "webnlg": "webnlg/dev.jsonl"}
+
+
+def data_dir() -> Path:
+    """`$VLLM_PLUGIN_DATA`, else the ``shared/data`` folder beside this checkout."""
+    if "VLLM_PLUGIN_DATA" in os.environ:
+        return Path(os.environ["VLLM_PLUGIN_DATA"])
+    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
+    return beside_checkout if beside_checkout.is_dir() else Path("../shared/data")
+
+
+def default_data_file(dataset: str, split: str = "train") -> Path:
+    files = TRAIN_FILES if split == "train" else TEST_FILES
+    if dataset not in files:
+        raise DataError(f"dataset {dataset!r} has no default file; pass --data")
+    return data_dir() / files[dataset]
+
+
+@dataclass
+class RunSpec:
+    dataset: str = "e2e"
+    data: str | None = None
+    base: str = DEFAULT_BASE
+    source: str = "full"
+    top_k: int = 20
+    endpoint: str | None = None
+    endpoint_model: str | None = None
+    arch: str = "gru"
+    d_model: int = 256
+    n_layers: int = 1
+    max_target_tokens: int = 256
+    fit_fraction: float = 0.6
+    out: str | None = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def out_dir(self) -> Path:
+        return Path(self.out or f"runs/{self.dataset}-{self.arch}-{self.source}")
+
+
+def check_spec(spec: RunSpec) -> Path:
+    """Fail before any long work: unknown source, missing data, unwritable output."""
+    if spec.source not in SOURCES:
+        raise ValueError(f"unknown base-logit source {spec.source!r}; expected one of {SOURCES}")
+    if spec.source == "openai" and not spec.endpoint:
+        raise ValueError("source 'openai' needs --endpoint (an OpenAI-compatible base URL)")
+    data = Path(spec.data) if spec.data else default_data_file(spec.dataset)
+    if not data.is_file():
+        raise DataError(f"dataset file {data} does not exist")
+    out = spec.out_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise PermissionError(f"output folder {out} is not writable")
+    return data
+
+
+def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_loader, progress=True):
+    key = cache_key(ts, base_path, fingerprint, spec.source, None if spec.source == "full" else spec.top_k)
+    folder = cache_root() / "base_logits" / key
+
+    def build() -> BaseLogits:
+        if spec.source == "full":
+            bl = extract_full(model_loader(), ts, progress=progress)
+        elif spec.source == "vllm":
+            from vllm import LLM
+
+            llm = LLM(model=base_path, max_logprobs=spec.top_k, enforce_eager=True, seed=0)
+            bl = extract_topk_vllm(llm, ts, spec.top_k, progress=progress)
+            del llm
+        else:
+            bl = extract_topk_openai(spec.endpoint, spec.endpoint_model or base_path, ts,
+                                     vocab_size=fingerprint_vocab(base_path), k=spec.top_k, progress=progress)
+        bl.meta.update(base=base_path, tokenizer_fingerprint=fingerprint, source=spec.source)
+        return bl
+
+    return cached(folder, build)
+
+
+def fingerprint_vocab(base_path: str) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(base_path).get_text_config().vocab_size
+
+
+def run(spec: RunSpec, progress: bool = True, log=print) -> dict:
+    """Train one plugin; returns metrics with timings and the checkpoint path."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data_file = check_spec(spec)
+    t_start = time.time()
+    base_path = resolve_base(spec.base)
+    tokenizer = AutoTokenizer.from_pretrained(base_path)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    examples = load_examples(spec.dataset, data_file)
+    fit_ex, select_ex = split_by_input(examples, spec.fit_fraction, seed=spec.train.seed)
+    log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
+        f"-> fit {len(fit_ex)} / select {len(select_ex)}")
+    fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
+    select_ts = tokenize_examples(select_ex, tokenizer, spec.max_target_tokens)
+
+    model = None
+
+    def load_base():
+        nonlocal model
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+        return model
+
+    t0 = time.time()
+    fit_bl = base_logits_for(fit_ts, spec, base_path, fingerprint, load_base, progress)
+    select_bl = base_logits_for(select_ts, spec, base_path, fingerprint, load_base, progress)
+    base_logits_s = time.time() - t0
+    model = None  # free the base before training
+
+    config = PluginConfig(
+        vocab_size=fit_bl.vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
+        tokenizer_fingerprint=fingerprint, base_model=base_path,
+        prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
+        training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
+                  "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
+                  "seed": spec.train.seed},
+    )
+    torch.manual_seed(spec.train.seed)
+    plugin = build_plugin(config)
+    log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters")
+    t1 = time.time()
+    metrics = train(plugin, PairSet(fit_ts, fit_bl), PairSet(select_ts, select_bl), spec.train,
+                    spec.out_dir(), progress=progress, log=log)
+    metrics.update(
+        checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,
+        train_s=time.time() - t1, wall_s=time.time() - t_start, source=spec.source,
+        base_model=base_path, fit_tokens_forwarded=sum(map(len, fit_ts.prompts)) + fit_ts.num_target_tokens,
+        select_tokens_forwarded=sum(map(len, select_ts.prompts)) + select_ts.num_target_tokens,
+    )
+    (spec.out_dir() / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,193 @@
+"""Train a plugin against a frozen base's cached log-probs (teacher forcing).
+
+Loss: cross-entropy of softmax(base log-probs + plugin logits) on target tokens only, which is
+the product of experts p_base * p_plugin renormalised. AdamW with linear warmup and cosine
+decay, early stopping on the held-out (select) loss, the best checkpoint kept, resumable at
+epoch boundaries. Nothing is pickled: the optimizer state is stored as safetensors too.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from vllm_plugin.checkpoint import load_plugin, save_plugin
+from vllm_plugin.model import PluginLM
+
+from .base_logits import BaseLogits, TokenizedSet
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    patience: int = 2
+    grad_clip: float = 1.0
+    seed: int = 0
+    max_steps_per_epoch: int | None = None
+
+
+class PairSet:
+    """Tokenized examples with the base's log-probs for each of their target tokens."""
+
+    def __init__(self, ts: TokenizedSet, base: BaseLogits):
+        if len(base) != ts.num_target_tokens:
+            raise ValueError(f"base logits cover {len(base)} target tokens, the examples have "
+                             f"{ts.num_target_tokens}: the cache does not belong to this data")
+        self.ts, self.base = ts, base
+        self.offsets = [0]
+        for t in ts.targets:
+            self.offsets.append(self.offsets[-1] + len(t))
+
+    def __len__(self):
+        return len(self.ts.targets)
+
+    def batch(self, idx: list[int]):
+        """Right-padded plugin inputs and, for each target token, where its prediction is read."""
+        seqs = [self.ts.prompts[self.ts.example_prompt[e]] + self.ts.targets[e][:-1] for e in idx]
+        ids = torch.zeros(len(idx), max(map(len, seqs)), dtype=torch.long)
+        pos_b, pos_t, rows, targets = [], [], [], []
+        for b, (e, seq) in enumerate(zip(idx, seqs)):
+            ids[b, :len(seq)] = torch.tensor(seq)
+            p, n = len(self.ts.prompts[self.ts.example_prompt[e]]), len(self.ts.targets[e])
+            pos_b += [b] * n
+            pos_t += range(p - 1, p - 1 + n)
+            rows += range(self.offsets[e], self.offsets[e + 1])
+            targets += self.ts.targets[e]
+        return ids, torch.tensor(pos_b), torch.tensor(pos_t), torch.tensor(rows), torch.tensor(targets)
+
+
+def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
+    """Summed combined cross-entropy over the batch's target tokens, and their count."""
+    ids, pos_b, pos_t, rows, targets = data.batch(idx)
+    logits = data.base.log_probs(rows, targets)
+    if plugin is not None:
+        logits = logits + plugin.head(plugin(ids)[pos_b, pos_t])
+    return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
+
+
+@torch.no_grad()
+def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64) -> float:
+    """Mean per-token cross-entropy (nats); with ``plugin=None`` the base alone."""
+    if plugin is not None:
+        plugin.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        loss, n = batch_loss(plugin, data, list(range(i, min(i + batch_size, len(data)))))
+        total, count = total + loss.item(), count + n
+    return total / count
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _save_resume(folder: Path, plugin, opt, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_plugin(plugin, folder / "model")
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+               for i, s in sd["state"].items() for k, v in s.items()}
+    save_file(tensors, str(folder / "optimizer.tmp"))
+    Path(folder / "optimizer.tmp").replace(folder / "optimizer.safetensors")
+    (folder / "state.json").write_text(json.dumps({**state, "param_groups": sd["param_groups"]}))
+
+
+def _load_resume(folder: Path, plugin, opt) -> dict:
+    state = json.loads((folder / "state.json").read_text())
+    plugin.load_state_dict(load_plugin(folder / "model").state_dict())
+    flat = load_file(str(folder / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in flat.items():
+        i, name = key.split(".", 1)
+        per_param.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    return state
+
+
+def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out_dir: str | Path,
+          resume: bool = True, progress: bool = True, log=print) -> dict:
+    """Fit the plugin; the best-on-select weights end up in ``out_dir/checkpoint``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    decay = [p for n, p in plugin.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in plugin.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    steps_per_epoch = math.ceil(len(fit) / cfg.batch_size)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    total_steps = steps_per_epoch * cfg.epochs
+
+    state = {"epoch": 0, "step": 0, "best_select_loss": None, "best_epoch": None, "bad_epochs": 0,
+             "history": []}
+    resume_dir = out_dir / "resume"
+    if resume and (resume_dir / "state.json").is_file():
+        state = _load_resume(resume_dir, plugin, opt)
+        log(f"resuming after epoch {state['epoch']} (best select loss {state['best_select_loss']})")
+    base_select = evaluate(None, select)
+    base_fit = evaluate(None, fit)
+
+    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
+        epoch = state["epoch"]
+        plugin.train()
+        order = list(range(len(fit)))
+        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        t0, total, count = time.time(), 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
+        for b in bar:
+            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(state["step"], total_steps, cfg)
+            loss_sum, n = batch_loss(plugin, fit, idx)
+            opt.zero_grad(set_to_none=True)
+            (loss_sum / n).backward()
+            torch.nn.utils.clip_grad_norm_(plugin.parameters(), cfg.grad_clip)
+            opt.step()
+            state["step"] += 1
+            total, count = total + loss_sum.item(), count + n
+            bar.set_postfix(loss=f"{total / count:.3f}")
+        select_loss = evaluate(plugin, select)
+        record = {"epoch": epoch + 1, "fit_loss": total / count, "select_loss": select_loss,
+                  "seconds": time.time() - t0, "tokens_per_s": count / (time.time() - t0)}
+        state["history"].append(record)
+        log(f"epoch {epoch + 1}: fit {record['fit_loss']:.4f}  select {select_loss:.4f}  "
+            f"(base alone {base_select:.4f})  {record['seconds']:.0f}s")
+        best = state["best_select_loss"]
+        if best is None or select_loss < best - 1e-4:
+            state.update(best_select_loss=select_loss, best_epoch=epoch + 1, bad_epochs=0)
+            save_plugin(plugin, out_dir / "checkpoint")
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        _save_resume(resume_dir, plugin, opt, state)
+
+    metrics = {
+        "config": asdict(cfg),
+        "base_fit_loss": base_fit,
+        "base_select_loss": base_select,
+        "best_select_loss": state["best_select_loss"],
+        "best_epoch": state["best_epoch"],
+        "stopped_early": state["bad_epochs"] >= cfg.patience,
+        "history": state["history"],
+        "fit_examples": len(fit),
+        "select_examples": len(select),
+        "fit_target_tokens": fit.ts.num_target_tokens,
+    }
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics

@@ -1,0 +1,165 @@
+"""`vllm-plugin`: prepare the base, train plugins, decode with the reference decoder."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from training.train import TrainConfig
+
+    d = TrainConfig()
+    p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
+    p.add_argument("--data", help="dataset file (default: the shared task data for --dataset)")
+    p.add_argument("--base", default="smollm2-135m", help="HF folder or hub id (default: offline SmolLM2-135M)")
+    p.add_argument("--source", default="full", choices=["full", "vllm", "openai"],
+                   help="base log-probs: full (local forward), vllm or openai (top-k only)")
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--endpoint", help="OpenAI-compatible base URL for --source openai, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--endpoint-model", help="model name the endpoint serves (default: --base)")
+    p.add_argument("--arch", default="gru", choices=["gru", "transformer"])
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--patience", type=int, default=d.patience)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--max-target-tokens", type=int, default=256)
+    p.add_argument("--out", help="run folder (default: runs/<dataset>-<arch>-<source>)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
+
+
+def _spec(args):
+    from training.pipeline import RunSpec
+    from training.train import TrainConfig
+
+    return RunSpec(
+        dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
+        endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
+        n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out,
+        train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed),
+    )
+
+
+def cmd_prepare_base(args) -> None:
+    from .base_model import FINGERPRINT_FILE, materialize_smollm2
+
+    path = materialize_smollm2(args.dest)
+    print(path)
+    print((path / FINGERPRINT_FILE).read_text())
+
+
+def cmd_train(args) -> dict:
+    from training.pipeline import run
+
+    if args.no_resume:
+        import shutil
+
+        shutil.rmtree(_spec(args).out_dir() / "resume", ignore_errors=True)
+    metrics = run(_spec(args))
+    print(json.dumps({k: metrics[k] for k in ("base_select_loss", "best_select_loss", "best_epoch",
+                                              "checkpoint", "base_logits_s", "train_s", "wall_s")}, indent=2))
+    return metrics
+
+
+def stop_ids(tokenizer) -> list[int]:
+    """Stop at EOS and at a newline: the tasks want one paragraph."""
+    ids = [tokenizer.eos_token_id]
+    newline = tokenizer.encode("\n", add_special_tokens=False)
+    if len(newline) == 1:
+        ids.append(newline[0])
+    return ids
+
+
+def cmd_generate(args) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.data import load_examples
+    from training.pipeline import default_data_file
+
+    from .base_model import resolve_base, tokenizer_fingerprint
+    from .checkpoint import load_plugin
+    from .decode import reference_generate
+
+    base_path = resolve_base(args.base)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
+    plugin = load_plugin(args.plugin, base.config.get_text_config().vocab_size, tokenizer_fingerprint(tok))
+    if args.prompt:
+        prompts, refs = [args.prompt], [None]
+    else:
+        seen, prompts, refs = set(), [], []
+        for e in load_examples(args.dataset, args.data or default_data_file(args.dataset, "test")):
+            if e.prompt not in seen:
+                seen.add(e.prompt)
+                prompts.append(e.prompt)
+                refs.append(e.target)
+            if len(prompts) == args.n:
+                break
+    ids = [tok(p).input_ids for p in prompts]
+    kw = dict(max_new_tokens=args.max_tokens, stop_token_ids=stop_ids(tok))
+    alone = reference_generate(base, ids, None, **kw)
+    combined = reference_generate(base, ids, plugin, weight=args.weight, **kw)
+    for prompt, ref, a, c in zip(prompts, refs, alone, combined):
+        print("-" * 72)
+        print(prompt.rstrip())
+        print(f"  base alone : {tok.decode(a, skip_special_tokens=True).strip()}")
+        print(f"  base+plugin: {tok.decode(c, skip_special_tokens=True).strip()}")
+        if ref:
+            print(f"  reference  : {ref}")
+
+
+def cmd_demo(args) -> None:
+    """The main job on the embedded default: prepare base, train the E2E plugin, show it."""
+    metrics = cmd_train(args)
+    print(f"\nheld-out loss per target token: base alone {metrics['base_select_loss']:.4f} nats, "
+          f"base+plugin {metrics['best_select_loss']:.4f} nats (epoch {metrics['best_epoch']})\n")
+    args.plugin, args.prompt, args.n, args.data = metrics["checkpoint"], None, 5, None
+    cmd_generate(args)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-plugin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare-base", help="materialise the offline default base (SmolLM2-135M-Instruct)")
+    p.add_argument("--dest", help="folder (default: $VLLM_PLUGIN_CACHE/models/SmolLM2-135M-Instruct)")
+    p.set_defaults(func=cmd_prepare_base)
+
+    p = sub.add_parser("train", help="extract base log-probs (cached) and train a plugin")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="decode with the reference decoder, base alone and with a plugin")
+    p.add_argument("--plugin", required=True, help="plugin checkpoint folder")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--prompt", help="a prompt; default: the first --n test inputs of --dataset")
+    p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
+    p.add_argument("--data")
+    p.add_argument("--n", type=int, default=5)
+    p.add_argument("--weight", type=float, default=1.0, help="plugin strength (1.0 = product of experts)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="main job: prepare base, train the E2E plugin, show generations")
+    _add_train_args(p)
+    p.add_argument("--weight", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.set_defaults(func=cmd_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, PermissionError) as e:
+        print(f"vllm-plugin: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Reference decoder: plain PyTorch/transformers, one sequence at a time, no tricks.
+
+Each step combines the experts exactly as the paper does,
+``log_softmax(base) + weight * log_softmax(plugin)``, renormalised by the softmax that
+follows. It is the oracle the vLLM processor must match token for token.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .model import PluginLM
+
+
+def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
+    return torch.log_softmax(base_logits.float(), -1) + weight * torch.log_softmax(plugin_logits.float(), -1)
+
+
+@torch.no_grad()
+def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM | None = None,
+                       weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
+                       seed: int | None = None, stop_token_ids: Sequence[int] = (),
+                       use_cache: bool = True) -> list[list[int]]:
+    """Generate for each prompt; ``base=None`` decodes with the plugin alone.
+
+    Greedy when ``temperature == 0``, else seeded multinomial sampling. A generated stop token
+    ends the sequence and is kept in its output, as vLLM keeps it in ``token_ids``.
+    """
+    if base is None and plugin is None:
+        raise ValueError("need a base model, a plugin, or both")
+    slot = torch.zeros(1, dtype=torch.long)
+    results = []
+    for prompt in prompts:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        ids = list(prompt)
+        out: list[int] = []
+        past = None
+        if plugin is not None:
+            state = plugin.new_state(1)
+            plugin.advance(state, slot, torch.tensor([ids]))
+        for _ in range(max_new_tokens):
+            parts = []
+            if base is not None:
+                if use_cache:
+                    feed = ids if past is None else ids[-1:]
+                    res = base(input_ids=torch.tensor([feed]), past_key_values=past, use_cache=True)
+                    past = res.past_key_values
+                else:
+                    res = base(input_ids=torch.tensor([ids]), use_cache=False)
+                parts.append(torch.log_softmax(res.logits[0, -1].float(), -1))
+            if plugin is not None:
+                parts.append((weight if base is not None else 1.0)
+                             * torch.log_softmax(plugin.logits(state, slot)[0].float(), -1))
+            scores = sum(parts)
+            if temperature == 0.0:
+                tok = int(torch.argmax(scores))
+            else:
+                probs = torch.softmax(scores / temperature, -1)
+                tok = int(torch.multinomial(probs, 1, generator=generator))
+            ids.append(tok)
+            out.append(tok)
+            if tok in stop_token_ids:
+                break
+            if plugin is not None:
+                plugin.advance(state, slot, torch.tensor([[tok]]))
+        results.append(out)
+    return results

@@ -1,0 +1,234 @@
+"""Plugin language models: they read the base's token ids and score the base's vocabulary.
+
+Two architectures share one interface, so training, the reference decoder and the vLLM
+processor never care which one they hold:
+
+- ``forward(ids) -> hidden``: teacher forcing over whole sequences (training);
+- ``head(hidden) -> logits``: the output layer over the base vocabulary;
+- ``new_state(num_slots)``: preallocated per-sequence state, one slot per sequence;
+- ``advance(state, slots, tokens, lengths, start)``: feed each slot its next tokens (a whole
+  prompt, the one token sampled last step, or anything in between);
+- ``logits(state, slots)``: the next-token logits of those slots.
+
+``gru`` (default) keeps a fixed-size recurrent state per sequence: one step per new token.
+``transformer`` is the paper's 1-layer GPT-2-style plugin; its state is its KV cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence
+
+ARCHITECTURES = ("gru", "transformer")
+
+
+@dataclass
+class PluginConfig:
+    vocab_size: int
+    architecture: str = "gru"
+    d_model: int = 256
+    n_layers: int = 1
+    n_heads: int = 4  # transformer only
+    max_len: int = 512  # transformer only: positions its KV cache holds
+    tie_embeddings: bool = True
+    dropout: float = 0.1
+    # What the plugin was trained against; checked when it is loaded onto a base.
+    tokenizer_fingerprint: str = ""
+    base_model: str = ""
+    prompt_template: str = ""
+    training: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown plugin architecture {self.architecture!r}; expected one of {ARCHITECTURES}"
+            )
+        if self.vocab_size <= 0 or self.d_model <= 0 or self.n_layers <= 0:
+            raise ValueError(f"plugin sizes must be positive: {self}")
+        if self.architecture == "transformer" and self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PluginLM(nn.Module):
+    """Shared embedding and tied head; subclasses supply the sequence core."""
+
+    def __init__(self, config: PluginConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.ln_f = nn.LayerNorm(config.d_model)
+        self.out_proj = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.drop = nn.Dropout(config.dropout)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed.weight if self.out_proj is None else self.out_proj.weight
+        return F.linear(hidden, weight, self.out_bias)
+
+    def logits(self, state: dict, slots: torch.Tensor) -> torch.Tensor:
+        return self.head(state["out"][slots])
+
+    def flops_per_token(self) -> int:
+        """Multiply-adds x2 of one decode step: the core's step plus the head over the vocabulary."""
+        return 2 * (self._core_macs_per_token() + self.config.d_model * self.config.vocab_size)
+
+
+class GRUPlugin(PluginLM):
+    def __init__(self, config: PluginConfig):
+        super().__init__(config)
+        d = config.d_model
+        self.rnn = nn.GRU(d, d, config.n_layers, batch_first=True,
+                          dropout=config.dropout if config.n_layers > 1 else 0.0)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(self.drop(self.embed(ids)))
+        return self.ln_f(self.drop(out))
+
+    def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
+        c = self.config
+        return {
+            "h": torch.zeros(num_slots, c.n_layers, c.d_model, device=device, dtype=dtype),
+            "out": torch.zeros(num_slots, c.d_model, device=device, dtype=dtype),
+        }
+
+    def reset(self, state: dict, slots: torch.Tensor) -> None:
+        state["h"][slots] = 0.0
+        state["out"][slots] = 0.0
+
+    def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
+                lengths: list[int] | None = None, start: list[int] | None = None) -> None:
+        """Feed ``tokens[r, :lengths[r]]`` to slot ``slots[r]`` (every length >= 1)."""
+        h0 = state["h"][slots].transpose(0, 1).contiguous()
+        x = self.embed(tokens)
+        if lengths is None or tokens.shape[1] == 1 or min(lengths) == tokens.shape[1]:
+            _, hn = self.rnn(x, h0)
+        else:
+            packed = pack_padded_sequence(x, torch.as_tensor(lengths, dtype=torch.long),
+                                          batch_first=True, enforce_sorted=False)
+            _, hn = self.rnn(packed, h0)
+        state["h"][slots] = hn.transpose(0, 1)
+        state["out"][slots] = self.ln_f(hn[-1])
+
+    def _core_macs_per_token(self) -> int:
+        d = self.config.d_model
+        return self.config.n_layers * 6 * d * d
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(approximate="tanh"), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
+
+    def attend(self, x, k_all=None, v_all=None, mask=None):
+        """Causal self-attention; with a cache, keys/values come from it under ``mask``."""
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
+        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
+        if k_all is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d)), k, v
+
+    def forward(self, x):
+        a, _, _ = self.attend(x)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class TransformerPlugin(PluginLM):
+    """The paper's plugin: a GPT-2-style decoder, 1 layer by default, trained from scratch."""
+
+    def __init__(self, config: PluginConfig):
+        super().__init__(config)
+        self.pos = nn.Embedding(config.max_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config.d_model, config.n_heads, config.dropout)
+                                    for _ in range(config.n_layers))
+        nn.init.normal_(self.pos.weight, std=0.01)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = ids.shape[1]
+        if t > self.config.max_len:
+            raise ValueError(f"sequence of {t} tokens exceeds the plugin's max_len={self.config.max_len}")
+        x = self.drop(self.embed(ids) + self.pos(torch.arange(t, device=ids.device)))
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x)
+
+    def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
+        c = self.config
+        shape = (num_slots, c.n_layers, c.n_heads, c.max_len, c.d_model // c.n_heads)
+        return {
+            "k": torch.zeros(shape, device=device, dtype=dtype),
+            "v": torch.zeros(shape, device=device, dtype=dtype),
+            "out": torch.zeros(num_slots, c.d_model, device=device, dtype=dtype),
+        }
+
+    def reset(self, state: dict, slots: torch.Tensor) -> None:
+        state["out"][slots] = 0.0  # stale keys are masked by position, never read
+
+    def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
+                lengths: list[int] | None = None, start: list[int] | None = None) -> None:
+        """Feed ``tokens[r, :lengths[r]]`` at positions ``start[r]...`` of slot ``slots[r]``."""
+        r, t = tokens.shape
+        device = tokens.device
+        lengths_t = torch.as_tensor(lengths if lengths is not None else [t] * r, device=device)
+        start_t = torch.as_tensor(start if start is not None else [0] * r, device=device)
+        pos = start_t[:, None] + torch.arange(t, device=device)[None, :]  # [r, t]
+        valid = torch.arange(t, device=device)[None, :] < lengths_t[:, None]
+        max_len = self.config.max_len
+        pos_c = pos.clamp(max=max_len - 1)  # rows past max_len are disabled by the caller
+        x = self.embed(tokens) + self.pos(pos_c)
+        # A query at position p sees cache positions <= p of its own slot.
+        key_pos = torch.arange(max_len, device=device)
+        mask = key_pos[None, None, None, :] <= pos_c[:, None, :, None]  # [r, 1, t, max_len]
+        row_idx = slots[:, None].expand(r, t)[valid]
+        col_idx = pos_c[valid]
+        for i, block in enumerate(self.blocks):
+            d = x.shape[-1]
+            q, k, v = block.qkv(block.ln1(x)).split(d, dim=2)
+            k, v = block.split_heads(k), block.split_heads(v)  # [r, h, t, hd]
+            # Write the new keys/values, then attend over the slot's whole cache.
+            state["k"][row_idx, i, :, col_idx] = k.transpose(1, 2)[valid]
+            state["v"][row_idx, i, :, col_idx] = v.transpose(1, 2)[valid]
+            k_all, v_all = state["k"][slots, i], state["v"][slots, i]
+            y = F.scaled_dot_product_attention(block.split_heads(q), k_all, v_all, attn_mask=mask)
+            x = x + block.proj(y.transpose(1, 2).reshape(r, t, d))
+            x = x + block.mlp(block.ln2(x))
+        last = (lengths_t - 1).clamp(min=0)
+        state["out"][slots] = self.ln_f(x[torch.arange(r, device=device), last])
+
+    def _core_macs_per_token(self) -> int:
+        d = self.config.d_model
+        # qkv + proj + mlp, plus attention over an average half-full cache
+        return self.config.n_layers * (12 * d * d + d * self.config.max_len)
+
+
+def build_plugin(config: PluginConfig) -> PluginLM:
+    return {"gru": GRUPlugin, "transformer": TransformerPlugin}[config.architecture](config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def init_std(d_model: int) -> float:
+    return 1.0 / math.sqrt(d_model)

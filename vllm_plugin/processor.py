@@ -1,0 +1,390 @@
+"""The plugin inside vLLM: a logits processor with per-sequence plugin state.
+
+Server-wide, ``VLLM_PLUGINS`` names the plugin checkpoints to load at engine start, as JSON
+(``{"e2e": "/ckpt/e2e"}``) or ``name=path,name2=path2``. Per request,
+``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) choose one by name and its strength:
+``{"plugin": "e2e", "plugin_weight": 1.0}``. A request without ``plugin`` is untouched.
+
+Every step, each row that uses a plugin advances that plugin's state by the tokens it has not
+seen yet (the whole prompt when the row is new, else the one token sampled last step) and
+gets ``weight * log_softmax(plugin logits)`` added to its logits: the product of experts of
+the paper, renormalised by the sampler's softmax. Rows of different plugins share a batch;
+each plugin group costs one state update and one head matmul.
+
+One class, ``PluginLogitsProcessor``, serves both of vLLM's model runners (V1, used on CPU,
+and Model Runner V2, the GPU default), so the installed entry point works under either.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
+
+logger = logging.getLogger("vllm_plugin")
+
+ENV_VAR = "VLLM_PLUGINS"
+ARG_PLUGIN = "plugin"
+ARG_WEIGHT = "plugin_weight"
+MAX_WEIGHT = 100.0
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class PluginConfigError(ValueError):
+    pass
+
+
+# ----- configuration --------------------------------------------------------------------------
+def configured_plugins(environ=os.environ) -> dict[str, str]:
+    """Plugin name -> checkpoint folder, from ``$VLLM_PLUGINS``."""
+    raw = environ.get(ENV_VAR, "").strip()
+    if not raw:
+        return {}
+    if raw.startswith("{"):
+        try:
+            table = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise PluginConfigError(f"${ENV_VAR} is not valid JSON: {e}") from e
+        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
+            raise PluginConfigError(f"${ENV_VAR} must map plugin names to checkpoint folders")
+    else:
+        table = {}
+        for item in raw.split(","):
+            name, sep, path = item.partition("=")
+            if not sep or not path.strip():
+                raise PluginConfigError(f"${ENV_VAR} entry {item!r} is not name=path")
+            table[name.strip()] = path.strip()
+    for name in table:
+        if not _NAME.match(name):
+            raise PluginConfigError(f"plugin name {name!r} in ${ENV_VAR}: use letters, digits, '_', '.', '-'")
+    return table
+
+
+def request_plugin(params, known: dict | None = None) -> tuple[str | None, float]:
+    """(plugin name or None, weight) of a request; ValueError with the reason if they are bad."""
+    args = getattr(params, "extra_args", None) or {}
+    name = args.get(ARG_PLUGIN)
+    weight = args.get(ARG_WEIGHT, 1.0)
+    stray = [k for k in args if k.startswith("plugin") and k not in (ARG_PLUGIN, ARG_WEIGHT)]
+    if stray:
+        raise ValueError(f"unknown plugin argument(s) {stray}; expected '{ARG_PLUGIN}' and '{ARG_WEIGHT}'")
+    if name is None:
+        if ARG_WEIGHT in args:
+            raise ValueError(f"'{ARG_WEIGHT}' given without '{ARG_PLUGIN}'")
+        return None, 0.0
+    known = configured_plugins() if known is None else known
+    if not isinstance(name, str) or name not in known:
+        available = ", ".join(sorted(known)) or f"none (set ${ENV_VAR} on the server)"
+        raise ValueError(f"unknown plugin {name!r}; available: {available}")
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+            or not 0.0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {MAX_WEIGHT:g}], got {weight!r}")
+    return name, float(weight)
+
+
+def validate_request(params) -> None:
+    request_plugin(params)
+
+
+# ----- the batched core, shared by both runners ---------------------------------------------
+class PluginBank:
+    """Named plugins with state for ``num_slots`` sequences each, in preallocated tensors.
+
+    Host-side arrays per slot: which plugin (-1: none), its weight, and how many of the
+    sequence's tokens its state has absorbed. A slot's tokens come from the runner through
+    two callbacks, so the core never knows which runner it serves.
+    """
+
+    def __init__(self, plugins: dict, num_slots: int, device):
+        self.names = list(plugins)
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.models = [plugins[n].to(device).eval() for n in self.names]
+        self.states = [m.new_state(num_slots, device) for m in self.models]
+        self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None
+                        for m in self.models]
+        self.device = torch.device(device)
+        self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
+        self.weight = np.zeros(num_slots, dtype=np.float32)
+        self.consumed = np.zeros(num_slots, dtype=np.int64)
+        self._warned: set[str] = set()
+
+    def assign(self, slot: int, name: str | None, weight: float = 1.0) -> bool:
+        self.plugin_of[slot] = -1 if name is None else self.index[name]
+        self.weight[slot] = weight
+        self.consumed[slot] = 0
+        return name is not None
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)
+
+    def _t(self, array) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def apply(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
+              last_tokens: Callable[[np.ndarray], torch.Tensor],
+              token_range: Callable[[np.ndarray, np.ndarray, np.ndarray], torch.Tensor]) -> torch.Tensor:
+        """Add each row's plugin log-probs to ``logits``.
+
+        rows/slots/seq_lens: the rows that use a plugin, their slots, and how many tokens each
+        sequence holds now. ``last_tokens(sel)`` gives the newest token of rows ``sel``;
+        ``token_range(sel, start, length)`` their tokens ``[start, start + length)``, padded.
+        """
+        plugin_ids = self.plugin_of[slots]
+        for g in np.unique(plugin_ids):
+            sel = np.nonzero(plugin_ids == g)[0]
+            model, state = self.models[g], self.states[g]
+            if self.max_len[g] is not None:
+                fits = seq_lens[sel] <= self.max_len[g]
+                if not fits.all():
+                    self.warn_once(f"len{g}", f"vllm_plugin: sequences past plugin '{self.names[g]}' "
+                                              f"max_len={self.max_len[g]} continue without it")
+                    sel = sel[fits]
+                    if not len(sel):
+                        continue
+            s = slots[sel]
+            done = self.consumed[s]
+            delta = seq_lens[sel] - done
+            step = delta == 1
+            catch_up = delta > 1
+            if catch_up.any():  # new rows (whole prompt), resumed rows, chunked prefill
+                c_sel = sel[catch_up]
+                c_slots = self._t(s[catch_up])
+                fresh = done[catch_up] == 0
+                if fresh.any():
+                    model.reset(state, self._t(s[catch_up][fresh]))
+                lengths = delta[catch_up]
+                tokens = token_range(c_sel, done[catch_up], lengths)
+                model.advance(state, c_slots, tokens, lengths.tolist(), done[catch_up].tolist())
+            if step.any():  # the decode hot path: one token per row, one batched step
+                tokens = last_tokens(sel[step])[:, None]
+                model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
+            self.consumed[s] = np.maximum(done, seq_lens[sel])
+            s_t = self._t(s)
+            lp = torch.log_softmax(model.logits(state, s_t).float(), dim=-1)
+            w = self._t(self.weight[s])
+            logits.index_add_(0, self._t(rows[sel]), (lp * w[:, None]).to(logits.dtype))
+        return logits
+
+
+def _tokenizer_fingerprint(vllm_config) -> str | None:
+    try:
+        from transformers import AutoTokenizer
+
+        from .base_model import tokenizer_fingerprint
+
+        mc = vllm_config.model_config
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code,
+                                            revision=getattr(mc, "tokenizer_revision", None))
+        return tokenizer_fingerprint(tok)
+    except Exception as e:  # a base without an HF tokenizer can still serve; vocab size is checked
+        logger.warning("vllm_plugin: cannot fingerprint the base tokenizer (%s); checking vocabulary size only", e)
+        return None
+
+
+# One active processor per engine: a class given both as entry point and in
+# ``logits_processors`` is instantiated twice, and the plugin must be added once.
+_ACTIVE: list[tuple[weakref.ref, weakref.ref]] = []
+
+
+def _claim(vllm_config, processor) -> bool:
+    _ACTIVE[:] = [(c, p) for c, p in _ACTIVE if c() is not None and p() is not None]
+    if any(c() is vllm_config for c, _ in _ACTIVE):
+        logger.info("vllm_plugin: processor registered twice for one engine; the second copy stays inert")
+        return False
+    _ACTIVE.append((weakref.ref(vllm_config), weakref.ref(processor)))
+    return True
+
+
+def load_bank(vllm_config, device, num_slots: int, processor) -> PluginBank | None:
+    """Load the configured plugins for this engine, or None when there are none (inert)."""
+    table = configured_plugins()
+    if not table or not _claim(vllm_config, processor):
+        return None
+    from .checkpoint import CheckpointError, load_plugin
+
+    vocab = vllm_config.model_config.get_vocab_size()
+    fingerprint = _tokenizer_fingerprint(vllm_config)
+    plugins = {}
+    for name, path in table.items():
+        try:
+            plugins[name] = load_plugin(path, vocab_size=vocab, tokenizer_fingerprint=fingerprint)
+        except CheckpointError as e:
+            raise PluginConfigError(f"plugin '{name}' from ${ENV_VAR}: {e}") from e
+    logger.info("vllm_plugin: serving plugins %s", ", ".join(
+        f"{n} ({m.config.architecture}, d={m.config.d_model})" for n, m in plugins.items()))
+    return PluginBank(plugins, num_slots, device)
+
+
+# ----- V1 model runner ------------------------------------------------------------------------
+class PluginProcessorV1(V1LogitsProcessor):
+    """V1 interface: rows are batch positions; they map to state slots that never move."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_request(sampling_params)
+
+    def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
+        num_slots = vllm_config.scheduler_config.max_num_seqs
+        self.bank = load_bank(vllm_config, device, num_slots, self)
+        self.row_slot = np.full(num_slots, -1, dtype=np.int64)
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.row_tokens: list[tuple[list[int], list[int]] | None] = [None] * num_slots
+        self.active_rows = np.zeros(0, dtype=np.int64)
+
+    def is_argmax_invariant(self) -> bool:
+        return self.bank is None
+
+    def _release(self, row: int) -> None:
+        slot = self.row_slot[row]
+        if slot >= 0:
+            self.bank.assign(int(slot), None)
+            self.free_slots.append(int(slot))
+        self.row_slot[row] = -1
+        self.row_tokens[row] = None
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if self.bank is None or not batch_update:
+            return
+        for row in batch_update.removed:
+            self._release(row)
+        for row, params, prompt_ids, output_ids in batch_update.added:
+            self._release(row)
+            try:
+                name, weight = request_plugin(params, self.bank.index)
+            except ValueError as e:  # validated at admission; never let a request kill the engine
+                self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
+                continue
+            if name is None:
+                continue
+            if prompt_ids is None:
+                self.bank.warn_once("embeds", "vllm_plugin: requests without prompt token ids "
+                                              "(prompt embeddings) run without their plugin")
+                continue
+            slot = self.free_slots.pop()
+            self.bank.assign(slot, name, weight)
+            self.row_slot[row] = slot
+            self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
+        for a, b, direction in batch_update.moved:
+            if direction == MoveDirectionality.SWAP:
+                self.row_slot[[a, b]] = self.row_slot[[b, a]]
+                self.row_tokens[a], self.row_tokens[b] = self.row_tokens[b], self.row_tokens[a]
+            else:
+                self._release(b)
+                self.row_slot[b], self.row_tokens[b] = self.row_slot[a], self.row_tokens[a]
+                self.row_slot[a], self.row_tokens[a] = -1, None
+        self.active_rows = np.nonzero(self.row_slot >= 0)[0]
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.bank is None or not len(self.active_rows):
+            return logits
+        rows = self.active_rows
+        seqs = [self.row_tokens[r] for r in rows]
+        # The newest token; under async scheduling it can still be a -1 placeholder (vLLM fills
+        # it in only when the runner knows a processor needs output ids).
+        last = np.fromiter((o[-1] if o else p[-1] for p, o in seqs), dtype=np.int64, count=len(seqs))
+        seq_lens = np.fromiter((len(p) + len(o) for p, o in seqs), dtype=np.int64, count=len(seqs))
+        known = last >= 0
+        if not known.all():
+            self.bank.warn_once("placeholder", "vllm_plugin: newest token not yet known (async scheduling); "
+                                "pass the processor in --logits-processors / LLM(logits_processors=...) "
+                                "so vLLM provides output token ids. Those rows run without the plugin.")
+            rows, seqs, last, seq_lens = rows[known], [s for s, k in zip(seqs, known) if k], last[known], seq_lens[known]
+            if not len(rows):
+                return logits
+        bank = self.bank
+
+        def last_tokens(sel: np.ndarray) -> torch.Tensor:
+            return bank._t(last[sel])
+
+        def token_range(sel: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+            out = np.zeros((len(sel), int(length.max())), dtype=np.int64)
+            for i, (j, s0, n) in enumerate(zip(sel, start, length)):  # only new/resumed rows
+                p, o = seqs[j]
+                out[i, :n] = (p + o)[s0:s0 + n]
+            return bank._t(np.maximum(out, 0))
+
+        return bank.apply(logits, rows, self.row_slot[rows], seq_lens, last_tokens, token_range)
+
+
+# ----- Model Runner V2 ------------------------------------------------------------------------
+class PluginProcessorV2(V2LogitsProcessor):
+    """MRV2 interface: per-slot state keyed by the runner's request slots; tokens read on device."""
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_request(sampling_params)
+
+    def __init__(self, vllm_config, req_states):
+        self.req_states = req_states
+        self.bank = load_bank(vllm_config, req_states.device, req_states.max_num_reqs, self)
+
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        if self.bank is None:
+            return False
+        try:
+            name, weight = request_plugin(sampling_params, self.bank.index)
+        except ValueError as e:
+            self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
+            name, weight = None, 0.0
+        return self.bank.assign(req_idx, name, weight)
+
+    def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        if self.bank is None:
+            return logits
+        slots_all = np.asarray(ctx.idx_mapping_np)
+        if logits.shape[0] != len(slots_all):  # speculative decoding: vLLM refuses it with custom processors
+            return logits
+        rows = np.nonzero(self.bank.plugin_of[slots_all] >= 0)[0]
+        if not len(rows):
+            return logits
+        slots = slots_all[rows]
+        seq_lens = np.asarray(ctx.seq_lens_upper_bound_np)[rows].astype(np.int64)
+        bank, all_ids = self.bank, self.req_states.all_token_ids.gpu
+        rows_t = bank._t(rows)
+
+        def last_tokens(sel: np.ndarray) -> torch.Tensor:
+            return ctx.input_ids[rows_t[bank._t(sel)]].long()
+
+        def token_range(sel: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
+            width = int(length.max())
+            start_t, length_t = bank._t(start), bank._t(length)
+            pos = start_t[:, None] + torch.arange(width, device=bank.device)[None, :]
+            pos = torch.minimum(pos, (start_t + length_t - 1)[:, None])
+            tokens = all_ids[bank._t(slots[sel])[:, None], pos].long()
+            # The newest token is this step's input; it may not be committed to all_token_ids yet.
+            tokens[torch.arange(len(sel), device=bank.device), length_t - 1] = last_tokens(sel)
+            return tokens
+
+        return bank.apply(logits, rows, slots, seq_lens, last_tokens, token_range)
+
+
+# ----- one class for both runners (the entry point) ------------------------------------------
+class PluginLogitsProcessor(PluginProcessorV1, PluginProcessorV2):
+    """Pick the implementation by the runner's constructor signature.
+
+    V1 builds processors with ``(vllm_config, device, is_pin_memory)``, MRV2 with
+    ``(vllm_config, req_states)``; both loaders accept this class (it subclasses both
+    interfaces), so one entry point and one ``--logits-processors`` name serve either runner.
+    """
+
+    def __new__(cls, vllm_config, *args, **kwargs):
+        if len(args) + len(kwargs) >= 2:
+            return PluginProcessorV1(vllm_config, *args, **kwargs)
+        return PluginProcessorV2(vllm_config, *args, **kwargs)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        validate_request(sampling_params)
