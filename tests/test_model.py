@@ -61,9 +61,9 @@ def test_reset_forgets_previous_sequence():
     state = plugin.new_state(1)
     slot = torch.tensor([0])
     with torch.no_grad():
-        plugin.advance(state, slot, torch.tensor([[1, 2, 3]]))
+        plugin.advance(state, slot, torch.tensor([[1, 2, 3]]), None, [0])
         plugin.reset(state, slot)
-        plugin.advance(state, slot, torch.tensor([[4]]))
+        plugin.advance(state, slot, torch.tensor([[4]]), None, [0])
         torch.testing.assert_close(plugin.logits(state, slot)[0], plugin.head(plugin(torch.tensor([[4]])))[0, -1])
 
 

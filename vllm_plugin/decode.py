@@ -38,7 +38,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
         past = None
         if plugin is not None:
             state = plugin.new_state(1)
-            plugin.advance(state, slot, torch.tensor([ids]))
+            plugin.advance(state, slot, torch.tensor([ids]), [len(ids)], [0])
         for _ in range(max_new_tokens):
             parts = []
             if base is not None:
@@ -63,6 +63,6 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             if tok in stop_token_ids:
                 break
             if plugin is not None:
-                plugin.advance(state, slot, torch.tensor([[tok]]))
+                plugin.advance(state, slot, torch.tensor([[tok]]), None, [len(ids) - 1])
         results.append(out)
     return results

@@ -104,8 +104,11 @@ class GRUPlugin(PluginLM):
         state["out"][slots] = 0.0
 
     def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
-                lengths: list[int] | None = None, start: list[int] | None = None) -> None:
-        """Feed ``tokens[r, :lengths[r]]`` to slot ``slots[r]`` (every length >= 1)."""
+                lengths: list[int] | None, start: list[int]) -> None:
+        """Feed ``tokens[r, :lengths[r]]`` (all of them if None) to slot ``slots[r]``.
+
+        ``start[r]``: how many tokens the slot has seen (the GRU does not need it).
+        """
         h0 = state["h"][slots].transpose(0, 1).contiguous()
         x = self.embed(tokens)
         if lengths is None or tokens.shape[1] == 1 or min(lengths) == tokens.shape[1]:
@@ -186,12 +189,12 @@ class TransformerPlugin(PluginLM):
         state["out"][slots] = 0.0  # stale keys are masked by position, never read
 
     def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
-                lengths: list[int] | None = None, start: list[int] | None = None) -> None:
+                lengths: list[int] | None, start: list[int]) -> None:
         """Feed ``tokens[r, :lengths[r]]`` at positions ``start[r]...`` of slot ``slots[r]``."""
         r, t = tokens.shape
         device = tokens.device
         lengths_t = torch.as_tensor(lengths if lengths is not None else [t] * r, device=device)
-        start_t = torch.as_tensor(start if start is not None else [0] * r, device=device)
+        start_t = torch.as_tensor(start, device=device)
         pos = start_t[:, None] + torch.arange(t, device=device)[None, :]  # [r, t]
         valid = torch.arange(t, device=device)[None, :] < lengths_t[:, None]
         max_len = self.config.max_len

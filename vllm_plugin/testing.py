@@ -32,6 +32,7 @@ def tiny_tokenizer(folder: Path, vocab_size: int = 384):
     corpus += [f"{w} -- {v}\n" for w, v in zip(CORPUS_WORDS, reversed(CORPUS_WORDS))]
     tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant: "
     fast.save_pretrained(folder)
     return fast
 

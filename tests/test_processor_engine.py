@@ -1,0 +1,176 @@
+"""The processor on a real vLLM engine (V1 runner, CPU, fp32) equals the reference decoder."""
+import math
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+from vllm import LLM, SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.inputs import TokensPrompt
+
+from vllm_plugin.decode import combine, reference_generate
+from vllm_plugin.processor import PluginLogitsProcessor
+
+PROMPTS = [
+    "Aromi is a",
+    "the coffee shop near the riverside serves",
+    "name -- Zizzi\narea -- riverside\nfood -- Italian\n\nSentence:\n",
+    "Cotto",
+    "Strada is a family friendly pub in the city centre with a high customer rating and",
+]
+
+
+def xargs(plugin=None, weight=None):
+    args = {}
+    if plugin:
+        args["plugin"] = plugin
+    if weight is not None:
+        args["plugin_weight"] = weight
+    return args or None
+
+
+def greedy(max_tokens, plugin=None, weight=None, **kw):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                          extra_args=xargs(plugin, weight), **kw)
+
+
+def reference(tiny, ids, plugin, weight, max_tokens):
+    model = tiny.plugins[plugin] if plugin else None
+    return reference_generate(tiny.base, [ids], model, weight=1.0 if weight is None else weight,
+                              max_new_tokens=max_tokens)[0]
+
+
+CASES = [(None, None), ("a", None), ("b", None), ("t", None), ("a", 0.5), ("b", 2.0), ("a", 0.0)]
+
+
+def test_entry_point_is_installed_and_registered_twice(engine):
+    """The engine loads the processor from the entry point AND from logits_processors."""
+    names = [ep.name for ep in entry_points(group="vllm.logits_processors")]
+    assert "plugin" in names  # so every equality below also proves the plugin is applied once
+
+
+def test_mixed_batch_equals_reference(tiny, engine):
+    """Plugins a, b, t, several strengths and no plugin, prompts of different lengths, one batch.
+
+    Different max_tokens make rows finish at different steps, so the batch is condensed
+    (requests removed and moved) while others keep decoding.
+    """
+    prompts, params, expected = [], [], []
+    for i, (plugin, weight) in enumerate(CASES * 2):
+        ids = tiny.encode(PROMPTS[i % len(PROMPTS)])
+        max_tokens = 6 + 3 * (i % 5)
+        prompts.append(TokensPrompt(prompt_token_ids=ids))
+        params.append(greedy(max_tokens, plugin, weight))
+        expected.append(reference(tiny, ids, plugin, weight, max_tokens))
+    outputs = engine.generate(prompts, params, use_tqdm=False)
+    got = [list(o.outputs[0].token_ids) for o in outputs]
+    for case, g, e in zip(CASES * 2, got, expected):
+        assert g == e, case
+    # Not vacuous: the plugins change what the base alone would say.
+    alone = [reference(tiny, p["prompt_token_ids"], None, None, len(e)) for p, e in zip(prompts, expected)]
+    changed = sum(a != e for a, e, (plugin, w) in zip(alone, expected, CASES * 2) if plugin and w != 0.0)
+    assert changed >= 8
+    zero_weight = [e == a for e, a, c in zip(expected, alone, CASES * 2) if c == ("a", 0.0)]
+    assert all(zero_weight)
+
+
+def test_requests_arriving_at_different_times(tiny, engine):
+    """New rows join a batch that is already decoding; their prompts prefill while others step."""
+    core = engine.llm_engine
+    plan = {0: [("r0", 0, "a"), ("r1", 1, None)], 2: [("r2", 2, "b")], 5: [("r3", 3, "t"), ("r4", 4, "a")],
+            9: [("r5", 0, "b")]}
+    expected, finished = {}, {}
+    step = 0
+    while step <= max(plan) or core.has_unfinished_requests():
+        for rid, p, plugin in plan.get(step, []):
+            ids = tiny.encode(PROMPTS[p])
+            core.add_request(rid, TokensPrompt(prompt_token_ids=ids), greedy(12, plugin))
+            expected[rid] = reference(tiny, ids, plugin, None, 12)
+        for out in core.step():
+            if out.finished:
+                finished[out.request_id] = list(out.outputs[0].token_ids)
+        step += 1
+    assert finished == expected
+
+
+def test_parallel_sampling_children_each_get_the_plugin(tiny, engine):
+    ids = tiny.encode(PROMPTS[1])
+    # n > 1 needs sampling; top_k=1 samples the argmax.
+    params = SamplingParams(n=3, max_tokens=10, temperature=1.0, top_k=1, ignore_eos=True, extra_args={"plugin": "b"})
+    out = engine.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+    want = reference(tiny, ids, "b", None, 10)
+    assert [list(c.token_ids) for c in out.outputs] == [want] * 3
+
+
+def test_eos_stops_like_the_reference(tiny, engine):
+    eos = tiny.tokenizer.eos_token_id
+    prompts = [tiny.encode(p) for p in PROMPTS]
+    params = SamplingParams(max_tokens=40, temperature=0.0, extra_args={"plugin": "a"})
+    got = [list(o.outputs[0].token_ids) for o in
+           engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)]
+    want = reference_generate(tiny.base, prompts, tiny.plugins["a"], max_new_tokens=40, stop_token_ids=[eos])
+    assert got == want
+
+
+def test_seeded_sampling_matches_the_reference_distribution(tiny, engine):
+    """vLLM's sampler draws differently from torch.multinomial, so compare distributions."""
+    ids = tiny.encode(PROMPTS[0])
+    n = 400
+    params = [SamplingParams(max_tokens=1, temperature=1.0, seed=s, extra_args={"plugin": "a"}) for s in range(n)]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=ids)] * n, params, use_tqdm=False)
+    counts = torch.bincount(torch.tensor([o.outputs[0].token_ids[0] for o in outs]), minlength=tiny.vocab_size)
+    with torch.no_grad():
+        base_logits = tiny.base(torch.tensor([ids])).logits[0, -1]
+        plugin = tiny.plugins["a"]
+        state = plugin.new_state(1)
+        plugin.advance(state, torch.tensor([0]), torch.tensor([ids]), None, [0])
+        probs = torch.softmax(combine(base_logits, plugin.logits(state, torch.tensor([0]))[0]), -1)
+    base_probs = torch.softmax(base_logits, -1)
+    assert (probs - base_probs).abs().sum() > 0.3  # the plugin moves the distribution
+    freq = counts.float() / n
+    for tok in torch.nonzero(probs > 0.03).flatten().tolist():
+        p = probs[tok].item()
+        assert abs(freq[tok].item() - p) < 4 * math.sqrt(p * (1 - p) / n) + 0.01, (tok, p, freq[tok].item())
+    # Same seed, same tokens.
+    again = engine.generate([TokensPrompt(prompt_token_ids=ids)] * 5, params[:5], use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in outs[:5]]
+
+
+@pytest.mark.parametrize("args, message", [
+    ({"plugin": "nope"}, "unknown plugin 'nope'"),
+    ({"plugin": "a", "plugin_weight": -1}, "must be a number in"),
+    ({"plugin": "a", "plugin_weight": float("nan")}, "must be a number in"),
+    ({"plugin": "a", "plugin_weight": "1.0"}, "must be a number in"),
+    ({"plugin_weight": 1.0}, "without 'plugin'"),
+    ({"plugin": "a", "plugin_wieght": 1.0}, "unknown plugin argument"),
+    ({"plugin": "../../etc"}, "unknown plugin"),
+])
+def test_bad_request_is_refused_and_engine_keeps_serving(tiny, engine, args, message):
+    ids = tiny.encode(PROMPTS[0])
+    with pytest.raises((ValueError, VLLMValidationError), match=message):
+        engine.generate([TokensPrompt(prompt_token_ids=ids)],
+                        SamplingParams(max_tokens=4, temperature=0.0, extra_args=args), use_tqdm=False)
+    out = engine.generate([TokensPrompt(prompt_token_ids=ids)], greedy(4, "a"), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == reference(tiny, ids, "a", None, 4)
+
+
+def test_forced_preemption(tiny, engine):
+    """A KV cache of 64 usable token slots for 4 requests of ~60 tokens: vLLM must preempt and resume.
+
+    Resumed rows come back as new rows with output so far; the plugin rebuilds their state from
+    prompt + output and the result still equals the reference.
+    """
+    llm = LLM(model=str(tiny.base_dir), dtype="float32", enforce_eager=True, max_model_len=64, max_num_seqs=4,
+              block_size=32, num_gpu_blocks_override=3, seed=0, disable_log_stats=False,
+              logits_processors=[PluginLogitsProcessor])
+    try:
+        cases = [("a", 0), ("b", 1), (None, 3), ("t", 2)]
+        prompts = [tiny.encode(PROMPTS[p]) for _, p in cases]
+        params = [greedy(50 - len(ids), plugin) for (plugin, _), ids in zip(cases, prompts)]
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        for (plugin, _), ids, sp, out in zip(cases, prompts, params, outs):
+            assert list(out.outputs[0].token_ids) == reference(tiny, ids, plugin, None, sp.max_tokens), plugin
+        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+        assert preemptions > 0
+    finally:
+        del llm
