@@ -1,0 +1,269 @@
+"""Paths a CPU engine cannot take, driven through vLLM's own interfaces as its runners drive them.
+
+- Model Runner V2 (the GPU default) needs Triton, so it cannot start here. Its processor is
+  driven the way ``vllm/v1/worker/gpu/sample/sampler.py`` drives it: ``add_request`` per slot,
+  then ``apply(logits, LogitsContext)`` with rows reordered every step, prompts prefilled in
+  chunks, slots recycled, tokens read from the runner's ``all_token_ids``.
+- V1 under async scheduling (off on CPU): the newest output token is a ``-1`` placeholder
+  until just before ``apply``, or, for an entry-point-only processor, during ``apply`` too.
+
+The vLLM config and the runner's buffers are stand-ins holding only the fields the processor
+reads; the interface classes, BatchUpdate and LogitsContext are vLLM's own.
+"""
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1Interface
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext, LogitsProcRequestState
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Interface
+
+from vllm_plugin.decode import reference_generate
+from vllm_plugin.processor import (PluginLogitsProcessor, PluginProcessorV1, PluginProcessorV2,
+                                   configured_plugins, request_plugin)
+
+MAX_LEN = 128
+SLOTS = 6
+
+
+@pytest.fixture
+def plugins_env(tiny, monkeypatch):
+    monkeypatch.setenv("VLLM_PLUGINS", tiny.env_value())
+
+
+class Config(SimpleNamespace):
+    """Stands in for VllmConfig (which, unlike SimpleNamespace, can be weakly referenced)."""
+
+
+def vllm_config(tiny):
+    return Config(
+        scheduler_config=SimpleNamespace(max_num_seqs=SLOTS),
+        model_config=SimpleNamespace(get_vocab_size=lambda: tiny.vocab_size, tokenizer=str(tiny.base_dir),
+                                     trust_remote_code=False, tokenizer_revision=None),
+    )
+
+
+def base_logits(tiny, seqs):
+    with torch.no_grad():
+        return torch.stack([tiny.base(torch.tensor([s])).logits[0, -1] for s in seqs])
+
+
+def params(plugin=None, weight=None):
+    args = {"plugin": plugin} if plugin else {}
+    if weight is not None:
+        args["plugin_weight"] = weight
+    return SamplingParams(max_tokens=8, extra_args=args or None)
+
+
+REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
+    ("Aromi is a coffee shop in the", "a", None, 7, 0),
+    ("the pub", None, None, 5, 0),
+    ("name -- Zizzi\narea -- riverside\nfood -- Italian\n\nSentence:\n", "t", 1.5, 6, 0),
+    ("Cotto serves", "b", None, 8, 2),
+    ("Strada", "a", 0.5, 4, 3),
+    ("Loch Fyne is near", "t", None, 6, 6),  # arrives after others leave: reuses a slot
+]
+
+
+def expected_outputs(tiny):
+    return [reference_generate(tiny.base, [tiny.encode(p)], tiny.plugins.get(plugin),
+                               weight=1.0 if w is None else w, max_new_tokens=n)[0]
+            for p, plugin, w, n, _ in REQUESTS]
+
+
+def test_one_class_serves_both_runners(tiny, plugins_env):
+    assert issubclass(PluginLogitsProcessor, V1Interface) and issubclass(PluginLogitsProcessor, V2Interface)
+    v1 = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    assert isinstance(v1, PluginProcessorV1) and not v1.is_argmax_invariant()
+    req_states = SimpleNamespace(device=torch.device("cpu"), max_num_reqs=SLOTS)
+    v2 = PluginLogitsProcessor(vllm_config(tiny), req_states)
+    assert isinstance(v2, PluginProcessorV2)
+
+
+def test_inert_without_configured_plugins(tiny, monkeypatch):
+    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    v1 = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    assert v1.bank is None and v1.is_argmax_invariant()
+    logits = torch.randn(2, tiny.vocab_size)
+    v1.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params("a"), [1, 2], [])], moved=[]))
+    assert v1.apply(logits) is logits
+    v2 = PluginLogitsProcessor(vllm_config(tiny), SimpleNamespace(device=torch.device("cpu"), max_num_reqs=4))
+    assert v2.add_request(0, params("a")) is False
+
+
+def test_registered_twice_applies_once(tiny, plugins_env):
+    config = vllm_config(tiny)
+    first = PluginLogitsProcessor(config, torch.device("cpu"), False)
+    second = PluginLogitsProcessor(config, torch.device("cpu"), False)
+    assert first.bank is not None and second.bank is None
+    other_engine = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    assert other_engine.bank is not None
+
+
+def test_configuration_parsing(monkeypatch, tmp_path):
+    assert configured_plugins({"VLLM_PLUGINS": "e2e=/x/y, web=/z"}) == {"e2e": "/x/y", "web": "/z"}
+    assert configured_plugins({"VLLM_PLUGINS": '{"e2e": "/x"}'}) == {"e2e": "/x"}
+    for bad, msg in [("{oops", "not valid JSON"), ("e2e", "not name=path"), ('{"a/b": "/x"}', "plugin name"),
+                     ('{"a": 3}', "must map plugin names")]:
+        with pytest.raises(ValueError, match=msg):
+            configured_plugins({"VLLM_PLUGINS": bad})
+    assert request_plugin(params(), {}) == (None, 0.0)
+    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0)
+
+
+def test_engine_start_refuses_bad_checkpoint(tiny, monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_PLUGINS", f'{{"broken": "{tmp_path}"}}')
+    with pytest.raises(ValueError, match="plugin 'broken' from \\$VLLM_PLUGINS: .*no config.json"):
+        PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+
+
+def test_wrong_vocabulary_refused_at_start(tiny, plugins_env):
+    config = vllm_config(tiny)
+    config.model_config.get_vocab_size = lambda: tiny.vocab_size + 1
+    with pytest.raises(ValueError, match="plugin 'a'.*vocabulary"):
+        PluginLogitsProcessor(config, torch.device("cpu"), False)
+
+
+# ----- Model Runner V2 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk):
+    rng = random.Random(0)
+    all_token_ids = torch.zeros(SLOTS, MAX_LEN, dtype=torch.int32)
+    req_states = LogitsProcRequestState(
+        device=torch.device("cpu"), max_num_reqs=SLOTS, vocab_size=tiny.vocab_size,
+        all_token_ids=SimpleNamespace(gpu=all_token_ids), prompt_len=None, prefill_len=None, total_len=None)
+    proc = PluginLogitsProcessor(vllm_config(tiny), req_states)
+    free = list(range(SLOTS))
+    rng.shuffle(free)
+    live = {}  # slot -> request record
+    outputs = [None] * len(REQUESTS)
+    step = 0
+    while step < 40 and (live or any(o is None for o in outputs)):
+        for i, (text, plugin, weight, n, arrival) in enumerate(REQUESTS):
+            if arrival == step:
+                slot = free.pop()
+                prompt = tiny.encode(text)
+                all_token_ids[slot, :len(prompt)] = torch.tensor(prompt)
+                all_token_ids[slot, len(prompt):] = -7  # stale data of a previous occupant
+                assert proc.add_request(slot, params(plugin, weight)) == (plugin is not None)
+                live[slot] = {"i": i, "tokens": prompt, "prompt_len": len(prompt), "computed": 0, "out": [], "n": n}
+        rows = list(live.items())
+        rng.shuffle(rows)  # rows are reordered every step
+        slots, positions, inputs, sampling = [], [], [], []
+        for slot, r in rows:
+            if r["computed"] < r["prompt_len"]:
+                r["computed"] = r["prompt_len"] if chunk is None else min(r["prompt_len"], r["computed"] + chunk)
+                pos = r["computed"] - 1
+                sampling.append(r["computed"] == r["prompt_len"])
+            else:
+                pos = len(r["tokens"]) - 1
+                sampling.append(True)
+            slots.append(slot)
+            positions.append(pos)
+            inputs.append(r["tokens"][pos])
+        logits = base_logits(tiny, [live[s]["tokens"][:p + 1] for s, p in zip(slots, positions)])
+        before = logits.clone()
+        slots_np = np.array(slots, dtype=np.int32)
+        ctx = LogitsContext(
+            expanded_idx_mapping=torch.from_numpy(slots_np), idx_mapping=torch.from_numpy(slots_np),
+            idx_mapping_np=slots_np, expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32),
+            input_ids=torch.tensor(inputs, dtype=torch.int32), pos=torch.tensor(positions),
+            seq_lens_upper_bound_np=np.array(positions) + 1)
+        out = proc.apply(logits, ctx)
+        for row, (slot, take) in enumerate(zip(slots, sampling)):
+            r = live[slot]
+            if REQUESTS[r["i"]][1] is None:
+                assert torch.equal(out[row], before[row])  # rows without a plugin are untouched
+            if not take:
+                continue
+            tok = int(out[row].argmax())
+            r["tokens"].append(tok)
+            r["out"].append(tok)
+            all_token_ids[slot, len(r["tokens"]) - 1] = tok  # committed after the step
+            if len(r["out"]) == r["n"]:
+                outputs[r["i"]] = r["out"]
+                del live[slot]
+                free.append(slot)  # MRV2 recycles slots without telling processors
+        step += 1
+    assert outputs == expected_outputs(tiny)
+
+
+# ----- V1, async scheduling ----------------------------------------------------------------------
+def test_v1_async_placeholders_and_moves(tiny, plugins_env):
+    """A small V1 runner with async scheduling: removals, SWAP and UNIDIRECTIONAL moves, and the
+    newest token a -1 placeholder until just before ``apply`` (processor passed explicitly)."""
+    proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    batch = []  # row -> request record: the persistent batch
+    outputs = [None] * len(REQUESTS)
+    pending = []  # (record, token sampled last step): the copy that has not landed yet
+    step = 0
+    while step < 60 and (batch or any(o is None for o in outputs)):
+        removed, added, moved = [], [], []
+        for row, rec in enumerate(batch):
+            if len(rec["out"]) >= rec["n"]:
+                late = {id(r): tok for r, tok in pending}
+                outputs[rec["i"]] = [late[id(rec)] if t == -1 else t for t in rec["out"]]
+                batch[row] = None
+                removed.append(row)
+        for i, (text, plugin, weight, n, arrival) in enumerate(REQUESTS):
+            if arrival == step:
+                rec = {"i": i, "prompt": tiny.encode(text), "out": [], "n": n, "plugin": plugin}
+                row = batch.index(None) if None in batch else len(batch)
+                batch[row:row + 1] = [rec]
+                added.append((row, params(plugin, weight), rec["prompt"], rec["out"]))
+        while None in batch:  # condense: the last row moves into the first hole
+            hole = batch.index(None)
+            last = len(batch) - 1
+            if hole != last:
+                moved.append((last, hole, MoveDirectionality.UNIDIRECTIONAL))
+                batch[hole] = batch[last]
+            batch.pop()
+        if len(batch) >= 3 and step % 4 == 1:  # and swaps rows
+            moved.append((0, 2, MoveDirectionality.SWAP))
+            batch[0], batch[2] = batch[2], batch[0]
+        if batch:
+            proc.update_state(BatchUpdate(batch_size=len(batch), removed=removed, added=added, moved=moved))
+        for rec, tok in pending:  # vLLM fills placeholders just before apply
+            if rec["out"][-1] == -1:
+                rec["out"][-1] = tok
+        pending = []
+        if not batch:
+            step += 1
+            continue
+        logits = base_logits(tiny, [r["prompt"] + r["out"] for r in batch])
+        before = logits.clone()
+        out = proc.apply(logits)
+        for row, rec in enumerate(batch):
+            if rec["plugin"] is None:
+                assert torch.equal(out[row], before[row])
+            if len(rec["out"]) < rec["n"]:
+                rec["out"].append(-1)  # async: a placeholder now, the token later
+                pending.append((rec, int(out[row].argmax())))
+        step += 1
+    assert outputs == expected_outputs(tiny)
+
+
+def test_v1_placeholder_during_apply_skips_row_then_catches_up(tiny, plugins_env):
+    """Entry-point-only under async scheduling (vLLM #52461): ``-1`` is still there in apply."""
+    proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    plugin = tiny.plugins["a"]
+    prompt, out_ids = tiny.encode("Aromi is a"), []
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params("a"), prompt, out_ids)], moved=[]))
+    tok1 = int(proc.apply(base_logits(tiny, [prompt])).argmax())
+    out_ids.append(-1)
+    proc.update_state(None)
+    logits = base_logits(tiny, [prompt + [tok1]])
+    assert torch.equal(proc.apply(logits.clone()), logits)  # unknown token: row left alone
+    out_ids[-1] = tok1
+    out_ids.append(5)  # the next token lands together with the late one
+    proc.update_state(None)
+    seq = prompt + out_ids
+    logits = base_logits(tiny, [seq])
+    delta = proc.apply(logits.clone()) - logits
+    with torch.no_grad():
+        want = torch.log_softmax(plugin.head(plugin(torch.tensor([seq])))[0, -1], -1)
+    torch.testing.assert_close(delta[0], want, atol=1e-4, rtol=1e-4)
