@@ -39,4 +39,9 @@ info.mkdir(exist_ok=True)
 (info / "RECORD").write_text("")
 PY
 fi
+# METEOR (benchmarks) reads WordNet from Debian's packages.
+if [ ! -f /usr/share/wordnet/data.noun ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wordnet-base wordnet-sense-index) \
+    >/dev/null 2>&1 || echo "note: could not install WordNet; METEOR will be unavailable" >&2
+fi
 touch "$stamp"

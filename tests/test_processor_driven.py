@@ -111,8 +111,14 @@ def test_configuration_parsing(monkeypatch, tmp_path):
                      ('{"a": 3}', "must map plugin names")]:
         with pytest.raises(ValueError, match=msg):
             configured_plugins({"VLLM_PLUGINS": bad})
-    assert request_plugin(params(), {}) == (None, 0.0)
-    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0)
+    assert request_plugin(params(), {}) == (None, 0.0, 0)
+    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0)
+    mixture = SamplingParams(extra_args={"plugin": "a", "plugin_weight": 0.3, "plugin_mode": "mixture"})
+    assert request_plugin(mixture, {"a": "/x"}) == ("a", 0.3, 1)
+    for bad in ({"plugin": "a", "plugin_mode": "sum"}, {"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 2},
+                {"plugin_mode": "alone"}):
+        with pytest.raises(ValueError):
+            request_plugin(SamplingParams(extra_args=bad), {"a": "/x"})
 
 
 def test_engine_start_refuses_bad_checkpoint(tiny, monkeypatch, tmp_path):

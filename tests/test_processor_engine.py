@@ -1,15 +1,19 @@
 """The processor on a real vLLM engine (V1 runner, CPU, fp32) equals the reference decoder."""
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from importlib.metadata import entry_points
 
 import pytest
 import torch
-from vllm import LLM, SamplingParams
+from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
 from vllm_plugin.decode import combine, reference_generate
-from vllm_plugin.processor import PluginLogitsProcessor
 
 PROMPTS = [
     "Aromi is a",
@@ -20,27 +24,30 @@ PROMPTS = [
 ]
 
 
-def xargs(plugin=None, weight=None):
+def xargs(plugin=None, weight=None, mode=None):
     args = {}
     if plugin:
         args["plugin"] = plugin
     if weight is not None:
         args["plugin_weight"] = weight
+    if mode is not None:
+        args["plugin_mode"] = mode
     return args or None
 
 
-def greedy(max_tokens, plugin=None, weight=None, **kw):
+def greedy(max_tokens, plugin=None, weight=None, mode=None, **kw):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
-                          extra_args=xargs(plugin, weight), **kw)
+                          extra_args=xargs(plugin, weight, mode), **kw)
 
 
-def reference(tiny, ids, plugin, weight, max_tokens):
+def reference(tiny, ids, plugin, weight, max_tokens, mode=None):
     model = tiny.plugins[plugin] if plugin else None
     return reference_generate(tiny.base, [ids], model, weight=1.0 if weight is None else weight,
-                              max_new_tokens=max_tokens)[0]
+                              max_new_tokens=max_tokens, mode=mode or "product")[0]
 
 
-CASES = [(None, None), ("a", None), ("b", None), ("t", None), ("a", 0.5), ("b", 2.0), ("a", 0.0)]
+CASES = [(None, None, None), ("a", None, None), ("b", None, None), ("t", None, None), ("a", 0.5, None),
+         ("b", 2.0, None), ("a", 0.0, None), ("b", 0.4, "mixture"), ("t", None, "alone")]
 
 
 def test_entry_point_is_installed_and_registered_twice(engine):
@@ -56,21 +63,21 @@ def test_mixed_batch_equals_reference(tiny, engine):
     (requests removed and moved) while others keep decoding.
     """
     prompts, params, expected = [], [], []
-    for i, (plugin, weight) in enumerate(CASES * 2):
+    for i, (plugin, weight, mode) in enumerate(CASES * 2):
         ids = tiny.encode(PROMPTS[i % len(PROMPTS)])
         max_tokens = 6 + 3 * (i % 5)
         prompts.append(TokensPrompt(prompt_token_ids=ids))
-        params.append(greedy(max_tokens, plugin, weight))
-        expected.append(reference(tiny, ids, plugin, weight, max_tokens))
+        params.append(greedy(max_tokens, plugin, weight, mode))
+        expected.append(reference(tiny, ids, plugin, weight, max_tokens, mode))
     outputs = engine.generate(prompts, params, use_tqdm=False)
     got = [list(o.outputs[0].token_ids) for o in outputs]
     for case, g, e in zip(CASES * 2, got, expected):
         assert g == e, case
     # Not vacuous: the plugins change what the base alone would say.
     alone = [reference(tiny, p["prompt_token_ids"], None, None, len(e)) for p, e in zip(prompts, expected)]
-    changed = sum(a != e for a, e, (plugin, w) in zip(alone, expected, CASES * 2) if plugin and w != 0.0)
-    assert changed >= 8
-    zero_weight = [e == a for e, a, c in zip(expected, alone, CASES * 2) if c == ("a", 0.0)]
+    changed = sum(a != e for a, e, (plugin, w, _) in zip(alone, expected, CASES * 2) if plugin and w != 0.0)
+    assert changed >= 10
+    zero_weight = [e == a for e, a, c in zip(expected, alone, CASES * 2) if c == ("a", 0.0, None)]
     assert all(zero_weight)
 
 
@@ -143,6 +150,8 @@ def test_seeded_sampling_matches_the_reference_distribution(tiny, engine):
     ({"plugin": "a", "plugin_weight": "1.0"}, "must be a number in"),
     ({"plugin_weight": 1.0}, "without 'plugin'"),
     ({"plugin": "a", "plugin_wieght": 1.0}, "unknown plugin argument"),
+    ({"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 1.5}, "must be a number in \\[0, 1\\]"),
+    ({"plugin": "a", "plugin_mode": "sum"}, "must be one of"),
     ({"plugin": "../../etc"}, "unknown plugin"),
 ])
 def test_bad_request_is_refused_and_engine_keeps_serving(tiny, engine, args, message):
@@ -154,23 +163,22 @@ def test_bad_request_is_refused_and_engine_keeps_serving(tiny, engine, args, mes
     assert list(out.outputs[0].token_ids) == reference(tiny, ids, "a", None, 4)
 
 
-def test_forced_preemption(tiny, engine):
-    """A KV cache of 64 usable token slots for 4 requests of ~60 tokens: vLLM must preempt and resume.
+def test_forced_preemption(tiny):
+    """A KV cache of 64 usable token slots for 4 requests of ~50 tokens: vLLM must preempt and resume.
 
     Resumed rows come back as new rows with output so far; the plugin rebuilds their state from
-    prompt + output and the result still equals the reference.
+    prompt + output and the result still equals the reference. (Own process: see preemption_run.py.)
     """
-    llm = LLM(model=str(tiny.base_dir), dtype="float32", enforce_eager=True, max_model_len=64, max_num_seqs=4,
-              block_size=32, num_gpu_blocks_override=3, seed=0, disable_log_stats=False,
-              logits_processors=[PluginLogitsProcessor])
-    try:
-        cases = [("a", 0), ("b", 1), (None, 3), ("t", 2)]
-        prompts = [tiny.encode(PROMPTS[p]) for _, p in cases]
-        params = [greedy(50 - len(ids), plugin) for (plugin, _), ids in zip(cases, prompts)]
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        for (plugin, _), ids, sp, out in zip(cases, prompts, params, outs):
-            assert list(out.outputs[0].token_ids) == reference(tiny, ids, plugin, None, sp.max_tokens), plugin
-        preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-        assert preemptions > 0
-    finally:
-        del llm
+    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2)]
+    requests = [{"ids": tiny.encode(PROMPTS[p]), "plugin": plugin} for plugin, p in cases]
+    for r in requests:
+        r["max_tokens"] = 50 - len(r["ids"])
+    env = {**os.environ, "VLLM_PLUGINS": tiny.env_value()}
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("preemption_run.py")), str(tiny.base_dir),
+                           json.dumps(requests)], env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    for r, got in zip(requests, result["outputs"]):
+        assert got == reference(tiny, r["ids"], r["plugin"], None, r["max_tokens"]), r["plugin"]
+    assert result["preemptions"] > 0

@@ -128,3 +128,15 @@ def test_evaluate_base_alone_is_mean_nll(tiny, e2e_file):
     targets = torch.tensor([t for ex in ts.targets for t in ex])
     expected = -lp.gather(1, targets[:, None]).mean().item()
     assert evaluate(None, data) == pytest.approx(expected, rel=1e-4)
+
+
+def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=1, batch_size=16))
+    run(spec, progress=False, log=lambda *_: None)
+    cfg = json.loads((tmp_path / "run" / "resume" / "model" / "config.json").read_text())
+    cfg["tokenizer_fingerprint"] = "sha256:another-base"
+    (tmp_path / "run" / "resume" / "model" / "config.json").write_text(json.dumps(cfg))
+    spec.train.epochs = 2
+    with pytest.raises(ValueError, match="holds a run for another base or plugin"):
+        run(spec, progress=False, log=lambda *_: None)

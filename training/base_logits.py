@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +29,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from vllm_plugin.paths import atomic_folder
 
 SOURCES = ("full", "vllm", "openai")
 CACHE_VERSION = 1
@@ -104,11 +103,21 @@ class BaseLogits:
 
     def log_probs(self, rows: torch.Tensor, target_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Full-vocabulary base log-probs for flat rows ``rows`` -> [n, V]."""
+        return torch.log_softmax(self.scores(rows, target_ids), dim=-1)
+
+    def scores(self, rows: torch.Tensor, target_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Base log-probs up to a per-row constant (what a softmax or cross-entropy needs).
+
+        For the full source these are the raw logits, sparing a log-softmax over the vocabulary.
+        """
         if self.kind == "full":
             logits = F.linear(self.hidden[rows].float(), self.head_weight, self.head_bias)
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            return torch.log_softmax(logits, dim=-1)
+            return logits
+        return self._topk_log_probs(rows, target_ids)
+
+    def _topk_log_probs(self, rows: torch.Tensor, target_ids: torch.Tensor | None) -> torch.Tensor:
         ids, lp = self.topk_ids[rows].long(), self.topk_logprobs[rows]
         tlp = self.target_logprobs[rows]
         known_mass = lp.exp().sum(-1)
@@ -126,10 +135,7 @@ class BaseLogits:
 
     # ----- storage -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with atomic_folder(folder) as tmp:
             tensors = {k: getattr(self, k).contiguous() for k in
                        ("hidden", "head_weight", "head_bias", "topk_ids", "topk_logprobs", "target_logprobs")
                        if getattr(self, k) is not None}
@@ -137,12 +143,6 @@ class BaseLogits:
             meta = {**self.meta, "kind": self.kind, "vocab_size": self.vocab_size,
                     "softcap": self.softcap, "cache_version": CACHE_VERSION}
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     @classmethod
     def load(cls, folder: Path) -> "BaseLogits":
@@ -319,15 +319,11 @@ def cache_key(ts: TokenizedSet, base: str, tokenizer_fp: str, source: str, k: in
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def cached(folder: Path, build) -> BaseLogits:
+def cached(folder: Path, build, refresh: bool = False) -> BaseLogits:
     """Load the cache at ``folder`` or build and save it; epochs and sweeps never recompute."""
     folder = Path(folder)
-    if (folder / "meta.json").is_file():
+    if not refresh and (folder / "meta.json").is_file():
         return BaseLogits.load(folder)
     result = build()
     result.save(folder)
     return result
-
-
-def entropy_bits(lp: torch.Tensor) -> float:
-    return float(-(lp.exp() * lp).sum(-1).mean() / math.log(2))

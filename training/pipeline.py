@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
+from vllm_plugin.checkpoint import read_config
 from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
 from vllm_plugin.paths import cache_root
 
@@ -50,21 +51,23 @@ class RunSpec:
     n_layers: int = 1
     max_target_tokens: int = 256
     fit_fraction: float = 0.6
+    alone: bool = False  # train the small model on its own (the paper's "small model alone" baseline)
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def out_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.dataset}-{self.arch}-{self.source}")
+        tag = "alone" if self.alone else self.source
+        return Path(self.out or f"runs/{self.dataset}-{self.arch}-{tag}")
 
 
-def check_spec(spec: RunSpec) -> Path:
+def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     """Fail before any long work: unknown source, missing data, unwritable output."""
     if spec.source not in SOURCES:
         raise ValueError(f"unknown base-logit source {spec.source!r}; expected one of {SOURCES}")
     if spec.source == "openai" and not spec.endpoint:
         raise ValueError("source 'openai' needs --endpoint (an OpenAI-compatible base URL)")
     data = Path(spec.data) if spec.data else default_data_file(spec.dataset)
-    if not data.is_file():
+    if need_data and not data.is_file():
         raise DataError(f"dataset file {data} does not exist")
     out = spec.out_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -73,7 +76,8 @@ def check_spec(spec: RunSpec) -> Path:
     return data
 
 
-def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_loader, progress=True):
+def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_loader, progress=True,
+                    refresh: bool = False):
     key = cache_key(ts, base_path, fingerprint, spec.source, None if spec.source == "full" else spec.top_k)
     folder = cache_root() / "base_logits" / key
 
@@ -92,7 +96,7 @@ def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_l
         bl.meta.update(base=base_path, tokenizer_fingerprint=fingerprint, source=spec.source)
         return bl
 
-    return cached(folder, build)
+    return cached(folder, build, refresh)
 
 
 def fingerprint_vocab(base_path: str) -> int:
@@ -101,17 +105,23 @@ def fingerprint_vocab(base_path: str) -> int:
     return AutoConfig.from_pretrained(base_path).get_text_config().vocab_size
 
 
-def run(spec: RunSpec, progress: bool = True, log=print) -> dict:
-    """Train one plugin; returns metrics with timings and the checkpoint path."""
+def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = False,
+        examples: list | None = None) -> dict:
+    """Train one plugin; returns metrics with timings and the checkpoint path.
+
+    ``refresh_cache`` recomputes the base log-probs even when cached (benchmarks time it).
+    ``examples`` replaces reading ``spec.data`` (e.g. a category-filtered WebNLG).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    data_file = check_spec(spec)
+    data_file = check_spec(spec, need_data=examples is None)
     t_start = time.time()
     base_path = resolve_base(spec.base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    examples = load_examples(spec.dataset, data_file)
+    if examples is None:
+        examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_by_input(examples, spec.fit_fraction, seed=spec.train.seed)
     log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
         f"-> fit {len(fit_ex)} / select {len(select_ex)}")
@@ -127,19 +137,31 @@ def run(spec: RunSpec, progress: bool = True, log=print) -> dict:
         return model
 
     t0 = time.time()
-    fit_bl = base_logits_for(fit_ts, spec, base_path, fingerprint, load_base, progress)
-    select_bl = base_logits_for(select_ts, spec, base_path, fingerprint, load_base, progress)
+    fit_bl = select_bl = None
+    if not spec.alone:
+        fit_bl = base_logits_for(fit_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
+        select_bl = base_logits_for(select_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
     base_logits_s = time.time() - t0
     model = None  # free the base before training
 
     config = PluginConfig(
-        vocab_size=fit_bl.vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
+        vocab_size=fit_bl.vocab_size if fit_bl is not None else fingerprint_vocab(base_path), architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
-                  "seed": spec.train.seed},
+                  "seed": spec.train.seed, "alone": spec.alone},
     )
+    resume_model = spec.out_dir() / "resume" / "model"
+    if resume_model.is_dir():
+        previous = read_config(resume_model)
+        if (previous.tokenizer_fingerprint, previous.vocab_size, previous.architecture) != (
+                fingerprint, config.vocab_size, spec.arch):
+            raise ValueError(
+                f"{spec.out_dir()} holds a run for another base or plugin (tokenizer "
+                f"{previous.tokenizer_fingerprint}, vocabulary {previous.vocab_size}, {previous.architecture}); "
+                f"this one has tokenizer {fingerprint}, vocabulary {config.vocab_size}, {spec.arch}: "
+                "choose another --out or pass --no-resume")
     torch.manual_seed(spec.train.seed)
     plugin = build_plugin(config)
     log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters")
@@ -148,7 +170,7 @@ def run(spec: RunSpec, progress: bool = True, log=print) -> dict:
                     spec.out_dir(), progress=progress, log=log)
     metrics.update(
         checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,
-        train_s=time.time() - t1, wall_s=time.time() - t_start, source=spec.source,
+        train_s=time.time() - t1, wall_s=time.time() - t_start, source=None if spec.alone else spec.source,
         base_model=base_path, fit_tokens_forwarded=sum(map(len, fit_ts.prompts)) + fit_ts.num_target_tokens,
         select_tokens_forwarded=sum(map(len, select_ts.prompts)) + select_ts.num_target_tokens,
     )

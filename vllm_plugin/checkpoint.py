@@ -6,16 +6,13 @@ checkpoint. Loading never unpickles anything and refuses, by name, whatever does
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .model import PluginConfig, PluginLM, build_plugin
+from .paths import atomic_folder
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -27,27 +24,13 @@ class CheckpointError(ValueError):
 
 
 def save_plugin(model: PluginLM, folder: str | Path) -> Path:
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as tmp:
         config = {"format": FORMAT, **model.config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         # Tied weights are stored once; load_state_dict re-ties them.
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-        if folder.exists():
-            old = folder.with_name(f".{folder.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
 
 
 def read_config(folder: str | Path) -> PluginConfig:

@@ -28,6 +28,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-target-tokens", type=int, default=256)
+    p.add_argument("--alone", action="store_true", help="train the small model without the base (baseline)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<arch>-<source>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
 
@@ -39,7 +40,7 @@ def _spec(args):
     return RunSpec(
         dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
-        n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out,
+        n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed),
     )
@@ -123,6 +124,24 @@ def cmd_demo(args) -> None:
     cmd_generate(args)
 
 
+def cmd_serve(args, extra: list[str]) -> None:
+    """Exec `vllm serve` on the base with the processor and the named plugins."""
+    import os
+
+    from .base_model import resolve_base
+    from .serving import serve_command
+
+    plugins = {}
+    for item in args.plugin:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"--plugin takes name=checkpoint, got {item!r}")
+        plugins[name] = path
+    cmd, env = serve_command(resolve_base(args.base), plugins, *extra)
+    print(" ".join(cmd), file=sys.stderr)
+    os.execvpe(cmd[0], cmd, env)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,9 +171,28 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.set_defaults(func=cmd_demo)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("quality", help="the paper's comparison through vLLM (benchmarks/quality.py)",
+                       add_help=False)
+    p.set_defaults(func=None)
+
+    p = sub.add_parser("serve", help="`vllm serve` the base with plugins (other arguments go to vllm serve)")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--plugin", action="append", default=[], metavar="NAME=CHECKPOINT", required=True)
+    p.set_defaults(func=cmd_serve)
+
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "quality":
+        from benchmarks.quality import main as quality_main
+
+        quality_main(extra)
+        return 0
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        if args.command == "serve":
+            args.func(args, extra)
+        else:
+            args.func(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         print(f"vllm-plugin: error: {e}", file=sys.stderr)
         return 2

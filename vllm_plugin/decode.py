@@ -13,15 +13,29 @@ import torch
 from .model import PluginLM
 
 
-def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float = 1.0) -> torch.Tensor:
-    return torch.log_softmax(base_logits.float(), -1) + weight * torch.log_softmax(plugin_logits.float(), -1)
+def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float = 1.0,
+            mode: str = "product") -> torch.Tensor:
+    """Scores whose softmax is the combined next-token distribution.
+
+    product: p_base * p_plugin^w (the paper); mixture: w p_plugin + (1 - w) p_base; alone: p_plugin.
+    """
+    base = torch.log_softmax(base_logits.float(), -1)
+    plugin = torch.log_softmax(plugin_logits.float(), -1)
+    if mode == "product":
+        return base + weight * plugin
+    if mode == "mixture":
+        w = torch.tensor(weight)
+        return torch.logaddexp(plugin + w.log(), base + (1 - w).log())
+    if mode == "alone":
+        return plugin
+    raise ValueError(f"unknown combination mode {mode!r}")
 
 
 @torch.no_grad()
 def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM | None = None,
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
-                       use_cache: bool = True) -> list[list[int]]:
+                       use_cache: bool = True, mode: str = "product") -> list[list[int]]:
     """Generate for each prompt; ``base=None`` decodes with the plugin alone.
 
     Greedy when ``temperature == 0``, else seeded multinomial sampling. A generated stop token
@@ -40,7 +54,6 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             state = plugin.new_state(1)
             plugin.advance(state, slot, torch.tensor([ids]), [len(ids)], [0])
         for _ in range(max_new_tokens):
-            parts = []
             if base is not None:
                 if use_cache:
                     feed = ids if past is None else ids[-1:]
@@ -48,11 +61,13 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                     past = res.past_key_values
                 else:
                     res = base(input_ids=torch.tensor([ids]), use_cache=False)
-                parts.append(torch.log_softmax(res.logits[0, -1].float(), -1))
-            if plugin is not None:
-                parts.append((weight if base is not None else 1.0)
-                             * torch.log_softmax(plugin.logits(state, slot)[0].float(), -1))
-            scores = sum(parts)
+                base_logits = res.logits[0, -1]
+            if plugin is None:
+                scores = torch.log_softmax(base_logits.float(), -1)
+            elif base is None:
+                scores = torch.log_softmax(plugin.logits(state, slot)[0].float(), -1)
+            else:
+                scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode)
             if temperature == 0.0:
                 tok = int(torch.argmax(scores))
             else:

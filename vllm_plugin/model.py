@@ -15,7 +15,6 @@ processor never care which one they hold:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -231,7 +230,3 @@ def build_plugin(config: PluginConfig) -> PluginLM:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def init_std(d_model: int) -> float:
-    return 1.0 / math.sqrt(d_model)

@@ -4,6 +4,8 @@ Server-wide, ``VLLM_PLUGINS`` names the plugin checkpoints to load at engine sta
 (``{"e2e": "/ckpt/e2e"}``) or ``name=path,name2=path2``. Per request,
 ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) choose one by name and its strength:
 ``{"plugin": "e2e", "plugin_weight": 1.0}``. A request without ``plugin`` is untouched.
+``plugin_mode`` picks how the experts combine: ``product`` (default, the paper),
+``mixture`` (``w * p_plugin + (1 - w) * p_base``, a baseline) or ``alone`` (the plugin only).
 
 Every step, each row that uses a plugin advances that plugin's state by the tokens it has not
 seen yet (the whole prompt when the row is new, else the one token sampled last step) and
@@ -36,6 +38,8 @@ logger = logging.getLogger("vllm_plugin")
 ENV_VAR = "VLLM_PLUGINS"
 ARG_PLUGIN = "plugin"
 ARG_WEIGHT = "plugin_weight"
+ARG_MODE = "plugin_mode"
+MODES = ("product", "mixture", "alone")
 MAX_WEIGHT = 100.0
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -70,26 +74,32 @@ def configured_plugins(environ=os.environ) -> dict[str, str]:
     return table
 
 
-def request_plugin(params, known: dict | None = None) -> tuple[str | None, float]:
-    """(plugin name or None, weight) of a request; ValueError with the reason if they are bad."""
+def request_plugin(params, known: dict | None = None) -> tuple[str | None, float, int]:
+    """(plugin name or None, weight, mode index) of a request; ValueError with the reason if bad."""
     args = getattr(params, "extra_args", None) or {}
     name = args.get(ARG_PLUGIN)
     weight = args.get(ARG_WEIGHT, 1.0)
-    stray = [k for k in args if k.startswith("plugin") and k not in (ARG_PLUGIN, ARG_WEIGHT)]
+    mode = args.get(ARG_MODE, "product")
+    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE)
+    stray = [k for k in args if k.startswith("plugin") and k not in ours]
     if stray:
-        raise ValueError(f"unknown plugin argument(s) {stray}; expected '{ARG_PLUGIN}' and '{ARG_WEIGHT}'")
+        raise ValueError(f"unknown plugin argument(s) {stray}; expected {', '.join(map(repr, ours))}")
     if name is None:
-        if ARG_WEIGHT in args:
-            raise ValueError(f"'{ARG_WEIGHT}' given without '{ARG_PLUGIN}'")
-        return None, 0.0
+        given = [k for k in (ARG_WEIGHT, ARG_MODE) if k in args]
+        if given:
+            raise ValueError(f"{given} given without '{ARG_PLUGIN}'")
+        return None, 0.0, 0
     known = configured_plugins() if known is None else known
     if not isinstance(name, str) or name not in known:
         available = ", ".join(sorted(known)) or f"none (set ${ENV_VAR} on the server)"
         raise ValueError(f"unknown plugin {name!r}; available: {available}")
+    if mode not in MODES:
+        raise ValueError(f"'{ARG_MODE}' must be one of {MODES}, got {mode!r}")
+    top = 1.0 if mode == "mixture" else MAX_WEIGHT
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-            or not 0.0 <= weight <= MAX_WEIGHT:
-        raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {MAX_WEIGHT:g}], got {weight!r}")
-    return name, float(weight)
+            or not 0.0 <= weight <= top:
+        raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {top:g}] for mode {mode}, got {weight!r}")
+    return name, float(weight), MODES.index(mode)
 
 
 def validate_request(params) -> None:
@@ -115,12 +125,14 @@ class PluginBank:
         self.device = torch.device(device)
         self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
         self.weight = np.zeros(num_slots, dtype=np.float32)
+        self.mode = np.zeros(num_slots, dtype=np.int8)  # index into MODES
         self.consumed = np.zeros(num_slots, dtype=np.int64)
         self._warned: set[str] = set()
 
-    def assign(self, slot: int, name: str | None, weight: float = 1.0) -> bool:
+    def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0) -> bool:
         self.plugin_of[slot] = -1 if name is None else self.index[name]
         self.weight[slot] = weight
+        self.mode[slot] = mode
         self.consumed[slot] = 0
         return name is not None
 
@@ -172,10 +184,18 @@ class PluginBank:
                 tokens = last_tokens(sel[step])[:, None]
                 model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
             self.consumed[s] = np.maximum(done, seq_lens[sel])
-            s_t = self._t(s)
-            lp = torch.log_softmax(model.logits(state, s_t).float(), dim=-1)
-            w = self._t(self.weight[s])
-            logits.index_add_(0, self._t(rows[sel]), (lp * w[:, None]).to(logits.dtype))
+            lp = torch.log_softmax(model.logits(state, self._t(s)).float(), dim=-1)
+            w = self._t(self.weight[s])[:, None]
+            modes = self.mode[s]
+            if not modes.any():  # all product of experts: the common case, one fused add
+                logits.index_add_(0, self._t(rows[sel]), (lp * w).to(logits.dtype))
+                continue
+            r = self._t(rows[sel])
+            base_lp = torch.log_softmax(logits[r].float(), dim=-1)
+            mixture = torch.logaddexp(lp + w.log(), base_lp + (1 - w).log())
+            m = self._t(modes.astype(np.int64))[:, None]
+            combined = torch.where(m == 0, base_lp + w * lp, torch.where(m == 1, mixture, lp))
+            logits.index_copy_(0, r, combined.to(logits.dtype))
         return logits
 
 
@@ -263,7 +283,7 @@ class PluginProcessorV1(V1LogitsProcessor):
         for row, params, prompt_ids, output_ids in batch_update.added:
             self._release(row)
             try:
-                name, weight = request_plugin(params, self.bank.index)
+                name, weight, mode = request_plugin(params, self.bank.index)
             except ValueError as e:  # validated at admission; never let a request kill the engine
                 self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
                 continue
@@ -274,7 +294,7 @@ class PluginProcessorV1(V1LogitsProcessor):
                                               "(prompt embeddings) run without their plugin")
                 continue
             slot = self.free_slots.pop()
-            self.bank.assign(slot, name, weight)
+            self.bank.assign(slot, name, weight, mode)
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -335,11 +355,11 @@ class PluginProcessorV2(V2LogitsProcessor):
         if self.bank is None:
             return False
         try:
-            name, weight = request_plugin(sampling_params, self.bank.index)
+            name, weight, mode = request_plugin(sampling_params, self.bank.index)
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
-            name, weight = None, 0.0
-        return self.bank.assign(req_idx, name, weight)
+            name, weight, mode = None, 0.0, 0
+        return self.bank.assign(req_idx, name, weight, mode)
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         if self.bank is None:

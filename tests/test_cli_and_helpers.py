@@ -1,0 +1,36 @@
+"""Console command errors, serving helpers, and the GPU-ready core benchmark (run on CPU here)."""
+import json
+import subprocess
+import sys
+
+from vllm_plugin.cli import main
+from vllm_plugin.processor import ENV_VAR, configured_plugins
+from vllm_plugin.serving import plugin_args, plugin_params, serve_command, set_plugins
+
+
+def test_cli_reports_bad_input_by_name(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "r")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["generate", "--plugin", str(tmp_path / "nope"), "--base", str(tmp_path)]) == 2
+
+
+def test_serving_helpers(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    set_plugins({"e2e": tmp_path / "ckpt"})
+    assert configured_plugins() == {"e2e": str((tmp_path / "ckpt").resolve())}
+    assert plugin_args("e2e", 0.5) == {"plugin": "e2e", "plugin_weight": 0.5}
+    sp = plugin_params("e2e", max_tokens=5, temperature=0.0)
+    assert sp.extra_args == {"plugin": "e2e", "plugin_weight": 1.0} and sp.max_tokens == 5
+    assert plugin_params(None).extra_args is None
+    cmd, env = serve_command("base", {"a": tmp_path}, "--port", "9000")
+    assert cmd[:3] == ["vllm", "serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
+    assert json.loads(env[ENV_VAR]) == {"a": str(tmp_path.resolve())}
+
+
+def test_processor_core_benchmark_runs_and_checks_itself(tmp_path):
+    out = tmp_path / "core.json"
+    subprocess.run([sys.executable, "-m", "benchmarks.processor_core", "--device", "cpu", "--vocab", "512",
+                    "--batches", "1,4", "--steps", "3", "--out", str(out)], check=True, capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["max_abs_error_vs_reference"] < 1e-4
+    assert [r["batch_size"] for r in result["rows"]] == [1, 4]

@@ -1,0 +1,40 @@
+"""The reference decoder: cache or no cache, seeded sampling, plugin alone."""
+import torch
+
+from vllm_plugin.decode import combine, reference_generate
+
+
+def test_kv_cache_does_not_change_greedy_output(tiny):
+    prompts = [tiny.encode("Aromi is a"), tiny.encode("the pub near")]
+    for plugin in (None, tiny.plugins["a"], tiny.plugins["t"]):
+        with_cache = reference_generate(tiny.base, prompts, plugin, max_new_tokens=12)
+        without = reference_generate(tiny.base, prompts, plugin, max_new_tokens=12, use_cache=False)
+        assert with_cache == without
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny):
+    prompt = [tiny.encode("Aromi is a")]
+    kw = dict(max_new_tokens=12, temperature=1.0)
+    a = reference_generate(tiny.base, prompt, tiny.plugins["a"], seed=1, **kw)
+    assert a == reference_generate(tiny.base, prompt, tiny.plugins["a"], seed=1, **kw)
+    others = [reference_generate(tiny.base, prompt, tiny.plugins["a"], seed=s, **kw) for s in range(2, 6)]
+    assert any(o != a for o in others)
+
+
+def test_combination_is_the_renormalised_product_of_experts():
+    base, plugin = torch.randn(50), torch.randn(50)
+    p = torch.softmax(combine(base, plugin), -1)
+    product = torch.softmax(base, -1) * torch.softmax(plugin, -1)
+    torch.testing.assert_close(p, product / product.sum())
+    torch.testing.assert_close(torch.softmax(combine(base, plugin, 0.0), -1), torch.softmax(base, -1))
+
+
+def test_plugin_alone_and_stop_tokens(tiny):
+    prompt = tiny.encode("Aromi is a")
+    alone = reference_generate(None, [prompt], tiny.plugins["a"], max_new_tokens=8)[0]
+    state_model = tiny.plugins["a"]
+    with torch.no_grad():
+        first = int(state_model.head(state_model(torch.tensor([prompt])))[0, -1].argmax())
+    assert alone[0] == first
+    stopped = reference_generate(None, [prompt], tiny.plugins["a"], max_new_tokens=8, stop_token_ids=[first])[0]
+    assert stopped == [first]

@@ -1,0 +1,40 @@
+"""The quality benchmark end to end on the tiny base: train, generate through vLLM, score, write."""
+import json
+import os
+import subprocess
+import sys
+
+from .test_data import write_e2e
+from .test_training import synthetic_rows
+
+
+def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
+    data = tmp_path / "data"
+    (data / "e2e").mkdir(parents=True)
+    rows = synthetic_rows(20)
+    write_e2e(data / "e2e" / "devel.csv", rows[:30])
+    write_e2e(data / "e2e" / "test.csv", rows[30:])
+    env = {**os.environ, "VLLM_PLUGIN_DATA": str(data)}
+
+    def quality_main(args):  # its own process: a second in-process engine would break the shared one
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", *args], env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.5"
+    args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny", "--systems", systems,
+            "--epochs", "1", "--max-tokens", "8", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    quality_main(args)
+    result = json.loads((tmp_path / "res" / "e2e_tiny.json").read_text())
+    assert result["dataset"] == "e2e" and result["base_model"] == "tiny" and result["n_test_inputs"] == 5
+    assert list(result["systems"]) == systems.split(",")
+    for scores in result["systems"].values():
+        assert set(scores) == {"bleu", "rouge_l", "meteor", "cider", "nist"}
+        assert 0 <= scores["bleu"] <= 100
+    assert 0.0 <= result["mixture_weight"] <= 1.0
+    assert (tmp_path / "res" / "e2e_tiny.md").read_text().startswith("**e2e**")
+    assert (tmp_path / "res" / "e2e_tiny.png").stat().st_size > 1000
+    # Cached: a re-run trains and generates nothing new.
+    generations = sorted((tmp_path / "runs").rglob("*.jsonl"))
+    mtimes = [g.stat().st_mtime for g in generations]
+    quality_main(args)
+    assert [g.stat().st_mtime for g in generations] == mtimes
