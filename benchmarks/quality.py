@@ -145,7 +145,7 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, train_examples) -> float
     return float(grid[int(nll.argmin())])
 
 
-def system_params(name: str, mix_weight: float, max_tokens: int):
+def system_params(name: str, mix_weight: float, max_tokens: int, repetition_penalty: float = 1.0):
     from vllm import SamplingParams
 
     extra = None
@@ -158,7 +158,8 @@ def system_params(name: str, mix_weight: float, max_tokens: int):
             extra.update(plugin_mode="mixture", plugin_weight=mix_weight)
         elif "_w" in name:
             extra["plugin_weight"] = float(name.rsplit("_w", 1)[1])
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra,
+                          repetition_penalty=repetition_penalty)
 
 
 def write_outputs(result: dict, out_base: Path) -> None:
@@ -204,6 +205,8 @@ def main(argv=None) -> None:
     parser.add_argument("--subset", type=int, help="score a fixed random subset of this many test inputs")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="vLLM's repetition penalty, applied to the combined logits (the paper: 1.1)")
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -231,7 +234,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"base model {args.base!r} cannot be loaded: {e}") from e
     base_name = args.base_name or SHORT_BASE_NAMES.get(args.base, Path(args.base).name.lower())
     root = Path(args.runs) / f"{args.dataset}-{base_name}"
-    gen_dir = root / "generations" / (f"subset{args.subset}" if args.subset else "all")
+    gen_dir = (root / "generations" / (f"subset{args.subset}" if args.subset else "all")
+               / f"max{args.max_tokens}-rp{args.repetition_penalty:g}")
     gen_dir.mkdir(parents=True, exist_ok=True)
 
     needed = sorted({NEEDS[s] for s in systems if s in NEEDS})
@@ -260,7 +264,7 @@ def main(argv=None) -> None:
             k = {"icl_1": 1, "icl_3": 3}.get(name, 0)
             inputs = [icl_prompt(p, shots[:k]) for p in prompts] if k else prompts
             t0 = time.time()
-            outs = llm.generate(inputs, system_params(name, mix_weight, args.max_tokens))
+            outs = llm.generate(inputs, system_params(name, mix_weight, args.max_tokens, args.repetition_penalty))
             seconds = time.time() - t0
             with open(gen_dir / f"{name}.jsonl", "w") as f:
                 for p, o in zip(prompts, outs):
@@ -276,7 +280,8 @@ def main(argv=None) -> None:
         print(name, {k: round(v, 3) for k, v in scored[name].items()})
     result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol,
               "n_test_inputs": len(prompts), "subset": args.subset, "decoding": {
-                  "greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM"},
+                  "greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
+                  "repetition_penalty": args.repetition_penalty},
               "mixture_weight": mix_weight if "weighted_mix" in systems else None, "systems": scored}
     write_outputs(result, results_dir / f"{args.dataset}_{base_name}")
     print(f"wrote {results_dir / f'{args.dataset}_{base_name}'}.json/.md/.png")
