@@ -70,3 +70,24 @@ def test_reset_forgets_previous_sequence():
 def test_flops_per_token_counts_head():
     plugin = tiny_plugin(V, "gru", d_model=32)
     assert plugin.flops_per_token() == 2 * (6 * 32 * 32 + 32 * V)
+
+
+@pytest.mark.parametrize("arch", ["gru", "transformer"])
+def test_bank_resets_a_recycled_slot_even_for_a_one_token_prompt(arch):
+    """A slot that held another sequence must not leak its state into a 1-token prompt."""
+    import numpy as np
+
+    from vllm_plugin.processor import PluginBank
+
+    plugin = tiny_plugin(V, arch, max_len=64)
+    bank = PluginBank({"p": plugin}, 2, "cpu")
+    for seq in ([5, 6, 7, 8], [9]):  # the same slot, reassigned
+        bank.assign(1, "p", 1.0)
+        logits = torch.zeros(1, V)
+        ids = torch.tensor([seq])
+        bank.apply(logits, np.array([0]), np.array([1]), np.array([len(seq)]),
+                   lambda sel, ids=ids: ids[0, -1:].expand(len(sel)),
+                   lambda sel, start, length, ids=ids: ids[:, int(start[0]):int(start[0] + length[0])])
+        with torch.no_grad():
+            want = torch.log_softmax(plugin.head(plugin(ids))[0, -1], -1)
+        torch.testing.assert_close(logits[0], want, atol=1e-5, rtol=1e-5)

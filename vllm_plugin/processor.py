@@ -169,8 +169,9 @@ class PluginBank:
             s = slots[sel]
             done = self.consumed[s]
             delta = seq_lens[sel] - done
-            step = delta == 1
-            catch_up = delta > 1
+            fresh_rows = (done == 0) & (delta > 0)  # must be reset first, even for a 1-token prompt
+            step = (delta == 1) & ~fresh_rows
+            catch_up = (delta > 1) | fresh_rows
             if catch_up.any():  # new rows (whole prompt), resumed rows, chunked prefill
                 c_sel = sel[catch_up]
                 c_slots = self._t(s[catch_up])
