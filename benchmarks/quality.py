@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     parser.add_argument("--subset", type=int, help="score a fixed random subset of this many test inputs")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+    parser.add_argument("--repetition-penalty", type=float, default=1.1,
                         help="vLLM's repetition penalty, applied to the combined logits (the paper: 1.1)")
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--results", default=str(RESULTS))

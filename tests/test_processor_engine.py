@@ -81,6 +81,21 @@ def test_mixed_batch_equals_reference(tiny, engine):
     assert all(zero_weight)
 
 
+def test_repetition_penalty_acts_on_the_combined_logits(tiny, engine):
+    """vLLM applies its penalties after our processor; the reference does the same."""
+    cases = [(None, 0), ("a", 1), ("t", 2), ("b", 4)]
+    prompts = [tiny.encode(PROMPTS[p]) for _, p in cases]
+    params = [greedy(14, plugin, repetition_penalty=1.5) for plugin, _ in cases]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    changed = 0
+    for (plugin, _), ids, out in zip(cases, prompts, outs):
+        want = reference_generate(tiny.base, [ids], tiny.plugins.get(plugin), max_new_tokens=14,
+                                  repetition_penalty=1.5)[0]
+        assert list(out.outputs[0].token_ids) == want, plugin
+        changed += want != reference(tiny, ids, plugin, None, 14)
+    assert changed >= 2  # the penalty matters, so the equality above tests it
+
+
 def test_requests_arriving_at_different_times(tiny, engine):
     """New rows join a batch that is already decoding; their prompts prefill while others step."""
     core = engine.llm_engine

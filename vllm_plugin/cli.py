@@ -103,7 +103,8 @@ def cmd_generate(args) -> None:
             if len(prompts) == args.n:
                 break
     ids = [tok(p).input_ids for p in prompts]
-    kw = dict(max_new_tokens=args.max_tokens, stop_token_ids=stop_ids(tok))
+    kw = dict(max_new_tokens=args.max_tokens, stop_token_ids=stop_ids(tok),
+              repetition_penalty=args.repetition_penalty)
     alone = reference_generate(base, ids, None, **kw)
     combined = reference_generate(base, ids, plugin, weight=args.weight, **kw)
     for prompt, ref, a, c in zip(prompts, refs, alone, combined):
@@ -163,12 +164,14 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--weight", type=float, default=1.0, help="plugin strength (1.0 = product of experts)")
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's, on the combined logits (paper: 1.1)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="main job: prepare base, train the E2E plugin, show generations")
     _add_train_args(p)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's, on the combined logits (paper: 1.1)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quality", help="the paper's comparison through vLLM (benchmarks/quality.py)",

@@ -15,14 +15,15 @@ from .model import PluginLM
 
 def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float = 1.0,
             mode: str = "product") -> torch.Tensor:
-    """Scores whose softmax is the combined next-token distribution.
+    """Scores whose softmax is the combined next-token distribution, exactly as the processor
+    leaves vLLM's logits (so penalties applied after it act on the same numbers).
 
     product: p_base * p_plugin^w (the paper); mixture: w p_plugin + (1 - w) p_base; alone: p_plugin.
     """
-    base = torch.log_softmax(base_logits.float(), -1)
     plugin = torch.log_softmax(plugin_logits.float(), -1)
-    if mode == "product":
-        return base + weight * plugin
+    if mode == "product":  # raw base logits: the softmax that follows renormalises
+        return base_logits.float() + weight * plugin
+    base = torch.log_softmax(base_logits.float(), -1)
     if mode == "mixture":
         w = torch.tensor(weight)
         return torch.logaddexp(plugin + w.log(), base + (1 - w).log())
@@ -35,11 +36,14 @@ def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: floa
 def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM | None = None,
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
-                       use_cache: bool = True, mode: str = "product") -> list[list[int]]:
+                       use_cache: bool = True, mode: str = "product",
+                       repetition_penalty: float = 1.0) -> list[list[int]]:
     """Generate for each prompt; ``base=None`` decodes with the plugin alone.
 
     Greedy when ``temperature == 0``, else seeded multinomial sampling. A generated stop token
     ends the sequence and is kept in its output, as vLLM keeps it in ``token_ids``.
+    ``repetition_penalty`` is vLLM's: on the combined scores, for tokens of the prompt or the
+    output so far, positive scores are divided by it and negative ones multiplied.
     """
     if base is None and plugin is None:
         raise ValueError("need a base model, a plugin, or both")
@@ -63,11 +67,16 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                     res = base(input_ids=torch.tensor([ids]), use_cache=False)
                 base_logits = res.logits[0, -1]
             if plugin is None:
-                scores = torch.log_softmax(base_logits.float(), -1)
+                scores = base_logits.float()
             elif base is None:
                 scores = torch.log_softmax(plugin.logits(state, slot)[0].float(), -1)
             else:
                 scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode)
+            if repetition_penalty != 1.0:
+                seen = torch.zeros_like(scores, dtype=torch.bool)
+                seen[torch.tensor(ids)] = True
+                penalty = torch.where(seen, torch.tensor(repetition_penalty), torch.tensor(1.0))
+                scores = scores * torch.where(scores > 0, 1.0 / penalty, penalty)
             if temperature == 0.0:
                 tok = int(torch.argmax(scores))
             else:
