@@ -82,17 +82,22 @@ def test_mixed_batch_equals_reference(tiny, engine):
 
 
 def test_repetition_penalty_acts_on_the_combined_logits(tiny, engine):
-    """vLLM applies its penalties after our processor; the reference does the same."""
-    cases = [(None, 0), ("a", 1), ("t", 2), ("b", 4)]
-    prompts = [tiny.encode(PROMPTS[p]) for _, p in cases]
-    params = [greedy(14, plugin, repetition_penalty=1.5) for plugin, _ in cases]
+    """vLLM applies its penalties after our processor; the reference does the same.
+
+    Plugin a serves a product row and a mixture row in one batch: each must leave the numbers
+    the reference computes, since the penalty is not shift-invariant.
+    """
+    cases = [(None, None, 0), ("a", None, 1), ("t", None, 2), ("b", None, 4), ("a", "mixture", 3)]
+    prompts = [tiny.encode(PROMPTS[p]) for _, _, p in cases]
+    params = [greedy(14, plugin, 0.4 if mode else None, mode, repetition_penalty=1.5) for plugin, mode, _ in cases]
     outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     changed = 0
-    for (plugin, _), ids, out in zip(cases, prompts, outs):
-        want = reference_generate(tiny.base, [ids], tiny.plugins.get(plugin), max_new_tokens=14,
-                                  repetition_penalty=1.5)[0]
-        assert list(out.outputs[0].token_ids) == want, plugin
-        changed += want != reference(tiny, ids, plugin, None, 14)
+    for (plugin, mode, _), ids, out in zip(cases, prompts, outs):
+        weight = 0.4 if mode else 1.0
+        want = reference_generate(tiny.base, [ids], tiny.plugins.get(plugin), weight=weight, max_new_tokens=14,
+                                  mode=mode or "product", repetition_penalty=1.5)[0]
+        assert list(out.outputs[0].token_ids) == want, (plugin, mode)
+        changed += want != reference(tiny, ids, plugin, weight if mode else None, 14, mode)
     assert changed >= 2  # the penalty matters, so the equality above tests it
 
 

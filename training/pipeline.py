@@ -144,8 +144,9 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     base_logits_s = time.time() - t0
     model = None  # free the base before training
 
+    vocab_size = fit_bl.vocab_size if fit_bl is not None else fingerprint_vocab(base_path)
     config = PluginConfig(
-        vocab_size=fit_bl.vocab_size if fit_bl is not None else fingerprint_vocab(base_path), architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
+        vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,

@@ -13,19 +13,20 @@ import torch
 from .model import PluginLM
 
 
-def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float = 1.0,
+def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float | torch.Tensor = 1.0,
             mode: str = "product") -> torch.Tensor:
     """Scores whose softmax is the combined next-token distribution, exactly as the processor
     leaves vLLM's logits (so penalties applied after it act on the same numbers).
 
     product: p_base * p_plugin^w (the paper); mixture: w p_plugin + (1 - w) p_base; alone: p_plugin.
+    Batched use (the processor): logits [n, V] and a weight column [n, 1].
     """
     plugin = torch.log_softmax(plugin_logits.float(), -1)
     if mode == "product":  # raw base logits: the softmax that follows renormalises
         return base_logits.float() + weight * plugin
     base = torch.log_softmax(base_logits.float(), -1)
     if mode == "mixture":
-        w = torch.tensor(weight)
+        w = torch.as_tensor(weight, dtype=torch.float32, device=plugin.device)
         return torch.logaddexp(plugin + w.log(), base + (1 - w).log())
     if mode == "alone":
         return plugin

@@ -33,6 +33,8 @@ from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirection
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
+from .decode import combine
+
 logger = logging.getLogger("vllm_plugin")
 
 ENV_VAR = "VLLM_PLUGINS"
@@ -175,9 +177,8 @@ class PluginBank:
             if catch_up.any():  # new rows (whole prompt), resumed rows, chunked prefill
                 c_sel = sel[catch_up]
                 c_slots = self._t(s[catch_up])
-                fresh = done[catch_up] == 0
-                if fresh.any():
-                    model.reset(state, self._t(s[catch_up][fresh]))
+                if fresh_rows.any():
+                    model.reset(state, self._t(s[fresh_rows]))
                 lengths = delta[catch_up]
                 tokens = token_range(c_sel, done[catch_up], lengths)
                 model.advance(state, c_slots, tokens, lengths.tolist(), done[catch_up].tolist())
@@ -185,18 +186,19 @@ class PluginBank:
                 tokens = last_tokens(sel[step])[:, None]
                 model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
             self.consumed[s] = np.maximum(done, seq_lens[sel])
-            lp = torch.log_softmax(model.logits(state, self._t(s)).float(), dim=-1)
+            plugin_logits = model.logits(state, self._t(s)).float()
             w = self._t(self.weight[s])[:, None]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
+                lp = torch.log_softmax(plugin_logits, dim=-1)
                 logits.index_add_(0, self._t(rows[sel]), (lp * w).to(logits.dtype))
                 continue
-            r = self._t(rows[sel])
-            base_lp = torch.log_softmax(logits[r].float(), dim=-1)
-            mixture = torch.logaddexp(lp + w.log(), base_lp + (1 - w).log())
-            m = self._t(modes.astype(np.int64))[:, None]
-            combined = torch.where(m == 0, base_lp + w * lp, torch.where(m == 1, mixture, lp))
-            logits.index_copy_(0, r, combined.to(logits.dtype))
+            for m in np.unique(modes):  # baselines: at most three groups, same maths as the reference
+                in_mode = modes == m
+                r = self._t(rows[sel][in_mode])
+                idx = self._t(np.nonzero(in_mode)[0])
+                combined = combine(logits[r], plugin_logits[idx], w[idx], MODES[m])
+                logits.index_copy_(0, r, combined.to(logits.dtype))
         return logits
 
 
