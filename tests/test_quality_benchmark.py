@@ -22,7 +22,7 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.5"
     args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny", "--systems", systems,
-            "--epochs", "1", "--max-tokens", "8", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+            "--epochs", "1", "--max-tokens", "8", "--eager", "--chunk", "3", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
     quality_main(args)
     result = json.loads((tmp_path / "res" / "e2e_tiny.json").read_text())
     assert result["dataset"] == "e2e" and result["base_model"] == "tiny" and result["n_test_inputs"] == 5
@@ -38,3 +38,22 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
     mtimes = [g.stat().st_mtime for g in generations]
     quality_main(args)
     assert [g.stat().st_mtime for g in generations] == mtimes
+
+    # What the chunked, prefix-cached, all-systems-at-once generation produced is what the
+    # reference decoder produces, token for token (up to the newline stop).
+    from transformers import AutoTokenizer
+
+    from vllm_plugin.checkpoint import load_plugin
+    from vllm_plugin.decode import reference_generate
+
+    tok = AutoTokenizer.from_pretrained(tiny.base_dir)
+    (gen_dir,) = {g.parent for g in generations}
+    plugin = load_plugin(tmp_path / "runs" / "e2e-tiny" / "recurrent" / "checkpoint")
+    for system, weight in (("plugin_recurrent", 1.0), ("plugin_recurrent_w0.5", 0.5)):
+        rows = [json.loads(line) for line in (gen_dir / f"{system}.jsonl").read_text().splitlines()]
+        assert len(rows) == 5
+        for row in rows:
+            (want,) = reference_generate(tiny.base, [tok(row["prompt"]).input_ids], plugin, weight=weight,
+                                         max_new_tokens=8, repetition_penalty=1.1)
+            got = row["token_ids"]
+            assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)

@@ -178,6 +178,10 @@ def main(argv=None) -> int:
                        add_help=False)
     p.set_defaults(func=None)
 
+    p = sub.add_parser("throughput", help="decode speed with and without plugins (benchmarks/throughput.py)",
+                       add_help=False)
+    p.set_defaults(func=None)
+
     p = sub.add_parser("serve", help="`vllm serve` the base with plugins (other arguments go to vllm serve)")
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME=CHECKPOINT", required=True)
@@ -188,6 +192,11 @@ def main(argv=None) -> int:
         from benchmarks.quality import main as quality_main
 
         quality_main(extra)
+        return 0
+    if args.command == "throughput":
+        from benchmarks.throughput import main as throughput_main
+
+        throughput_main(extra)
         return 0
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

@@ -1,0 +1,366 @@
+"""Decode speed of vLLM with and without the plugin, side by side in one run.
+
+    python -m benchmarks.throughput                  # default base, batch 1, 8, 32, 64
+    vllm-plugin throughput ...                       (the same)
+
+Configurations (``config`` in the JSON):
+  none         vLLM without the processor (the installed entry point is not loaded in that engine)
+  inert        vLLM with the processor and both plugins loaded; no request asks for a plugin
+  plugin       every row decodes with plugin A
+  two_plugins  half the rows with plugin A, half with plugin B
+  hf_generate  Hugging Face ``generate`` with a LogitsProcessor applying plugin A (KV cache on):
+               what a user would otherwise run
+  recompute    the paper's decoding: base and plugin over the whole sequence every step, no cache
+
+Two vLLM engines (one without the processor, one with it) live in their own processes for the
+whole run and wait on a pipe while the others work; Hugging Face runs in this process. Each
+repeat goes through every configuration at every batch size, so drift on the machine hits all
+of them alike. A step is timed inside the engine loop (``LLMEngine.step``) and counted only when
+every row of the batch is decoding: ``ms_per_token`` is the median decode step (time per output
+token of one sequence), ``tokens_per_s = batch / median step``, medians over all repeats.
+Prompts are random token ids, distinct per row and the same for every configuration.
+
+The plugins are freshly initialised ones of the default configuration unless ``--plugin`` names
+a checkpoint: speed does not depend on the weights. Writes ``benchmarks/results/throughput.json``
+and a plot next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ENGINE_CONFIGS = ("none", "inert", "plugin", "two_plugins")
+_TAG = "@@throughput "
+
+
+# ----- the engine side (a worker process) ----------------------------------------------------
+def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None:
+    """Serve timing commands from stdin: one JSON line in, one tagged JSON line out."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: nothing busy-waits
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=base, enforce_eager=eager, seed=0, max_num_seqs=max_num_seqs, dtype="float32")
+    if kind == "none":
+        import vllm.v1.sample.logits_processor as lp
+
+        lp._load_logitsprocs_plugins = lambda: []  # as if the package's entry point were not installed
+        llm = LLM(**kwargs)
+    else:
+        from vllm_plugin.processor import PluginLogitsProcessor
+
+        llm = LLM(logits_processors=[PluginLogitsProcessor], **kwargs)
+    engine = llm.llm_engine
+    print(_TAG + json.dumps({"ready": kind}), flush=True)
+    counter = 0
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        plugins = cmd["plugins"]  # per row: None, "a" or "b"
+        for i, (prompt, name) in enumerate(zip(cmd["prompts"], plugins)):
+            counter += 1
+            params = SamplingParams(max_tokens=cmd["new_tokens"], ignore_eos=True, temperature=0.0,
+                                    extra_args={"plugin": name} if name else None)
+            engine.add_request(f"r{counter}", TokensPrompt(prompt_token_ids=prompt), params)
+        started: set[str] = set()
+        steps = []
+        while engine.has_unfinished_requests():
+            decoding = len(started) == len(plugins)
+            t0 = time.perf_counter()
+            outs = engine.step()
+            dt = time.perf_counter() - t0
+            if decoding and outs:
+                steps.append(dt)
+            started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
+        print(_TAG + json.dumps({"steps": steps}), flush=True)
+
+
+class EngineProcess:
+    def __init__(self, kind: str, base: str, plugins: dict[str, str], eager: bool, max_num_seqs: int):
+        from vllm_plugin.processor import ENV_VAR
+
+        env = dict(os.environ)
+        env.pop(ENV_VAR, None)
+        if kind != "none":
+            env[ENV_VAR] = json.dumps(plugins)
+        self.kind = kind
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.throughput", "--worker", kind, "--base", base,
+             "--max-num-seqs", str(max_num_seqs)] + (["--eager"] if eager else []),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+            cwd=Path(__file__).resolve().parent.parent)
+        self._read()
+
+    def _read(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(_TAG):
+                return json.loads(line[len(_TAG):])
+        raise RuntimeError(f"the {self.kind!r} engine process exited with {self.proc.wait()}; see its log above")
+
+    def decode_steps(self, prompts, plugins, new_tokens: int) -> list[float]:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "plugins": plugins, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()["steps"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+# ----- the peers: Hugging Face generate and full recompute ----------------------------------
+class HFPluginLogitsProcessor:
+    """A ``transformers`` LogitsProcessor adding ``weight * log_softmax(plugin)`` to the scores.
+
+    The plugin state advances over the prompt on the first call and by one token per call after,
+    the same recurrent stepping as the vLLM processor.
+    """
+
+    def __init__(self, plugin, weight: float = 1.0):
+        self.plugin, self.weight = plugin, weight
+        self.state, self.seen = None, 0
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        batch, length = input_ids.shape
+        slots = torch.arange(batch)
+        if self.state is None or length <= self.seen:  # a new generate call
+            self.state = self.plugin.new_state(batch)
+            self.plugin.advance(self.state, slots, input_ids, [length] * batch, [0] * batch)
+        else:
+            self.plugin.advance(self.state, slots, input_ids[:, -1:], None, [self.seen] * batch)
+        self.seen = length
+        lp = torch.log_softmax(self.plugin.logits(self.state, slots).float(), -1)
+        return scores + self.weight * lp.to(scores.dtype)
+
+
+class _StepClock:
+    """Last in HF's processor list: called once per step, so call-to-call gaps are decode steps."""
+
+    def __init__(self):
+        self.stamps: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.stamps.append(time.perf_counter())
+        return scores
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+
+def hf_decode_steps(model, plugin, prompts, new_tokens: int) -> list[float]:
+    import torch
+    from transformers import LogitsProcessorList
+
+    clock = _StepClock()
+    processors = ([HFPluginLogitsProcessor(plugin)] if plugin is not None else []) + [clock]
+    with torch.inference_mode():
+        model.generate(torch.tensor(prompts), attention_mask=torch.ones(len(prompts), len(prompts[0]), dtype=torch.long),
+                       max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       logits_processor=LogitsProcessorList(processors), pad_token_id=0)
+    return clock.steps()
+
+
+def recompute_steps(model, plugin, prompts, steps: int) -> list[float]:
+    """The paper's loop: every step runs base and plugin over the whole sequence."""
+    import torch
+
+    ids = torch.tensor(prompts)
+    times = []
+    with torch.inference_mode():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            base = model(input_ids=ids, use_cache=False).logits[:, -1].float()
+            lp = torch.log_softmax(plugin.head(plugin(ids)[:, -1]).float(), -1)
+            nxt = (base + lp).argmax(-1, keepdim=True)
+            ids = torch.cat([ids, nxt], 1)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+# ----- FLOPs ---------------------------------------------------------------------------------
+def base_flops_per_token(config, context: int) -> int:
+    """2 x multiply-adds of one decode step of a Llama-style base: matmuls, head, attention."""
+    c = config.get_text_config()
+    d, layers, vocab = c.hidden_size, c.num_hidden_layers, c.vocab_size
+    heads = c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", heads)
+    head_dim = getattr(c, "head_dim", None) or d // heads
+    attn_proj = d * heads * head_dim * 2 + d * kv * head_dim * 2  # q, o and k, v
+    mlp = 3 * d * c.intermediate_size
+    attention = 2 * heads * head_dim * context  # q.k and p.v over the context
+    return 2 * (layers * (attn_proj + mlp + attention) + d * vocab)
+
+
+# ----- the driver ----------------------------------------------------------------------------
+def fresh_plugins(base: str, workdir: Path) -> dict[str, str]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_plugin.base_model import tokenizer_fingerprint
+    from vllm_plugin.checkpoint import save_plugin
+    from vllm_plugin.model import PluginConfig, build_plugin
+
+    tok = AutoTokenizer.from_pretrained(base)
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(base).get_text_config().vocab_size
+    paths = {}
+    for seed, name in enumerate(("a", "b")):
+        torch.manual_seed(seed)
+        plugin = build_plugin(PluginConfig(vocab_size=vocab, tokenizer_fingerprint=tokenizer_fingerprint(tok)))
+        paths[name] = str(workdir / name)
+        save_plugin(plugin.eval(), paths[name])
+    return paths
+
+
+def write_plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    configs = list(dict.fromkeys(r["config"] for r in result["rows"]))
+    for config in configs:
+        rows = [r for r in result["rows"] if r["config"] == config]
+        ax.plot([r["batch_size"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=config)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("decode output tokens/s (median)")
+    ax.set_title(f"{result['base_model']} + {result['plugin']} plugin, {result['machine']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--plugin", help="checkpoint for plugin A (default: fresh plugins of the default config)")
+    parser.add_argument("--plugin-b", help="checkpoint for plugin B (default: a second fresh plugin)")
+    parser.add_argument("--batch-sizes", default="1,8,32,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--prompt-len", type=int, default=144)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens per vLLM request")
+    parser.add_argument("--hf-new-tokens", type=int, default=12, help="tokens per Hugging Face generate call")
+    parser.add_argument("--recompute-steps", type=int, default=2)
+    parser.add_argument("--eager", action="store_true", default=True,
+                        help="vLLM without torch.compile (default; the comparison the issue states)")
+    parser.add_argument("--compile", dest="eager", action="store_false", help="vLLM with torch.compile")
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
+    parser.add_argument("--worker", choices=["none", "plugins"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from vllm_plugin.base_model import resolve_base
+
+    base = str(resolve_base(args.base))
+    if args.worker:
+        _engine_worker(args.worker, base, args.eager, args.max_num_seqs)
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    if max(batch_sizes) > args.max_num_seqs:
+        raise SystemExit(f"--max-num-seqs {args.max_num_seqs} is below the largest batch {max(batch_sizes)}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(out.parent, os.W_OK):
+        raise SystemExit(f"results folder {out.parent} is not writable")
+
+    import platform
+
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from vllm_plugin.checkpoint import load_plugin
+
+    workdir = Path(tempfile.mkdtemp(prefix="vllm_plugin_throughput_"))
+    plugins = fresh_plugins(base, workdir)
+    if args.plugin:
+        plugins["a"] = str(Path(args.plugin).resolve())
+    if args.plugin_b:
+        plugins["b"] = str(Path(args.plugin_b).resolve())
+    plugin_a = load_plugin(plugins["a"]).eval()
+    config = AutoConfig.from_pretrained(base)
+    vocab = config.get_text_config().vocab_size
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(10, vocab, size=(max(batch_sizes), args.prompt_len)).tolist()
+
+    engines = {"none": EngineProcess("none", base, plugins, args.eager, args.max_num_seqs)}
+    engines["plugins"] = EngineProcess("plugins", base, plugins, args.eager, args.max_num_seqs)
+    hf_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    # Warm-up: first calls allocate and (for vLLM) fill the prefix cache with the prompts.
+    for b in batch_sizes:
+        engines["none"].decode_steps(prompts[:b], [None] * b, 2)
+        engines["plugins"].decode_steps(prompts[:b], ["a"] * b, 2)
+    hf_decode_steps(hf_model, plugin_a, prompts[:1], 2)
+
+    steps: dict[tuple[str, int], list[float]] = {}
+    plan = [(r, b, c) for r in range(args.repeats) for b in batch_sizes
+            for c in ENGINE_CONFIGS + ("hf_generate", "hf_generate_no_plugin", "recompute")]
+    for _, b, c in tqdm(plan, desc="timing"):
+        rows = prompts[:b]
+        if c in ENGINE_CONFIGS:
+            names = {"none": [None] * b, "inert": [None] * b, "plugin": ["a"] * b,
+                     "two_plugins": ["a" if i % 2 == 0 else "b" for i in range(b)]}[c]
+            engine = engines["none" if c == "none" else "plugins"]
+            got = engine.decode_steps(rows, names, args.new_tokens)
+        elif c == "hf_generate":
+            got = hf_decode_steps(hf_model, plugin_a, rows, args.hf_new_tokens)
+        elif c == "hf_generate_no_plugin":
+            got = hf_decode_steps(hf_model, None, rows, args.hf_new_tokens)
+        else:
+            got = recompute_steps(hf_model, plugin_a, rows, args.recompute_steps)
+        steps.setdefault((c, b), []).extend(got)
+    for engine in engines.values():
+        engine.close()
+
+    def row(c, b):
+        ms = statistics.median(steps[(c, b)]) * 1000
+        return {"batch_size": b, "config": c, "tokens_per_s": b / ms * 1000, "ms_per_token": ms,
+                "decode_steps_timed": len(steps[(c, b)])}
+
+    main_configs = ENGINE_CONFIGS + ("hf_generate", "recompute")
+    rows = [row(c, b) for b in batch_sizes for c in main_configs]
+    by = {(r["config"], r["batch_size"]): r["tokens_per_s"] for r in rows}
+    context = args.prompt_len + args.new_tokens // 2
+    base_flops = base_flops_per_token(config, context)
+    plugin_flops = plugin_a.flops_per_token()
+    result = {
+        "base_model": args.base, "plugin": f"{plugin_a.config.architecture} d={plugin_a.config.d_model}",
+        "flop_share": plugin_flops / base_flops,
+        "flops_per_token": {"base": base_flops, "plugin": plugin_flops, "base_context": context},
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
+        "vllm": {"eager": args.eager, "max_num_seqs": args.max_num_seqs},
+        "settings": {"repeats": args.repeats, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "hf_new_tokens": args.hf_new_tokens, "recompute_steps": args.recompute_steps},
+        "rows": rows,
+        "reference_rows": [row("hf_generate_no_plugin", b) for b in batch_sizes],
+        "ratios_to_none": {str(b): {c: by[(c, b)] / by[("none", b)] for c in main_configs if c != "none"}
+                           for b in batch_sizes},
+        "ours_over_hf_generate": {str(b): by[("plugin", b)] / by[("hf_generate", b)] for b in batch_sizes},
+        "ours_over_recompute": {str(b): by[("plugin", b)] / by[("recompute", b)] for b in batch_sizes},
+    }
+    # Extra time per token with the plugin, against the FLOP floor (the plugin's share of the base's FLOPs).
+    result["time_overhead"] = {str(b): by[("none", b)] / by[("plugin", b)] - 1 for b in batch_sizes}
+    result["overhead_over_flop_share"] = {b: v / result["flop_share"] for b, v in result["time_overhead"].items()}
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_plot(result, out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate")}, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
