@@ -63,6 +63,9 @@ def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None
     counter = 0
     for line in sys.stdin:
         cmd = json.loads(line)
+        if cmd.get("profile"):
+            print(_TAG + json.dumps(_profile_decode(engine, cmd)), flush=True)
+            continue
         plugins = cmd["plugins"]  # per row: None, "a" or "b"
         for i, (prompt, name) in enumerate(zip(cmd["prompts"], plugins)):
             counter += 1
@@ -80,6 +83,43 @@ def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None
                 steps.append(dt)
             started.update(o.request_id for o in outs if o.outputs and o.outputs[0].token_ids)
         print(_TAG + json.dumps({"steps": steps}), flush=True)
+
+
+def _profile_decode(engine, cmd) -> dict:
+    """torch.profiler over a few decode steps, the processor's work marked ``vllm_plugin``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_plugin.processor import PluginBank
+
+    apply = PluginBank.apply
+
+    def marked(self, *a, **k):
+        with record_function("vllm_plugin"):
+            return apply(self, *a, **k)
+
+    PluginBank.apply = marked
+    for i, prompt in enumerate(cmd["prompts"]):
+        params = SamplingParams(max_tokens=cmd["new_tokens"], ignore_eos=True, temperature=0.0,
+                                extra_args={"plugin": "a"})
+        engine.add_request(f"profile{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    while True:  # prefill first, outside the profile
+        outs = engine.step()
+        if sum(1 for o in outs if o.outputs and o.outputs[0].token_ids) == len(cmd["prompts"]):
+            break
+    steps = 0
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        while engine.has_unfinished_requests():
+            with record_function("decode_step"):
+                engine.step()
+            steps += 1
+    PluginBank.apply = apply
+    events = {e.key: e for e in prof.key_averages()}
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
+    return {"steps": steps, "step_ms": events["decode_step"].cpu_time_total / 1000 / steps,
+            "processor_ms": events["vllm_plugin"].cpu_time_total / 1000 / steps, "table": table}
 
 
 class EngineProcess:
@@ -108,6 +148,11 @@ class EngineProcess:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "plugins": plugins, "new_tokens": new_tokens}) + "\n")
         self.proc.stdin.flush()
         return self._read()["steps"]
+
+    def profile(self, prompts, new_tokens: int) -> dict:
+        self.proc.stdin.write(json.dumps({"profile": True, "prompts": prompts, "new_tokens": new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
 
     def close(self) -> None:
         self.proc.stdin.close()
@@ -258,6 +303,8 @@ def main(argv=None) -> None:
                         help="vLLM without torch.compile (default; the comparison the issue states)")
     parser.add_argument("--compile", dest="eager", action="store_false", help="vLLM with torch.compile")
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--profile-batch", type=int, default=32, help="profile decode steps at this batch (0: skip)")
+    parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
     parser.add_argument("--worker", choices=["none", "plugins"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -324,6 +371,9 @@ def main(argv=None) -> None:
         else:
             got = recompute_steps(hf_model, plugin_a, rows, args.recompute_steps)
         steps.setdefault((c, b), []).extend(got)
+    profiled = None
+    if args.profile_batch:
+        profiled = engines["plugins"].profile(prompts[:args.profile_batch], args.profile_steps + 1)
     for engine in engines.values():
         engine.close()
 
@@ -356,6 +406,14 @@ def main(argv=None) -> None:
     # Extra time per token with the plugin, against the FLOP floor (the plugin's share of the base's FLOPs).
     result["time_overhead"] = {str(b): by[("none", b)] / by[("plugin", b)] - 1 for b in batch_sizes}
     result["overhead_over_flop_share"] = {b: v / result["flop_share"] for b, v in result["time_overhead"].items()}
+    if profiled:
+        result["profile"] = {"batch_size": args.profile_batch, "decode_steps": profiled["steps"],
+                             "step_ms": profiled["step_ms"], "processor_ms": profiled["processor_ms"],
+                             "processor_share": profiled["processor_ms"] / profiled["step_ms"],
+                             "table": str(out.with_name(out.stem + "_profile.txt").name)}
+        out.with_name(out.stem + "_profile.txt").write_text(
+            f"torch.profiler, {profiled['steps']} decode steps at batch {args.profile_batch}, plugin on every row; "
+            f"'vllm_plugin' is the processor's apply()\n\n{profiled['table']}\n")
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_plot(result, out.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate")}, indent=1))

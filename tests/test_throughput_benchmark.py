@@ -38,7 +38,8 @@ def test_throughput_benchmark_writes_the_results_format(tiny, tmp_path):
     out = tmp_path / "throughput.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--base", str(tiny.base_dir),
                            "--batch-sizes", "1,2", "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4",
-                           "--hf-new-tokens", "3", "--recompute-steps", "1", "--max-num-seqs", "4",
+                           "--hf-new-tokens", "3", "--recompute-steps", "1", "--max-num-seqs", "4", "--profile-batch", "2",
+                           "--profile-steps", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -48,3 +49,6 @@ def test_throughput_benchmark_writes_the_results_format(tiny, tmp_path):
     for r in result["rows"]:
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["decode_steps_timed"] >= 1
     assert out.with_suffix(".png").stat().st_size > 1000
+    profile = result["profile"]
+    assert profile["decode_steps"] >= 2 and 0 < profile["processor_ms"] < profile["step_ms"]
+    assert "vllm_plugin" in (tmp_path / profile["table"]).read_text()
