@@ -273,3 +273,17 @@ def test_v1_placeholder_during_apply_skips_row_then_catches_up(tiny, plugins_env
     with torch.no_grad():
         want = torch.log_softmax(plugin.head(plugin(torch.tensor([seq])))[0, -1], -1)
     torch.testing.assert_close(delta[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):
+    """On CPU the processor's vocabulary head runs through vLLM's prepacked oneDNN GEMM."""
+    from vllm import _custom_ops as ops
+
+    from vllm_plugin.processor import _fast_head
+
+    for plugin in (tiny.plugins["a"], tiny.plugins["t"]):
+        head = _fast_head(plugin, torch.device("cpu"))
+        assert (head is plugin.head) == (not ops._supports_onednn)
+        for batch in (1, 3, 40):
+            hidden = torch.randn(batch, plugin.config.d_model)
+            torch.testing.assert_close(head(hidden), plugin.head(hidden), rtol=1e-4, atol=1e-4)

@@ -68,9 +68,11 @@ class PluginLM(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         nn.init.normal_(self.embed.weight, std=0.02)
 
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.out_proj is None else self.out_proj.weight
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed.weight if self.out_proj is None else self.out_proj.weight
-        return F.linear(hidden, weight, self.out_bias)
+        return F.linear(hidden, self.head_weight(), self.out_bias)
 
     def logits(self, state: dict, slots: torch.Tensor) -> torch.Tensor:
         return self.head(state["out"][slots])
@@ -108,9 +110,19 @@ class GRUPlugin(PluginLM):
 
         ``start[r]``: how many tokens the slot has seen (the GRU does not need it).
         """
+        if tokens.shape[1] == 1 and not self.training:  # the decode step: the fused cell, a few times cheaper
+            x, h = self.embed(tokens[:, 0]), state["h"][slots]
+            layers = []
+            for i in range(self.config.n_layers):
+                x = torch.gru_cell(x, h[:, i], *(getattr(self.rnn, f"{w}_l{i}")
+                                                 for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
+                layers.append(x)
+            state["h"][slots] = torch.stack(layers, 1)
+            state["out"][slots] = self.ln_f(x)
+            return
         h0 = state["h"][slots].transpose(0, 1).contiguous()
         x = self.embed(tokens)
-        if lengths is None or tokens.shape[1] == 1 or min(lengths) == tokens.shape[1]:
+        if lengths is None or min(lengths) == tokens.shape[1]:
             _, hn = self.rnn(x, h0)
         else:
             packed = pack_padded_sequence(x, torch.as_tensor(lengths, dtype=torch.long),

@@ -121,6 +121,7 @@ class PluginBank:
         self.names = list(plugins)
         self.index = {name: i for i, name in enumerate(self.names)}
         self.models = [plugins[n].to(device).eval() for n in self.names]
+        self.heads = [_fast_head(m, torch.device(device)) for m in self.models]
         self.states = [m.new_state(num_slots, device) for m in self.models]
         self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None
                         for m in self.models]
@@ -186,7 +187,7 @@ class PluginBank:
                 tokens = last_tokens(sel[step])[:, None]
                 model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
             self.consumed[s] = np.maximum(done, seq_lens[sel])
-            plugin_logits = model.logits(state, self._t(s)).float()
+            plugin_logits = self.heads[g](state["out"][self._t(s)]).float()
             w = self._t(self.weight[s])[:, None]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
@@ -200,6 +201,25 @@ class PluginBank:
                 combined = combine(logits[r], plugin_logits[idx], w[idx], MODES[m])
                 logits.index_copy_(0, r, combined.to(logits.dtype))
         return logits
+
+
+def _fast_head(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The vocabulary head through vLLM's own CPU GEMM (oneDNN, prepacked weight), as vLLM runs
+    the base's layers: 2-4x faster than aten's matmul at decode batch sizes on this CPU.
+    Elsewhere, or if vLLM's CPU ops are missing, the model's head."""
+    if device.type != "cpu":
+        return model.head
+    try:
+        from vllm import _custom_ops as ops
+
+        if not getattr(ops, "_supports_onednn", False):
+            return model.head
+        handler = ops.create_onednn_mm(model.head_weight().detach().t(), 32)
+    except Exception as e:  # noqa: BLE001 - any failure here just means the portable path
+        logger.info("vllm_plugin: oneDNN head unavailable (%s); using torch", e)
+        return model.head
+    bias = model.out_bias.detach()
+    return lambda hidden: ops.onednn_mm(handler, hidden.contiguous(), bias)
 
 
 def _tokenizer_fingerprint(vllm_config) -> str | None:
