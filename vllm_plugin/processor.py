@@ -191,8 +191,12 @@ class PluginBank:
             w = self._t(self.weight[s])[:, None]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
-                lp = torch.log_softmax(plugin_logits, dim=-1)
-                logits.index_add_(0, self._t(rows[sel]), (lp * w).to(logits.dtype))
+                lp = torch.log_softmax(plugin_logits, dim=-1).to(logits.dtype)
+                weights = self.weight[s]
+                if (weights == weights[0]).all():  # one strength for the group: a scalar, no extra pass
+                    logits.index_add_(0, self._t(rows[sel]), lp, alpha=float(weights[0]))
+                else:
+                    logits.index_add_(0, self._t(rows[sel]), lp.mul_(w.to(lp.dtype)))
                 continue
             for m in np.unique(modes):  # baselines: at most three groups, same maths as the reference
                 in_mode = modes == m
