@@ -272,7 +272,27 @@ def test_v1_placeholder_during_apply_skips_row_then_catches_up(tiny, plugins_env
     delta = proc.apply(logits.clone()) - logits
     with torch.no_grad():
         want = torch.log_softmax(plugin.head(plugin(torch.tensor([seq])))[0, -1], -1)
-    torch.testing.assert_close(delta[0], want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.log_softmax(delta[0], -1), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_plugin_log_probs_normalised_only_where_a_penalty_needs_them(tiny, plugins_env, penalty):
+    """Without a repetition penalty the added scores may differ from the plugin's log-probs by a
+    per-row constant (the sampler's softmax cancels it); with one they are the log-probs exactly."""
+    proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    prompts = [tiny.encode("Aromi is a"), tiny.encode("The Eagle")]
+    added = [(row, SamplingParams(extra_args={"plugin": "a"}, repetition_penalty=penalty), prompt, [])
+             for row, prompt in enumerate(prompts)]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
+    logits = base_logits(tiny, prompts)
+    delta = proc.apply(logits.clone()) - logits
+    plugin = tiny.plugins["a"]
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            want = torch.log_softmax(plugin.head(plugin(torch.tensor([prompt])))[0, -1], -1)
+        offset = (delta[row] - want).mean() if penalty == 1.0 else 0.0
+        assert penalty != 1.0 or abs(offset) > 1e-3  # the normalising pass really was skipped
+        torch.testing.assert_close(delta[row] - offset, want, atol=1e-4, rtol=1e-4)
 
 
 def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):

@@ -108,6 +108,10 @@ def validate_request(params) -> None:
     request_plugin(params)
 
 
+def _penalised(params) -> bool:
+    return getattr(params, "repetition_penalty", 1.0) != 1.0
+
+
 # ----- the batched core, shared by both runners ---------------------------------------------
 class PluginBank:
     """Named plugins with state for ``num_slots`` sequences each, in preallocated tensors.
@@ -130,12 +134,17 @@ class PluginBank:
         self.weight = np.zeros(num_slots, dtype=np.float32)
         self.mode = np.zeros(num_slots, dtype=np.int8)  # index into MODES
         self.consumed = np.zeros(num_slots, dtype=np.int64)
+        self.normalise = np.ones(num_slots, dtype=bool)
         self._warned: set[str] = set()
 
-    def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0) -> bool:
+    def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0,
+               normalise: bool = True) -> bool:
+        """``normalise=False``: nothing after the processor depends on the logits' per-row offset
+        (no repetition penalty), so the plugin's log-softmax may be left to the sampler's softmax."""
         self.plugin_of[slot] = -1 if name is None else self.index[name]
         self.weight[slot] = weight
         self.mode[slot] = mode
+        self.normalise[slot] = normalise
         self.consumed[slot] = 0
         return name is not None
 
@@ -191,7 +200,13 @@ class PluginBank:
             w = self._t(self.weight[s])[:, None]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
-                lp = torch.log_softmax(plugin_logits, dim=-1).to(logits.dtype)
+                if self.normalise[s].any():
+                    lp = torch.log_softmax(plugin_logits, dim=-1).to(logits.dtype)
+                else:
+                    # log_softmax(z) = z - logsumexp(z): a per-row constant that the sampler's
+                    # softmax cancels. Only vLLM's repetition penalty, applied after us, is not
+                    # shift-invariant; rows without one skip the normalising pass.
+                    lp = plugin_logits.to(logits.dtype)
                 weights = self.weight[s]
                 if (weights == weights[0]).all():  # one strength for the group: a scalar, no extra pass
                     logits.index_add_(0, self._t(rows[sel]), lp, alpha=float(weights[0]))
@@ -321,7 +336,7 @@ class PluginProcessorV1(V1LogitsProcessor):
                                               "(prompt embeddings) run without their plugin")
                 continue
             slot = self.free_slots.pop()
-            self.bank.assign(slot, name, weight, mode)
+            self.bank.assign(slot, name, weight, mode, normalise=_penalised(params))
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -386,7 +401,7 @@ class PluginProcessorV2(V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             name, weight, mode = None, 0.0, 0
-        return self.bank.assign(req_idx, name, weight, mode)
+        return self.bank.assign(req_idx, name, weight, mode, normalise=_penalised(sampling_params))
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         if self.bank is None:
