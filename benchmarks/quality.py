@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import tempfile
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -258,18 +259,33 @@ def main(argv=None) -> None:
     unknown = set(systems) - set(ALL_SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+    # Everything that can be wrong with the inputs fails here, before any long work.
     results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(results_dir, os.W_OK):
-        raise SystemExit(f"results folder {results_dir} is not writable")
-    train_examples, fit, test, protocol = load_protocol(args.dataset)  # fails early on missing data
+    try:
+        results_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=results_dir):
+            pass
+    except OSError as e:
+        raise SystemExit(f"results folder {results_dir} is not writable: {e}") from e
+    from training.data import DataError
+
+    try:
+        train_examples, fit, test, protocol = load_protocol(args.dataset)
+    except DataError as e:
+        raise SystemExit(f"{args.dataset} data: {e} (set $VLLM_PLUGIN_DATA to the folder holding "
+                         f"e2e/ and webnlg/)") from e
+    if args.base not in SHORT_BASE_NAMES and not Path(args.base).is_dir() and (
+            Path(args.base).is_absolute() or args.base.startswith(".")):
+        raise SystemExit(f"base model {args.base!r}: no such folder (known names: {', '.join(SHORT_BASE_NAMES)})")
     base_path = resolve_base(args.base)
     from transformers import AutoConfig
 
     try:
-        base_config = AutoConfig.from_pretrained(base_path)  # fails early on a base that cannot be loaded
+        base_config = AutoConfig.from_pretrained(base_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"base model {args.base!r} cannot be loaded: {e}") from e
+    # vLLM on CPU refuses to start without a KV cache size (or reserves most of the memory).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     base_name = args.base_name or SHORT_BASE_NAMES.get(args.base, Path(args.base).name.lower())
     root = Path(args.runs) / f"{args.dataset}-{base_name}"
     gen_dir = (root / "generations" / (f"subset{args.subset}" if args.subset else "all")

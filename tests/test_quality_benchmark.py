@@ -57,3 +57,27 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
                                          max_new_tokens=8, repetition_penalty=1.1)
             got = row["token_ids"]
             assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)
+
+
+def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, monkeypatch):
+    import pytest
+
+    from benchmarks.quality import main
+
+    def refused(args, match):
+        with pytest.raises(SystemExit, match=match):
+            main(["--runs", str(tmp_path / "runs"), *args])
+        assert not (tmp_path / "runs").exists()  # nothing trained, nothing generated
+
+    monkeypatch.setenv("VLLM_PLUGIN_DATA", str(tmp_path / "no-data"))
+    refused(["--results", str(tmp_path / "res"), "--base", str(tiny.base_dir)], "e2e data: .*does not exist")
+    (tmp_path / "data" / "e2e").mkdir(parents=True)
+    rows = synthetic_rows(20)
+    write_e2e(tmp_path / "data" / "e2e" / "devel.csv", rows[:30])
+    write_e2e(tmp_path / "data" / "e2e" / "test.csv", rows[30:])
+    monkeypatch.setenv("VLLM_PLUGIN_DATA", str(tmp_path / "data"))
+    refused(["--results", str(tmp_path / "res"), "--base", str(tmp_path / "no-model")], "no such folder")
+    (tmp_path / "a-file").write_text("")
+    refused(["--results", str(tmp_path / "a-file" / "res"), "--base", str(tiny.base_dir)], "not writable")
+    (tmp_path / "empty-base").mkdir()
+    refused(["--results", str(tmp_path / "res"), "--base", str(tmp_path / "empty-base")], "cannot be loaded")
