@@ -206,7 +206,7 @@ def write_outputs(result: dict, out_base: Path) -> None:
 
     keys = ["bleu", "rouge_l", "meteor", "cider", "nist"]
     lines = [f"**{result['dataset']}**, base `{result['base_model']}`, {result['n_test_inputs']} test inputs. "
-             f"Protocol: {result['protocol']}.", "",
+             f"Protocol: {result['protocol']}." + (f" **Partial**: {result['note']}." if result.get("note") else ""), "",
              "| system | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, scores in result["systems"].items():
         lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" if k != "bleu" else f"{scores[k]:.2f}"
@@ -233,6 +233,37 @@ def write_outputs(result: dict, out_base: Path) -> None:
     plt.close(fig)
 
 
+def score_partial(args, systems, gen_dir: Path, root: Path, test, protocol, base_name, results_dir: Path) -> None:
+    """Score the test inputs every system has generated so far (a run still going, or cut
+    short), in test-file order; written as ``<dataset>_<base>_partial.*``. Trains nothing."""
+    from benchmarks.metrics import score
+
+    prompts, references = grouped_test(test, args.subset)
+    rows = {}
+    for name in systems:
+        path = next((p for p in (gen_dir / f"{name}.jsonl", gen_dir / f"{name}.partial.jsonl") if p.is_file()), None)
+        if path is not None and path.stat().st_size:
+            rows[name] = [json.loads(line) for line in path.read_text().splitlines()]
+    if not rows:
+        raise SystemExit(f"nothing generated yet under {gen_dir}")
+    n = min(len(r) for r in rows.values())
+    w_file = root / "mixture_weight.json"
+    result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol, "partial": True,
+              "n_test_inputs": n, "of_test_inputs": len(prompts),
+              "note": f"the first {n} test inputs (test-file order) of a run in progress",
+              "subset": args.subset, "decoding": {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"],
+                                                  "engine": "vLLM", "repetition_penalty": args.repetition_penalty},
+              "mixture_weight": json.loads(w_file.read_text())["w"] if w_file.is_file() else None,
+              "systems": {}}
+    for name, generated in rows.items():
+        assert [r["prompt"] for r in generated[:n]] == prompts[:n], f"{name}: generations out of order"
+        result["systems"][name] = score([r["output"] for r in generated[:n]], references[:n])
+        result["systems"][name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in generated[:n]) / n
+        print(name, {k: round(v, 3) for k, v in result["systems"][name].items()})
+    write_outputs(result, results_dir / f"{args.dataset}_{base_name}_partial")
+    print(f"wrote {results_dir / f'{args.dataset}_{base_name}_partial'}.json/.md/.png")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
@@ -248,6 +279,8 @@ def main(argv=None) -> None:
                         help="test inputs per engine call (every system of a chunk is generated together)")
     parser.add_argument("--eager", action="store_true",
                         help="skip vLLM's torch.compile (starts in seconds; decodes ~1.5x slower here)")
+    parser.add_argument("--score-partial", action="store_true",
+                        help="only score what every system has generated so far (a run in progress)")
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -292,6 +325,9 @@ def main(argv=None) -> None:
                / f"max{args.max_tokens}-rp{args.repetition_penalty:g}")
     gen_dir.mkdir(parents=True, exist_ok=True)
 
+    if args.score_partial:
+        score_partial(args, systems, gen_dir, root, test, protocol, base_name, results_dir)
+        return
     needed = sorted({NEEDS[s] for s in systems if s in NEEDS})
     checkpoints = train_all(args.dataset, base_path, needed, train_examples, root, args.epochs, print)
     mix_weight = 0.5

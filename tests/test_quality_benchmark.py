@@ -38,6 +38,10 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
     mtimes = [g.stat().st_mtime for g in generations]
     quality_main(args)
     assert [g.stat().st_mtime for g in generations] == mtimes
+    quality_main(args + ["--score-partial"])  # scoring what exists, as for a run in progress
+    partial = json.loads((tmp_path / "res" / "e2e_tiny_partial.json").read_text())
+    assert partial["partial"] and partial["n_test_inputs"] == 5 and set(partial["systems"]) == set(systems.split(","))
+    assert partial["systems"]["zero_shot"]["bleu"] == result["systems"]["zero_shot"]["bleu"]
 
     # What the chunked, prefix-cached, all-systems-at-once generation produced is what the
     # reference decoder produces, token for token (up to the newline stop).
