@@ -199,6 +199,12 @@ def generate_systems(llm, systems, prompts, shots, params_for, gen_dir: Path, ch
         path.rename(gen_dir / f"{name}.jsonl")
 
 
+def decoding(args) -> dict:
+    """How every system decodes (``system_params``), as recorded in the results."""
+    return {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
+            "repetition_penalty": args.repetition_penalty}
+
+
 def write_outputs(result: dict, out_base: Path) -> None:
     out_base.parent.mkdir(parents=True, exist_ok=True)
     out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -251,8 +257,7 @@ def score_partial(args, systems, gen_dir: Path, root: Path, test, protocol, base
     result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol, "partial": True,
               "n_test_inputs": n, "of_test_inputs": len(prompts),
               "note": f"the first {n} test inputs (test-file order) of a run in progress",
-              "subset": args.subset, "decoding": {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"],
-                                                  "engine": "vLLM", "repetition_penalty": args.repetition_penalty},
+              "subset": args.subset, "decoding": decoding(args),
               "mixture_weight": json.loads(w_file.read_text())["w"] if w_file.is_file() else None,
               "systems": {}}
     for name, generated in rows.items():
@@ -365,9 +370,7 @@ def main(argv=None) -> None:
         scored[name] = score([r["output"] for r in rows], references)
         print(name, {k: round(v, 3) for k, v in scored[name].items()})
     result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol,
-              "n_test_inputs": len(prompts), "subset": args.subset, "decoding": {
-                  "greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
-                  "repetition_penalty": args.repetition_penalty},
+              "n_test_inputs": len(prompts), "subset": args.subset, "decoding": decoding(args),
               "mixture_weight": mix_weight if "weighted_mix" in systems else None, "systems": scored}
     write_outputs(result, results_dir / f"{args.dataset}_{base_name}")
     print(f"wrote {results_dir / f'{args.dataset}_{base_name}'}.json/.md/.png")

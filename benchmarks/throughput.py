@@ -27,6 +27,7 @@ and a plot next to it.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -45,8 +46,7 @@ _TAG = "@@throughput "
 def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None:
     """Serve timing commands from stdin: one JSON line in, one tagged JSON line out."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: nothing busy-waits
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+    from vllm import LLM
 
     kwargs = dict(model=base, enforce_eager=eager, seed=0, max_num_seqs=max_num_seqs, dtype="float32")
     if kind == "none":
@@ -60,18 +60,13 @@ def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None
         llm = LLM(logits_processors=[PluginLogitsProcessor], **kwargs)
     engine = llm.llm_engine
     print(_TAG + json.dumps({"ready": kind}), flush=True)
-    counter = 0
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd.get("profile"):
             print(_TAG + json.dumps(_profile_decode(engine, cmd)), flush=True)
             continue
         plugins = cmd["plugins"]  # per row: None, "a" or "b"
-        for i, (prompt, name) in enumerate(zip(cmd["prompts"], plugins)):
-            counter += 1
-            params = SamplingParams(max_tokens=cmd["new_tokens"], ignore_eos=True, temperature=0.0,
-                                    extra_args={"plugin": name} if name else None)
-            engine.add_request(f"r{counter}", TokensPrompt(prompt_token_ids=prompt), params)
+        _add_requests(engine, cmd["prompts"], plugins, cmd["new_tokens"])
         started: set[str] = set()
         steps = []
         while engine.has_unfinished_requests():
@@ -85,12 +80,23 @@ def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None
         print(_TAG + json.dumps({"steps": steps}), flush=True)
 
 
-def _profile_decode(engine, cmd) -> dict:
-    """torch.profiler over a few decode steps, the processor's work marked ``vllm_plugin``."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile, record_function
+_request_ids = itertools.count()
+
+
+def _add_requests(engine, prompts, plugins, new_tokens: int) -> None:
+    """One greedy request per prompt, ``new_tokens`` long whatever it samples; ``plugins[i]``: None or a name."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
+
+    for prompt, name in zip(prompts, plugins):
+        params = SamplingParams(max_tokens=new_tokens, ignore_eos=True, temperature=0.0,
+                                extra_args={"plugin": name} if name else None)
+        engine.add_request(f"r{next(_request_ids)}", TokensPrompt(prompt_token_ids=prompt), params)
+
+
+def _profile_decode(engine, cmd) -> dict:
+    """torch.profiler over a few decode steps, the processor's work marked ``vllm_plugin``."""
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from vllm_plugin.processor import PluginBank
 
@@ -101,10 +107,7 @@ def _profile_decode(engine, cmd) -> dict:
             return apply(self, *a, **k)
 
     PluginBank.apply = marked
-    for i, prompt in enumerate(cmd["prompts"]):
-        params = SamplingParams(max_tokens=cmd["new_tokens"], ignore_eos=True, temperature=0.0,
-                                extra_args={"plugin": "a"})
-        engine.add_request(f"profile{i}", TokensPrompt(prompt_token_ids=prompt), params)
+    _add_requests(engine, cmd["prompts"], ["a"] * len(cmd["prompts"]), cmd["new_tokens"])
     while True:  # prefill first, outside the profile
         outs = engine.step()
         if sum(1 for o in outs if o.outputs and o.outputs[0].token_ids) == len(cmd["prompts"]):
@@ -247,15 +250,13 @@ def base_flops_per_token(config, context: int) -> int:
 # ----- the driver ----------------------------------------------------------------------------
 def fresh_plugins(base: str, workdir: Path) -> dict[str, str]:
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     from vllm_plugin.base_model import tokenizer_fingerprint
     from vllm_plugin.checkpoint import save_plugin
     from vllm_plugin.model import PluginConfig, build_plugin
 
     tok = AutoTokenizer.from_pretrained(base)
-    from transformers import AutoConfig
-
     vocab = AutoConfig.from_pretrained(base).get_text_config().vocab_size
     paths = {}
     for seed, name in enumerate(("a", "b")):

@@ -197,7 +197,7 @@ class PluginBank:
                 model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
             self.consumed[s] = np.maximum(done, seq_lens[sel])
             plugin_logits = self.heads[g](state["out"][self._t(s)]).float()
-            w = self._t(self.weight[s])[:, None]
+            weights = self.weight[s]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
                 if self.normalise[s].any():
@@ -207,12 +207,12 @@ class PluginBank:
                     # softmax cancels. Only vLLM's repetition penalty, applied after us, is not
                     # shift-invariant; rows without one skip the normalising pass.
                     lp = plugin_logits.to(logits.dtype)
-                weights = self.weight[s]
                 if (weights == weights[0]).all():  # one strength for the group: a scalar, no extra pass
                     logits.index_add_(0, self._t(rows[sel]), lp, alpha=float(weights[0]))
                 else:
-                    logits.index_add_(0, self._t(rows[sel]), lp.mul_(w.to(lp.dtype)))
+                    logits.index_add_(0, self._t(rows[sel]), lp.mul_(self._t(weights)[:, None].to(lp.dtype)))
                 continue
+            w = self._t(weights)[:, None]
             for m in np.unique(modes):  # baselines: at most three groups, same maths as the reference
                 in_mode = modes == m
                 r = self._t(rows[sel][in_mode])
