@@ -283,7 +283,7 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=256,
                         help="test inputs per engine call (every system of a chunk is generated together)")
     parser.add_argument("--eager", action="store_true",
-                        help="skip vLLM's torch.compile (starts in seconds; decodes ~1.5x slower here)")
+                        help="skip vLLM's torch.compile (starts in seconds; decodes slower)")
     parser.add_argument("--score-partial", action="store_true",
                         help="only score what every system has generated so far (a run in progress)")
     parser.add_argument("--runs", default="runs/quality")
