@@ -11,9 +11,10 @@ table and a PNG plot. Generations are cached per system, so a re-run only does w
 Protocols:
 - e2e: fit on 60% of the distinct MRs of E2E-cleaned ``devel``, select on 40%, score on all
   ``test`` MRs against their grouped references (the paper's protocol).
-- webnlg: category shift. The ten categories, sorted by name; every third (index 2, 5, 8) is
-  held out. Fit/select (60/40 by entry) on ``train`` entries of the other seven, score on
-  ``dev`` entries of the three held-out categories.
+- webnlg: category shift. The ten categories, sorted by name; every third (index 2, 5, 8:
+  Building, Food, University) is held out. Fit/select (60/40 by entry) on ``train`` entries of
+  the other seven, one reference per entry (the first; keeps fitting as cheap as E2E's), score
+  on ``dev`` entries of the three held-out categories against all their references.
 
 Systems (same prompts and decoding: greedy, same max tokens, stop at a newline):
 zero_shot, icl_1, icl_3 (examples from the fitting split), plugin_alone (the small model
@@ -28,6 +29,7 @@ import json
 import os
 import random
 import tempfile
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +39,7 @@ ALL_SYSTEMS = ["zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix", "p
 NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "recurrent",
          "plugin_transformer": "transformer", "plugin_recurrent_top20": "top20",
          "plugin_recurrent_w0.5": "recurrent", "plugin_recurrent_w2.0": "recurrent"}
-SHORT_BASE_NAMES = {"smollm2-135m": "smollm2-135m"}
+SHORT_BASE_NAMES = {"smollm2-135m": "smollm2-135m", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
 
 
 def split_webnlg(data_dir: Path):
@@ -48,7 +50,13 @@ def split_webnlg(data_dir: Path):
     dev = load_webnlg(data_dir / "webnlg" / "dev.jsonl")
     categories = sorted({dict(e.meta)["category"] for e in train})
     held_out = set(categories[2::3])
-    seen = [e for e in train if dict(e.meta)["category"] not in held_out]
+    # One reference per training entry (the first): fitting then costs about what E2E's does
+    # (~2,900 fit / ~1,900 select examples instead of ~6,500 / ~4,500) on two CPU cores.
+    seen, first_ref = [], set()
+    for e in train:
+        if dict(e.meta)["category"] not in held_out and e.group not in first_ref:
+            first_ref.add(e.group)
+            seen.append(e)
     test = [e for e in dev if dict(e.meta)["category"] in held_out]
     return seen, test, sorted(held_out)
 
@@ -63,8 +71,9 @@ def load_protocol(dataset: str):
         protocol = "fit 60% / select 40% of devel MRs (seed 0); score on all test MRs, grouped references"
     elif dataset == "webnlg":
         train_examples, test, held_out = split_webnlg(data_dir())
-        protocol = (f"category shift: fit/select 60/40 on train entries of 7 categories; score on dev "
-                    f"entries of held-out categories {held_out}")
+        protocol = (f"category shift: fit/select 60/40 by entry on train entries of the 7 other categories "
+                    f"(first reference of each); score on dev entries of held-out categories {held_out}, "
+                    f"all references")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected e2e or webnlg")
     fit, _ = split_by_input(train_examples)
@@ -182,6 +191,7 @@ def generate_systems(llm, systems, prompts, shots, params_for, gen_dir: Path, ch
               for name in systems}
     params = {name: params_for(name) for name in systems}
     bar = tqdm(total=len(prompts), initial=done, desc=f"generating {len(systems)} systems", unit="input")
+    started, generated = time.perf_counter(), 0
     for start in range(done, len(prompts), chunk):
         stop = min(start + chunk, len(prompts))
         requests = [(name, i) for name in systems for i in range(start, stop)]
@@ -193,6 +203,8 @@ def generate_systems(llm, systems, prompts, shots, params_for, gen_dir: Path, ch
         for name in systems:
             with open(partial[name], "a") as f:
                 f.writelines(lines[name])
+        generated += sum(len(o.outputs[0].token_ids) for o in outs)
+        bar.set_postfix(output_tok_s=f"{generated / (time.perf_counter() - started):.0f}")
         bar.update(stop - start)
     bar.close()
     for name, path in partial.items():

@@ -21,8 +21,10 @@ token of one sequence), ``tokens_per_s = batch / median step``, medians over all
 Prompts are random token ids, distinct per row and the same for every configuration.
 
 The plugins are freshly initialised ones of the default configuration unless ``--plugin`` names
-a checkpoint: speed does not depend on the weights. Writes ``benchmarks/results/throughput.json``
-and a plot next to it.
+a checkpoint: speed does not depend on the weights. ``compute_ceiling`` holds the machine's fp32
+GEMM peak against the FLOP rate each decoder reaches (FLOPs per token x tokens/s): the largest
+speed-up over HF generate that any decoder could show here. Writes
+``benchmarks/results/throughput.json`` and a plot next to it.
 """
 from __future__ import annotations
 
@@ -247,6 +249,19 @@ def base_flops_per_token(config, context: int) -> int:
     return 2 * (layers * (attn_proj + mlp + attention) + d * vocab)
 
 
+def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """Best fp32 GEMM rate of this machine's torch (all threads): the ceiling on any decoder here."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
 # ----- the driver ----------------------------------------------------------------------------
 def fresh_plugins(base: str, workdir: Path) -> dict[str, str]:
     import torch
@@ -404,6 +419,16 @@ def main(argv=None) -> None:
         "ours_over_hf_generate": {str(b): by[("plugin", b)] / by[("hf_generate", b)] for b in batch_sizes},
         "ours_over_recompute": {str(b): by[("plugin", b)] / by[("recompute", b)] for b in batch_sizes},
     }
+    # How far any decoder could outrun HF generate here: the machine's GEMM peak over the FLOP rate
+    # HF generate (with the plugin) already reaches. A target above this ceiling cannot be met.
+    peak = matmul_peak_gflops()
+    flops = base_flops + plugin_flops
+    result["compute_ceiling"] = {
+        "matmul_peak_gflops": peak,
+        "hf_generate_gflops": {str(b): by[("hf_generate", b)] * flops / 1e9 for b in batch_sizes},
+        "plugin_gflops": {str(b): by[("plugin", b)] * flops / 1e9 for b in batch_sizes},
+        "max_ours_over_hf_generate": {str(b): peak / (by[("hf_generate", b)] * flops / 1e9) for b in batch_sizes},
+    }
     # Extra time per token with the plugin, against the FLOP floor (the plugin's share of the base's FLOPs).
     result["time_overhead"] = {str(b): by[("none", b)] / by[("plugin", b)] - 1 for b in batch_sizes}
     result["overhead_over_flop_share"] = {b: v / result["flop_share"] for b, v in result["time_overhead"].items()}
@@ -417,7 +442,8 @@ def main(argv=None) -> None:
             f"'vllm_plugin' is the processor's apply()\n\n{profiled['table']}\n")
     out.write_text(json.dumps(result, indent=2) + "\n")
     write_plot(result, out.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate")}, indent=1))
+    print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate",
+                                             "compute_ceiling")}, indent=1))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
 

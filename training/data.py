@@ -109,11 +109,12 @@ def load_webnlg(path: str | Path, template: str | None = None) -> list[Example]:
             raise DataError(f"{path}:{line_no}: expected non-empty 'triples' (strings) and a 'refs' list")
         raw = "\n".join(t.strip() for t in triples)
         prompt = format_prompt("webnlg", raw, template)
-        group = str(obj.get("eid", raw))
         category = str(obj.get("category", ""))
+        # WebNLG numbers entries per (category, size) file: "Id1" recurs across both.
+        group = f"{category}/{obj.get('size', '')}/{obj['eid']}" if "eid" in obj else raw
         for ref in refs:
             if isinstance(ref, str) and ref.strip():
-                examples.append(Example(group=f"{category}/{group}", prompt=prompt, target=ref.strip(),
+                examples.append(Example(group=group, prompt=prompt, target=ref.strip(),
                                         meta=(("category", category),)))
     if not examples:
         raise DataError(f"{path} has no entries with references")

