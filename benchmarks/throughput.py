@@ -11,6 +11,9 @@ Configurations (``config`` in the JSON):
   hf_generate  Hugging Face ``generate`` with a LogitsProcessor applying plugin A (KV cache on):
                what a user would otherwise run
   recompute    the paper's decoding: base and plugin over the whole sequence every step, no cache
+References (``reference_rows``): ``hf_generate_no_plugin``, and ``none_bf16``: vLLM without the
+processor in bfloat16, its default dtype for float32 checkpoints (every vLLM row above runs in
+float32, which this CPU computes natively).
 
 Two vLLM engines (one without the processor, one with it) live in their own processes for the
 whole run and wait on a pipe while the others work; Hugging Face runs in this process. Each
@@ -50,8 +53,11 @@ def _engine_worker(kind: str, base: str, eager: bool, max_num_seqs: int) -> None
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine core in this process: nothing busy-waits
     from vllm import LLM
 
-    kwargs = dict(model=base, enforce_eager=eager, seed=0, max_num_seqs=max_num_seqs, dtype="float32")
-    if kind == "none":
+    # float32: this CPU has no native bfloat16 (what vllm_plugin.serving.fast_dtype picks here);
+    # the "none_bf16" engine measures vLLM's own default for comparison.
+    kwargs = dict(model=base, enforce_eager=eager, seed=0, max_num_seqs=max_num_seqs,
+                  dtype="bfloat16" if kind == "none_bf16" else "float32")
+    if kind in ("none", "none_bf16"):
         import vllm.v1.sample.logits_processor as lp
 
         lp._load_logitsprocs_plugins = lambda: []  # as if the package's entry point were not installed
@@ -133,7 +139,7 @@ class EngineProcess:
 
         env = dict(os.environ)
         env.pop(ENV_VAR, None)
-        if kind != "none":
+        if kind == "plugins":
             env[ENV_VAR] = json.dumps(plugins)
         self.kind = kind
         self.proc = subprocess.Popen(
@@ -322,7 +328,10 @@ def main(argv=None) -> None:
     parser.add_argument("--profile-batch", type=int, default=32, help="profile decode steps at this batch (0: skip)")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--out", default=str(RESULTS / "throughput.json"))
-    parser.add_argument("--worker", choices=["none", "plugins"], help=argparse.SUPPRESS)
+    parser.add_argument("--bf16-batch-sizes", default="32",
+                        help="also time vLLM without the processor in bfloat16 (its default dtype) at these "
+                             "batch sizes ('' to skip)")
+    parser.add_argument("--worker", choices=["none", "none_bf16", "plugins"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     from vllm_plugin.base_model import resolve_base
@@ -363,19 +372,27 @@ def main(argv=None) -> None:
 
     engines = {"none": EngineProcess("none", base, plugins, args.eager, args.max_num_seqs)}
     engines["plugins"] = EngineProcess("plugins", base, plugins, args.eager, args.max_num_seqs)
+    bf16_sizes = [int(b) for b in args.bf16_batch_sizes.split(",") if b.strip()]
+    if bf16_sizes:
+        engines["none_bf16"] = EngineProcess("none_bf16", base, plugins, args.eager, args.max_num_seqs)
     hf_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     # Warm-up: first calls allocate and (for vLLM) fill the prefix cache with the prompts.
     for b in batch_sizes:
         engines["none"].decode_steps(prompts[:b], [None] * b, 2)
         engines["plugins"].decode_steps(prompts[:b], ["a"] * b, 2)
+    for b in bf16_sizes:
+        engines["none_bf16"].decode_steps(prompts[:b], [None] * b, 2)
     hf_decode_steps(hf_model, plugin_a, prompts[:1], 2)
 
     steps: dict[tuple[str, int], list[float]] = {}
     plan = [(r, b, c) for r in range(args.repeats) for b in batch_sizes
-            for c in ENGINE_CONFIGS + ("hf_generate", "hf_generate_no_plugin", "recompute")]
+            for c in ENGINE_CONFIGS + ("hf_generate", "hf_generate_no_plugin", "recompute")
+            + (("none_bf16",) if b in bf16_sizes else ())]
     for _, b, c in tqdm(plan, desc="timing"):
         rows = prompts[:b]
-        if c in ENGINE_CONFIGS:
+        if c == "none_bf16":
+            got = engines["none_bf16"].decode_steps(rows, [None] * b, args.new_tokens)
+        elif c in ENGINE_CONFIGS:
             names = {"none": [None] * b, "inert": [None] * b, "plugin": ["a"] * b,
                      "two_plugins": ["a" if i % 2 == 0 else "b" for i in range(b)]}[c]
             engine = engines["none" if c == "none" else "plugins"]
@@ -413,12 +430,15 @@ def main(argv=None) -> None:
         "settings": {"repeats": args.repeats, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
                      "hf_new_tokens": args.hf_new_tokens, "recompute_steps": args.recompute_steps},
         "rows": rows,
-        "reference_rows": [row("hf_generate_no_plugin", b) for b in batch_sizes],
+        "reference_rows": [row("hf_generate_no_plugin", b) for b in batch_sizes]
+                          + [row("none_bf16", b) for b in batch_sizes if b in bf16_sizes],
         "ratios_to_none": {str(b): {c: by[(c, b)] / by[("none", b)] for c in main_configs if c != "none"}
                            for b in batch_sizes},
         "ours_over_hf_generate": {str(b): by[("plugin", b)] / by[("hf_generate", b)] for b in batch_sizes},
         "ours_over_recompute": {str(b): by[("plugin", b)] / by[("recompute", b)] for b in batch_sizes},
     }
+    result["none_bf16_over_none"] = {str(b): b / statistics.median(steps[("none_bf16", b)]) / by[("none", b)]
+                                     for b in bf16_sizes}
     # How far any decoder could outrun HF generate here: the machine's GEMM peak over the FLOP rate
     # HF generate (with the plugin) already reaches. A target above this ceiling cannot be met.
     peak = matmul_peak_gflops()

@@ -5,7 +5,8 @@ import sys
 
 from vllm_plugin.cli import main
 from vllm_plugin.processor import ENV_VAR, configured_plugins
-from vllm_plugin.serving import plugin_args, plugin_params, serve_command, set_plugins
+from vllm_plugin.serving import (dtype_for_cpu_flags, fast_dtype, plugin_args, plugin_params, serve_command,
+                                 set_plugins)
 
 
 def test_cli_reports_bad_input_by_name(tmp_path, capsys):
@@ -25,6 +26,11 @@ def test_serving_helpers(tmp_path, monkeypatch):
     cmd, env = serve_command("base", {"a": tmp_path}, "--port", "9000")
     assert cmd[:3] == ["vllm", "serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
     assert json.loads(env[ENV_VAR]) == {"a": str(tmp_path.resolve())}
+    # bfloat16 is emulated on AVX2-only CPUs (this machine): serve float32 there unless told otherwise.
+    assert ("--dtype" in cmd) == (fast_dtype() == "float32")
+    assert serve_command("base", {}, "--dtype", "bfloat16")[0].count("--dtype") == 1
+    assert dtype_for_cpu_flags({"avx2", "fma"}) == "float32"
+    assert dtype_for_cpu_flags({"avx2", "avx512f", "avx512_bf16"}) == dtype_for_cpu_flags({"neon"}) == "auto"
 
 
 def test_processor_core_benchmark_runs_and_checks_itself(tmp_path):

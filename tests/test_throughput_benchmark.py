@@ -37,8 +37,8 @@ def test_base_flops_count_matmuls_head_and_attention(tiny):
 def test_throughput_benchmark_writes_the_results_format(tiny, tmp_path):
     out = tmp_path / "throughput.json"
     proc = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--base", str(tiny.base_dir),
-                           "--batch-sizes", "1,2", "--repeats", "1", "--prompt-len", "8", "--new-tokens", "4",
-                           "--hf-new-tokens", "3", "--recompute-steps", "1", "--max-num-seqs", "4", "--profile-batch", "2",
+                           "--batch-sizes", "1,2", "--bf16-batch-sizes", "2", "--repeats", "1", "--prompt-len", "8",
+                           "--new-tokens", "4", "--hf-new-tokens", "3", "--recompute-steps", "1", "--max-num-seqs", "4", "--profile-batch", "2",
                            "--profile-steps", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -49,6 +49,8 @@ def test_throughput_benchmark_writes_the_results_format(tiny, tmp_path):
     for r in result["rows"]:
         assert r["tokens_per_s"] > 0 and r["ms_per_token"] > 0 and r["decode_steps_timed"] >= 1
     assert out.with_suffix(".png").stat().st_size > 1000
+    assert [r["config"] for r in result["reference_rows"]] == ["hf_generate_no_plugin"] * 2 + ["none_bf16"]
+    assert result["none_bf16_over_none"]["2"] > 0
     ceiling = result["compute_ceiling"]
     assert ceiling["matmul_peak_gflops"] > 0 and set(ceiling["max_ours_over_hf_generate"]) == {"1", "2"}
     profile = result["profile"]

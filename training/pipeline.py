@@ -87,7 +87,9 @@ def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_l
         elif spec.source == "vllm":
             from vllm import LLM
 
-            llm = LLM(model=base_path, max_logprobs=spec.top_k, enforce_eager=True, seed=0)
+            from vllm_plugin.serving import fast_dtype
+
+            llm = LLM(model=base_path, max_logprobs=spec.top_k, enforce_eager=True, seed=0, dtype=fast_dtype())
             bl = extract_topk_vllm(llm, ts, spec.top_k, progress=progress)
             del llm
         else:

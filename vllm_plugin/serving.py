@@ -11,6 +11,28 @@ from .processor import ARG_PLUGIN, ARG_WEIGHT, ENV_VAR
 PROCESSOR = "vllm_plugin.processor:PluginLogitsProcessor"
 
 
+def fast_dtype() -> str:
+    """The model dtype to ask vLLM for on this machine.
+
+    On a CPU without native bfloat16 (x86 with AVX2 but no AVX512-BF16/AMX), vLLM's default for
+    float32 checkpoints, bfloat16, runs emulated and decodes several times slower than float32
+    (benchmarks/throughput.py measures both); elsewhere vLLM's own choice ("auto") stands.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "auto"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "auto"
+    return dtype_for_cpu_flags(flags)
+
+
+def dtype_for_cpu_flags(flags: set[str]) -> str:
+    return "auto" if {"avx512_bf16", "amx_bf16"} & flags or "avx2" not in flags else "float32"
+
+
 def set_plugins(plugins: Mapping[str, str | Path]) -> None:
     """Name the checkpoints engines started from now on load (also in their child processes)."""
     os.environ[ENV_VAR] = json.dumps({name: str(Path(path).resolve()) for name, path in plugins.items()})
@@ -30,6 +52,7 @@ def plugin_llm(model: str, plugins: Mapping[str, str | Path], **kwargs):
     processors = list(kwargs.pop("logits_processors", None) or [])
     if PluginLogitsProcessor not in processors:
         processors.append(PluginLogitsProcessor)
+    kwargs.setdefault("dtype", fast_dtype())
     return LLM(model=model, logits_processors=processors, **kwargs)
 
 
@@ -52,4 +75,7 @@ def serve_command(model: str, plugins: Mapping[str, str | Path], *vllm_args: str
     """The `vllm serve` command line and environment that serve ``plugins``."""
     env = dict(os.environ)
     env[ENV_VAR] = json.dumps({name: str(Path(path).resolve()) for name, path in plugins.items()})
+    dtype = fast_dtype()
+    if dtype != "auto" and not any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
+        vllm_args = ("--dtype", dtype, *vllm_args)
     return ["vllm", "serve", model, "--logits-processors", PROCESSOR, *vllm_args], env
