@@ -148,7 +148,7 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, train_examples) -> float
     with torch.no_grad():
         for i in range(0, len(data), 64):
             ids, pos_b, pos_t, rows, targets = data.batch(list(range(i, min(i + 64, len(data)))))
-            base_lp = bl.log_probs(rows, targets).gather(1, targets[:, None])[:, 0]
+            base_lp = bl.log_probs(rows).gather(1, targets[:, None])[:, 0]
             small_lp = torch.log_softmax(small.head(small(ids)[pos_b, pos_t]), -1).gather(1, targets[:, None])[:, 0]
             for j, w in enumerate(grid):
                 nll[j] -= torch.logaddexp(small_lp + w.clamp(min=1e-12).log(),

@@ -72,13 +72,18 @@ def test_cache_round_trip_and_reuse(tiny, e2e_file, tmp_path):
 def test_topk_tail_treatment_is_normalised():
     lp = torch.log_softmax(torch.randn(3, 50), -1)
     top = lp.topk(5)
-    targets = torch.tensor([top.indices[0, 0], 7, 9])
+    least = lp.argmin(-1)
+    targets = torch.tensor([top.indices[0, 0], least[1], least[2]])  # listed, then outside the top 5
     bl = BaseLogits(kind="topk", vocab_size=50, topk_ids=top.indices.int(), topk_logprobs=top.values,
                     target_logprobs=lp.gather(1, targets[:, None])[:, 0])
-    full = bl.log_probs(torch.arange(3), targets)
+    full = bl.log_probs(torch.arange(3))
     torch.testing.assert_close(full.exp().sum(-1), torch.ones(3))
-    torch.testing.assert_close(full.gather(1, targets[:, None]), lp.gather(1, targets[:, None]))
     torch.testing.assert_close(full.gather(1, top.indices), top.values)
+    # A target outside the top k is not singled out: it sits in the flat tail with every other
+    # unlisted token (its exact log-prob would tell the plugin which tail token is right).
+    tail = torch.log((1 - top.values.exp().sum(-1)) / 45)
+    torch.testing.assert_close(full[1:].gather(1, targets[1:, None])[:, 0], tail[1:])
+    assert full[0, targets[0]] == top.values[0, 0]
 
 
 def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path, monkeypatch):

@@ -10,10 +10,13 @@ Three sources, one cache format:
 - ``openai``: top-k log-probs from any OpenAI-compatible ``/v1/completions`` endpoint
   (``echo`` + ``logprobs``), e.g. a ``vllm serve`` of the base.
 
-Top-k treatment of the tail: top-k sources keep the k best log-probs and the exact log-prob of
-the target token (APIs return it with ``echo``). The probability mass left over is spread
-evenly over the tokens not listed. This keeps the base distribution normalised, keeps the
-exact base score of the token being trained on, and makes no claim about the tail's shape.
+Top-k treatment of the tail: top-k sources keep the k best log-probs; the probability mass
+left over is spread evenly over the tokens not listed. The target token's exact log-prob
+(APIs return it with ``echo``) is stored but deliberately *not* put into the distribution:
+lifted alone out of the flat tail, it tells the plugin which tail token is right, so the plugin
+learns to raise the whole tail and let the base pick; at decoding time no base singles the
+right token out of its tail, and such a plugin (E2E, ~11% of target tokens outside the top 20)
+decoded below zero-shot.
 """
 from __future__ import annotations
 
@@ -101,11 +104,11 @@ class BaseLogits:
     def __len__(self):
         return len(self.hidden) if self.kind == "full" else len(self.topk_ids)
 
-    def log_probs(self, rows: torch.Tensor, target_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         """Full-vocabulary base log-probs for flat rows ``rows`` -> [n, V]."""
-        return torch.log_softmax(self.scores(rows, target_ids), dim=-1)
+        return torch.log_softmax(self.scores(rows), dim=-1)
 
-    def scores(self, rows: torch.Tensor, target_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def scores(self, rows: torch.Tensor) -> torch.Tensor:
         """Base log-probs up to a per-row constant (what a softmax or cross-entropy needs).
 
         For the full source these are the raw logits, sparing a log-softmax over the vocabulary.
@@ -115,22 +118,13 @@ class BaseLogits:
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             return logits
-        return self._topk_log_probs(rows, target_ids)
+        return self._topk_log_probs(rows)
 
-    def _topk_log_probs(self, rows: torch.Tensor, target_ids: torch.Tensor | None) -> torch.Tensor:
+    def _topk_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         ids, lp = self.topk_ids[rows].long(), self.topk_logprobs[rows]
-        tlp = self.target_logprobs[rows]
-        known_mass = lp.exp().sum(-1)
-        n_known = torch.full_like(known_mass, ids.shape[1])
-        if target_ids is not None:
-            outside = ~(ids == target_ids[:, None]).any(-1)
-            known_mass = known_mass + torch.where(outside, tlp.exp(), 0.0)
-            n_known = n_known + outside.float()
-        tail = (1.0 - known_mass).clamp(min=1e-6) / (self.vocab_size - n_known)
+        tail = (1.0 - lp.exp().sum(-1)).clamp(min=1e-6) / (self.vocab_size - ids.shape[1])
         out = tail.log()[:, None].expand(-1, self.vocab_size).clone()
         out.scatter_(1, ids, lp)
-        if target_ids is not None:
-            out.scatter_(1, target_ids[:, None], tlp[:, None])
         return out
 
     # ----- storage -------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class PairSet:
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
     """Summed combined cross-entropy over the batch's target tokens, and their count."""
     ids, pos_b, pos_t, rows, targets = data.batch(idx)
-    logits = 0.0 if data.base is None else data.base.scores(rows, targets)  # CE renormalises the sum
+    logits = 0.0 if data.base is None else data.base.scores(rows)  # CE renormalises the sum
     if plugin is not None:
         logits = logits + plugin.head(plugin(ids)[pos_b, pos_t])
     return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
