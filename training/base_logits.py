@@ -15,8 +15,7 @@ left over is spread evenly over the tokens not listed. The target token's exact 
 (APIs return it with ``echo``) is stored but deliberately *not* put into the distribution:
 lifted alone out of the flat tail, it tells the plugin which tail token is right, so the plugin
 learns to raise the whole tail and let the base pick; at decoding time no base singles the
-right token out of its tail, and such a plugin (E2E, ~11% of target tokens outside the top 20)
-decoded below zero-shot.
+right token out of its tail, and such a plugin decoded below zero-shot on E2E.
 """
 from __future__ import annotations
 
