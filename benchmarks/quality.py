@@ -20,7 +20,10 @@ Systems (same prompts and decoding: greedy, same max tokens, stop at a newline):
 zero_shot, icl_1, icl_3 (examples from the fitting split), plugin_alone (the small model
 trained without the base), weighted_mix (w p_small + (1-w) p_base, w fit on the select split),
 plugin_recurrent (GRU, full logits), plugin_transformer (the paper's 1-layer transformer),
-plugin_recurrent_top20 (trained from top-20 log-probs only), plugin_recurrent_w<weight>.
+plugin_recurrent_top20 (trained from top-20 log-probs only; decodes, as the processor does by
+default for such a plugin, against the base's top-20 log-probs and a flat tail: what it was
+trained on, and all a closed API shows), plugin_recurrent_top20_fullbase (the same plugin against
+the full base), plugin_recurrent_w<weight>.
 """
 from __future__ import annotations
 
@@ -34,10 +37,12 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SYSTEMS = ["zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix", "plugin_recurrent",
-               "plugin_transformer", "plugin_recurrent_top20", "plugin_recurrent_w0.5", "plugin_recurrent_w2.0"]
+               "plugin_transformer", "plugin_recurrent_top20", "plugin_recurrent_top20_fullbase",
+               "plugin_recurrent_w0.5", "plugin_recurrent_w2.0"]
 # Which trained plugin each system decodes with.
 NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "recurrent",
          "plugin_transformer": "transformer", "plugin_recurrent_top20": "top20",
+         "plugin_recurrent_top20_fullbase": "top20",
          "plugin_recurrent_w0.5": "recurrent", "plugin_recurrent_w2.0": "recurrent"}
 # WebNLG's held-out references run longer (95th percentile 66 SmolLM2 tokens, E2E's well under 64).
 DEFAULT_MAX_TOKENS = {"e2e": 64, "webnlg": 96}
@@ -167,6 +172,8 @@ def system_params(name: str, mix_weight: float, max_tokens: int, repetition_pena
             extra["plugin_mode"] = "alone"
         elif name == "weighted_mix":
             extra.update(plugin_mode="mixture", plugin_weight=mix_weight)
+        elif name.endswith("_fullbase"):
+            extra["plugin_base_top_k"] = 0
         elif "_w" in name:
             extra["plugin_weight"] = float(name.rsplit("_w", 1)[1])
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra,
@@ -219,6 +226,37 @@ def decoding(args) -> dict:
             "dtype": args.dtype, "repetition_penalty": args.repetition_penalty}
 
 
+def training_summary(root: Path, names) -> dict:
+    """Per trained plugin, from its run's metrics.json: the select split's cross-entropy of the
+    base alone (as that plugin saw it: full, or the top-k view) and with the plugin."""
+    out = {}
+    for name in names:
+        m = json.loads((root / name / "metrics.json").read_text())
+        out[name] = {k: m.get(k) for k in ("base_select_loss", "best_select_loss", "best_epoch")}
+        out[name]["epochs_run"] = len(m.get("history", []))
+    return out
+
+
+def against_targets(systems: dict) -> dict:
+    """The issue's targets, computed from the scores: BLEU gain of each plugin row over zero-shot,
+    the best baseline on BLEU and ROUGE-L, and the share of the full-logit BLEU gain that
+    top-20 training keeps."""
+    if "zero_shot" not in systems:
+        return {}
+    zero = systems["zero_shot"]["bleu"]
+    plugins = [n for n in systems if n.startswith("plugin_r") or n == "plugin_transformer"]
+    baselines = [n for n in systems if n in ("zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix")]
+    out = {"bleu_gain_over_zero_shot": {n: systems[n]["bleu"] - zero for n in plugins}}
+    for metric in ("bleu", "rouge_l"):
+        if baselines:
+            best = max(baselines, key=lambda n: systems[n][metric])
+            out[f"best_baseline_{metric}"] = {"system": best, "score": systems[best][metric]}
+    full, top = systems.get("plugin_recurrent"), systems.get("plugin_recurrent_top20")
+    if full and top and full["bleu"] != zero:
+        out["top20_share_of_full_logit_bleu_gain"] = (top["bleu"] - zero) / (full["bleu"] - zero)
+    return out
+
+
 def write_outputs(result: dict, out_base: Path) -> None:
     out_base.parent.mkdir(parents=True, exist_ok=True)
     out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
@@ -231,6 +269,13 @@ def write_outputs(result: dict, out_base: Path) -> None:
     for name, scores in result["systems"].items():
         lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" if k != "bleu" else f"{scores[k]:.2f}"
                                                for k in keys) + " |")
+    t = result.get("targets") or {}
+    if t:
+        gains = ", ".join(f"{n} {g:+.2f}" for n, g in t["bleu_gain_over_zero_shot"].items())
+        lines += ["", f"BLEU over zero-shot: {gains}."]
+        if "top20_share_of_full_logit_bleu_gain" in t:
+            lines.append(f"Top-20 training keeps {t['top20_share_of_full_logit_bleu_gain']:.1%} of the "
+                         f"full-logit BLEU gain (plugin_recurrent_top20 vs plugin_recurrent).")
     lines += ["", "Metrics: " + "; ".join(f"{k}: {v}" for k, v in IMPLEMENTATIONS.items()) + "."]
     out_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -279,6 +324,7 @@ def score_partial(args, systems, gen_dir: Path, root: Path, test, protocol, base
         result["systems"][name] = score([r["output"] for r in generated[:n]], references[:n])
         result["systems"][name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in generated[:n]) / n
         print(name, {k: round(v, 3) for k, v in result["systems"][name].items()})
+    result["targets"] = against_targets(result["systems"])
     write_outputs(result, results_dir / f"{args.dataset}_{base_name}_partial")
     print(f"wrote {results_dir / f'{args.dataset}_{base_name}_partial'}.json/.md/.png")
 
@@ -391,7 +437,8 @@ def main(argv=None) -> None:
         print(name, {k: round(v, 3) for k, v in scored[name].items()})
     result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol,
               "n_test_inputs": len(prompts), "subset": args.subset, "decoding": decoding(args),
-              "mixture_weight": mix_weight if "weighted_mix" in systems else None, "systems": scored}
+              "mixture_weight": mix_weight if "weighted_mix" in systems else None, "systems": scored,
+              "targets": against_targets(scored), "training": training_summary(root, needed)}
     write_outputs(result, results_dir / f"{args.dataset}_{base_name}")
     print(f"wrote {results_dir / f'{args.dataset}_{base_name}'}.json/.md/.png")
 

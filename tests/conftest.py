@@ -28,8 +28,12 @@ def _isolated_cache(tmp_path_factory):
     os.environ["VLLM_PLUGIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))
 
 
+TINY_TOP_K = 5
+
+
 class Tiny:
-    """The tiny base (as an HF folder and a loaded model) and three saved plugins."""
+    """The tiny base (as an HF folder and a loaded model) and four saved plugins (k: trained,
+    as its config says, from the base's top-5 log-probs)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -43,6 +47,8 @@ class Tiny:
             "a": tiny_plugin(self.vocab_size, "gru", seed=1, fingerprint=self.fingerprint),
             "b": tiny_plugin(self.vocab_size, "gru", seed=2, fingerprint=self.fingerprint, n_layers=2),
             "t": tiny_plugin(self.vocab_size, "transformer", seed=3, fingerprint=self.fingerprint),
+            "k": tiny_plugin(self.vocab_size, "gru", seed=4, fingerprint=self.fingerprint,
+                             training={"source": "vllm", "top_k": TINY_TOP_K}),
         }
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
 
@@ -60,7 +66,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t."""
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k."""
     from vllm import LLM
 
     from vllm_plugin.processor import PluginLogitsProcessor
@@ -83,7 +89,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server(tiny, tmp_path_factory):
-    """`vllm serve` of the tiny base on loopback with plugins a, b, t; yields its base URL."""
+    """`vllm serve` of the tiny base on loopback with plugins a, b, t, k; yields its base URL."""
     import subprocess
     import sys
     import time

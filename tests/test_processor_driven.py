@@ -111,12 +111,16 @@ def test_configuration_parsing(monkeypatch, tmp_path):
                      ('{"a": 3}', "must map plugin names")]:
         with pytest.raises(ValueError, match=msg):
             configured_plugins({"VLLM_PLUGINS": bad})
-    assert request_plugin(params(), {}) == (None, 0.0, 0)
-    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0)
+    assert request_plugin(params(), {}) == (None, 0.0, 0, None)
+    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None)
     mixture = SamplingParams(extra_args={"plugin": "a", "plugin_weight": 0.3, "plugin_mode": "mixture"})
-    assert request_plugin(mixture, {"a": "/x"}) == ("a", 0.3, 1)
+    assert request_plugin(mixture, {"a": "/x"}) == ("a", 0.3, 1, None)
+    top = SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 20})
+    assert request_plugin(top, {"a": "/x"}).top_k == 20
     for bad in ({"plugin": "a", "plugin_mode": "sum"}, {"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 2},
-                {"plugin_mode": "alone"}):
+                {"plugin_mode": "alone"}, {"plugin": "a", "plugin_base_top_k": -1},
+                {"plugin": "a", "plugin_base_top_k": 2.5}, {"plugin": "a", "plugin_base_top_k": True},
+                {"plugin_base_top_k": 20}):
         with pytest.raises(ValueError):
             request_plugin(SamplingParams(extra_args=bad), {"a": "/x"})
 

@@ -101,6 +101,27 @@ def test_repetition_penalty_acts_on_the_combined_logits(tiny, engine):
     assert changed >= 2  # the penalty matters, so the equality above tests it
 
 
+def test_top_k_plugin_decodes_against_the_base_top_k(tiny, engine):
+    """A plugin trained from top-k log-probs sees the base as it was trained: top-k plus a flat
+    tail (by default, from its config); ``plugin_base_top_k`` overrides it per request."""
+    trained = tiny.plugins["k"].config.training["top_k"]
+    cases = [("k", None, trained, 1.0), ("k", 0, None, 1.0), ("a", 3, 3, 1.0), ("a", None, None, 1.0),
+             ("k", None, trained, 1.3), ("k", 2, 2, 1.3)]
+    prompts = [tiny.encode(PROMPTS[i % len(PROMPTS)]) for i in range(len(cases))]
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=rp,
+                             extra_args={"plugin": p, **({} if k is None else {"plugin_base_top_k": k})})
+              for p, k, _, rp in cases]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    differs = 0
+    for (plugin, _, top_k, rp), ids, out in zip(cases, prompts, outs):
+        want = reference_generate(tiny.base, [ids], tiny.plugins[plugin], max_new_tokens=12,
+                                  repetition_penalty=rp, top_k=top_k)[0]
+        assert list(out.outputs[0].token_ids) == want, (plugin, top_k, rp)
+        full = reference_generate(tiny.base, [ids], tiny.plugins[plugin], max_new_tokens=12, repetition_penalty=rp)[0]
+        differs += top_k is not None and want != full
+    assert differs >= 2  # the top-k view changes the decoding, so the equalities test it
+
+
 def test_requests_arriving_at_different_times(tiny, engine):
     """New rows join a batch that is already decoding; their prompts prefill while others step."""
     core = engine.llm_engine
@@ -172,6 +193,7 @@ def test_seeded_sampling_matches_the_reference_distribution(tiny, engine):
     ({"plugin": "a", "plugin_wieght": 1.0}, "unknown plugin argument"),
     ({"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 1.5}, "must be a number in \\[0, 1\\]"),
     ({"plugin": "a", "plugin_mode": "sum"}, "must be one of"),
+    ({"plugin": "a", "plugin_base_top_k": -1}, "must be an integer"),
     ({"plugin": "../../etc"}, "unknown plugin"),
 ])
 def test_bad_request_is_refused_and_engine_keeps_serving(tiny, engine, args, message):

@@ -33,6 +33,11 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
         assert set(scores) == {"bleu", "rouge_l", "meteor", "cider", "nist"}
         assert 0 <= scores["bleu"] <= 100
     assert 0.0 <= result["mixture_weight"] <= 1.0
+    gains = result["targets"]["bleu_gain_over_zero_shot"]
+    assert set(gains) == {"plugin_recurrent", "plugin_recurrent_w0.5"}
+    assert set(result["training"]) == {"recurrent", "small"}
+    assert result["training"]["recurrent"]["epochs_run"] == 1
+    assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
     assert (tmp_path / "res" / "e2e_tiny.md").read_text().startswith("**e2e**")
     assert (tmp_path / "res" / "e2e_tiny.png").stat().st_size > 1000
     # Cached: a re-run trains and generates nothing new.
@@ -63,6 +68,19 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
                                          max_new_tokens=8, repetition_penalty=1.1)
             got = row["token_ids"]
             assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)
+
+
+def test_targets_are_computed_from_the_scores():
+    from benchmarks.quality import against_targets
+
+    row = lambda bleu, rouge: {"bleu": bleu, "rouge_l": rouge}  # noqa: E731
+    t = against_targets({"zero_shot": row(10, 0.3), "icl_3": row(12, 0.25), "weighted_mix": row(11, 0.33),
+                         "plugin_recurrent": row(18, 0.4), "plugin_recurrent_top20": row(16, 0.35)})
+    assert t["bleu_gain_over_zero_shot"] == {"plugin_recurrent": 8, "plugin_recurrent_top20": 6}
+    assert t["best_baseline_bleu"] == {"system": "icl_3", "score": 12}
+    assert t["best_baseline_rouge_l"] == {"system": "weighted_mix", "score": 0.33}
+    assert t["top20_share_of_full_logit_bleu_gain"] == 0.75
+    assert against_targets({"icl_1": row(1, 0.1)}) == {}
 
 
 def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, monkeypatch):

@@ -13,14 +13,29 @@ import torch
 from .model import PluginLM
 
 
+def base_top_k(base_logits: torch.Tensor, k: int) -> torch.Tensor:
+    """The base as a closed API shows it: its top-``k`` log-probs, the remaining probability
+    spread evenly over every other token. A plugin trained from top-k log-probs
+    (``training.base_logits``, the same approximation) decodes against this, not the full base:
+    against the full one, the tail tokens it learned to lift from a flat floor are lifted from
+    wherever the full base has them."""
+    lp = torch.log_softmax(base_logits.float(), -1)
+    top, ids = lp.topk(k, dim=-1)
+    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (lp.shape[-1] - k)
+    return tail.log().expand_as(lp).scatter(-1, ids, top)
+
+
 def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float | torch.Tensor = 1.0,
-            mode: str = "product") -> torch.Tensor:
+            mode: str = "product", top_k: int | None = None) -> torch.Tensor:
     """Scores whose softmax is the combined next-token distribution, exactly as the processor
     leaves vLLM's logits (so penalties applied after it act on the same numbers).
 
     product: p_base * p_plugin^w (the paper); mixture: w p_plugin + (1 - w) p_base; alone: p_plugin.
-    Batched use (the processor): logits [n, V] and a weight column [n, 1].
+    Batched use (the processor): logits [n, V] and a weight column [n, 1]. ``top_k``: see
+    ``base_top_k`` (a plugin trained from top-k log-probs).
     """
+    if top_k:
+        base_logits = base_top_k(base_logits, top_k)
     plugin = torch.log_softmax(plugin_logits.float(), -1)
     if mode == "product":  # raw base logits: the softmax that follows renormalises
         return base_logits.float() + weight * plugin
@@ -38,13 +53,14 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
                        use_cache: bool = True, mode: str = "product",
-                       repetition_penalty: float = 1.0) -> list[list[int]]:
+                       repetition_penalty: float = 1.0, top_k: int | None = None) -> list[list[int]]:
     """Generate for each prompt; ``base=None`` decodes with the plugin alone.
 
     Greedy when ``temperature == 0``, else seeded multinomial sampling. A generated stop token
     ends the sequence and is kept in its output, as vLLM keeps it in ``token_ids``.
     ``repetition_penalty`` is vLLM's: on the combined scores, for tokens of the prompt or the
     output so far, positive scores are divided by it and negative ones multiplied.
+    ``top_k``: the base shows only its top-k log-probs (``base_top_k``).
     """
     if base is None and plugin is None:
         raise ValueError("need a base model, a plugin, or both")
@@ -72,7 +88,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             elif base is None:
                 scores = torch.log_softmax(plugin.logits(state, slot)[0].float(), -1)
             else:
-                scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode)
+                scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode, top_k)
             if repetition_penalty != 1.0:
                 seen = torch.zeros_like(scores, dtype=torch.bool)
                 seen[torch.tensor(ids)] = True

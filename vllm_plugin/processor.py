@@ -6,6 +6,9 @@ Server-wide, ``VLLM_PLUGINS`` names the plugin checkpoints to load at engine sta
 ``{"plugin": "e2e", "plugin_weight": 1.0}``. A request without ``plugin`` is untouched.
 ``plugin_mode`` picks how the experts combine: ``product`` (default, the paper),
 ``mixture`` (``w * p_plugin + (1 - w) * p_base``, a baseline) or ``alone`` (the plugin only).
+A plugin trained from the base's top-k log-probs (a closed API's view) decodes against the
+same view of the base: its top-k log-probs and a flat tail (``decode.base_top_k``);
+``plugin_base_top_k`` overrides that per request (0: the full base).
 
 Every step, each row that uses a plugin advances that plugin's state by the tokens it has not
 seen yet (the whole prompt when the row is new, else the one token sampled last step) and
@@ -25,6 +28,7 @@ import os
 import re
 import weakref
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,7 +37,7 @@ from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirection
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
-from .decode import combine
+from .decode import base_top_k, combine
 
 logger = logging.getLogger("vllm_plugin")
 
@@ -41,8 +45,10 @@ ENV_VAR = "VLLM_PLUGINS"
 ARG_PLUGIN = "plugin"
 ARG_WEIGHT = "plugin_weight"
 ARG_MODE = "plugin_mode"
+ARG_TOP_K = "plugin_base_top_k"
 MODES = ("product", "mixture", "alone")
 MAX_WEIGHT = 100.0
+MAX_TOP_K = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -76,21 +82,29 @@ def configured_plugins(environ=os.environ) -> dict[str, str]:
     return table
 
 
-def request_plugin(params, known: dict | None = None) -> tuple[str | None, float, int]:
-    """(plugin name or None, weight, mode index) of a request; ValueError with the reason if bad."""
+class RequestPlugin(NamedTuple):
+    name: str | None
+    weight: float = 0.0
+    mode: int = 0  # index into MODES
+    top_k: int | None = None  # the base's top-k view; None: the plugin's own (its training's)
+
+
+def request_plugin(params, known: dict | None = None) -> RequestPlugin:
+    """How a request uses a plugin (``name`` None: it does not); ValueError with the reason if bad."""
     args = getattr(params, "extra_args", None) or {}
     name = args.get(ARG_PLUGIN)
     weight = args.get(ARG_WEIGHT, 1.0)
     mode = args.get(ARG_MODE, "product")
-    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE)
+    top_k = args.get(ARG_TOP_K)
+    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K)
     stray = [k for k in args if k.startswith("plugin") and k not in ours]
     if stray:
         raise ValueError(f"unknown plugin argument(s) {stray}; expected {', '.join(map(repr, ours))}")
     if name is None:
-        given = [k for k in (ARG_WEIGHT, ARG_MODE) if k in args]
+        given = [k for k in ours[1:] if k in args]
         if given:
             raise ValueError(f"{given} given without '{ARG_PLUGIN}'")
-        return None, 0.0, 0
+        return RequestPlugin(None)
     known = configured_plugins() if known is None else known
     if not isinstance(name, str) or name not in known:
         available = ", ".join(sorted(known)) or f"none (set ${ENV_VAR} on the server)"
@@ -101,7 +115,9 @@ def request_plugin(params, known: dict | None = None) -> tuple[str | None, float
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or not 0.0 <= weight <= top:
         raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {top:g}] for mode {mode}, got {weight!r}")
-    return name, float(weight), MODES.index(mode)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K):
+        raise ValueError(f"'{ARG_TOP_K}' must be an integer in [0, {MAX_TOP_K}] (0: the full base), got {top_k!r}")
+    return RequestPlugin(name, float(weight), MODES.index(mode), top_k)
 
 
 def validate_request(params) -> None:
@@ -129,22 +145,28 @@ class PluginBank:
         self.states = [m.new_state(num_slots, device) for m in self.models]
         self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None
                         for m in self.models]
+        # A plugin trained from top-k log-probs learned to correct that view of the base.
+        self.trained_top_k = [int(m.config.training.get("top_k") or 0) for m in self.models]
         self.device = torch.device(device)
         self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
         self.weight = np.zeros(num_slots, dtype=np.float32)
         self.mode = np.zeros(num_slots, dtype=np.int8)  # index into MODES
         self.consumed = np.zeros(num_slots, dtype=np.int64)
         self.normalise = np.ones(num_slots, dtype=bool)
+        self.top_k = np.zeros(num_slots, dtype=np.int64)  # 0: the full base
         self._warned: set[str] = set()
 
     def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0,
-               normalise: bool = True) -> bool:
+               normalise: bool = True, top_k: int | None = None) -> bool:
         """``normalise=False``: nothing after the processor depends on the logits' per-row offset
-        (no repetition penalty), so the plugin's log-softmax may be left to the sampler's softmax."""
-        self.plugin_of[slot] = -1 if name is None else self.index[name]
+        (no repetition penalty), so the plugin's log-softmax may be left to the sampler's softmax.
+        ``top_k``: decode against the base's top-k view (None: as the plugin was trained; 0: full)."""
+        g = -1 if name is None else self.index[name]
+        self.plugin_of[slot] = g
         self.weight[slot] = weight
         self.mode[slot] = mode
         self.normalise[slot] = normalise
+        self.top_k[slot] = (self.trained_top_k[g] if top_k is None else top_k) if g >= 0 else 0
         self.consumed[slot] = 0
         return name is not None
 
@@ -197,6 +219,10 @@ class PluginBank:
                 model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
             self.consumed[s] = np.maximum(done, seq_lens[sel])
             plugin_logits = self.heads[g](state["out"][self._t(s)]).float()
+            top_k = self.top_k[s]
+            for k in np.unique(top_k[top_k > 0]):  # usually none; one value per top-k plugin
+                r = self._t(rows[sel][top_k == k])
+                logits.index_copy_(0, r, base_top_k(logits[r], int(k)).to(logits.dtype))
             weights = self.weight[s]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
@@ -286,7 +312,9 @@ def load_bank(vllm_config, device, num_slots: int, processor) -> PluginBank | No
         except CheckpointError as e:
             raise PluginConfigError(f"plugin '{name}' from ${ENV_VAR}: {e}") from e
     logger.info("vllm_plugin: serving plugins %s", ", ".join(
-        f"{n} ({m.config.architecture}, d={m.config.d_model})" for n, m in plugins.items()))
+        f"{n} ({m.config.architecture}, d={m.config.d_model}"
+        + (f", against the base's top-{k} log-probs" if (k := m.config.training.get("top_k")) else "") + ")"
+        for n, m in plugins.items()))
     return PluginBank(plugins, num_slots, device)
 
 
@@ -325,18 +353,18 @@ class PluginProcessorV1(V1LogitsProcessor):
         for row, params, prompt_ids, output_ids in batch_update.added:
             self._release(row)
             try:
-                name, weight, mode = request_plugin(params, self.bank.index)
+                req = request_plugin(params, self.bank.index)
             except ValueError as e:  # validated at admission; never let a request kill the engine
                 self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
                 continue
-            if name is None:
+            if req.name is None:
                 continue
             if prompt_ids is None:
                 self.bank.warn_once("embeds", "vllm_plugin: requests without prompt token ids "
                                               "(prompt embeddings) run without their plugin")
                 continue
             slot = self.free_slots.pop()
-            self.bank.assign(slot, name, weight, mode, normalise=_penalised(params))
+            self.bank.assign(slot, req.name, req.weight, req.mode, _penalised(params), req.top_k)
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -397,11 +425,11 @@ class PluginProcessorV2(V2LogitsProcessor):
         if self.bank is None:
             return False
         try:
-            name, weight, mode = request_plugin(sampling_params, self.bank.index)
+            req = request_plugin(sampling_params, self.bank.index)
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
-            name, weight, mode = None, 0.0, 0
-        return self.bank.assign(req_idx, name, weight, mode, normalise=_penalised(sampling_params))
+            req = RequestPlugin(None)
+        return self.bank.assign(req_idx, req.name, req.weight, req.mode, _penalised(sampling_params), req.top_k)
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         if self.bank is None:
