@@ -120,11 +120,9 @@ class BaseLogits:
         return self._topk_log_probs(rows)
 
     def _topk_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
-        ids, lp = self.topk_ids[rows].long(), self.topk_logprobs[rows]
-        tail = (1.0 - lp.exp().sum(-1)).clamp(min=1e-6) / (self.vocab_size - ids.shape[1])
-        out = tail.log()[:, None].expand(-1, self.vocab_size).clone()
-        out.scatter_(1, ids, lp)
-        return out
+        from vllm_plugin.decode import top_k_with_flat_tail
+
+        return top_k_with_flat_tail(self.topk_ids[rows].long(), self.topk_logprobs[rows], self.vocab_size)
 
     # ----- storage -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:

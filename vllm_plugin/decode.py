@@ -19,10 +19,16 @@ def base_top_k(base_logits: torch.Tensor, k: int) -> torch.Tensor:
     (``training.base_logits``, the same approximation) decodes against this, not the full base:
     against the full one, the tail tokens it learned to lift from a flat floor are lifted from
     wherever the full base has them."""
-    lp = torch.log_softmax(base_logits.float(), -1)
-    top, ids = lp.topk(k, dim=-1)
-    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (lp.shape[-1] - k)
-    return tail.log().expand_as(lp).scatter(-1, ids, top)
+    top, ids = torch.log_softmax(base_logits.float(), -1).topk(k, dim=-1)
+    return top_k_with_flat_tail(ids, top, base_logits.shape[-1])
+
+
+def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, V] log-probs from [n, k] top log-probs ``top`` at token ids ``ids``: the mass they
+    leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
+    both build the base's top-k view here, so they cannot drift apart."""
+    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (vocab_size - ids.shape[-1])
+    return tail.log().expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
 
 
 def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float | torch.Tensor = 1.0,
