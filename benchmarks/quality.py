@@ -252,7 +252,8 @@ def against_targets(systems: dict) -> dict:
             best = max(baselines, key=lambda n: systems[n][metric])
             out[f"best_baseline_{metric}"] = {"system": best, "score": systems[best][metric]}
     full, top = systems.get("plugin_recurrent"), systems.get("plugin_recurrent_top20")
-    if full and top and full["bleu"] != zero:
+    # A share of a loss means nothing (two negative gains would read as a "kept" share).
+    if full and top and full["bleu"] > zero:
         out["top20_share_of_full_logit_bleu_gain"] = (top["bleu"] - zero) / (full["bleu"] - zero)
     return out
 

@@ -81,6 +81,10 @@ def test_targets_are_computed_from_the_scores():
     assert t["best_baseline_rouge_l"] == {"system": "weighted_mix", "score": 0.33}
     assert t["top20_share_of_full_logit_bleu_gain"] == 0.75
     assert against_targets({"icl_1": row(1, 0.1)}) == {}
+    # When the full-logit plugin loses to zero-shot there is no gain to keep a share of.
+    lost = against_targets({"zero_shot": row(10, 0.3), "plugin_recurrent": row(6, 0.2),
+                            "plugin_recurrent_top20": row(2, 0.1)})
+    assert "top20_share_of_full_logit_bleu_gain" not in lost
 
 
 def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, monkeypatch):
