@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import random
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -44,6 +45,15 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_transformer": "transformer", "plugin_recurrent_top20": "top20",
          "plugin_recurrent_top20_fullbase": "top20",
          "plugin_recurrent_w0.5": "recurrent", "plugin_recurrent_w2.0": "recurrent"}
+STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
+
+
+def plugin_of(name: str) -> str | None:
+    """The trained plugin a system decodes with; any ``plugin_recurrent_w<weight>`` is the
+    recurrent plugin at that strength (e.g. one chosen by ``benchmarks.strength``)."""
+    return "recurrent" if STRENGTH_SYSTEM.fullmatch(name) else NEEDS.get(name)
+
+
 # WebNLG's held-out references run longer (95th percentile 66 SmolLM2 tokens, E2E's well under 64).
 DEFAULT_MAX_TOKENS = {"e2e": 64, "webnlg": 96}
 SHORT_BASE_NAMES = {"smollm2-135m": "smollm2-135m", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
@@ -165,8 +175,8 @@ def system_params(name: str, mix_weight: float, max_tokens: int, repetition_pena
     from vllm import SamplingParams
 
     extra = None
-    if name in NEEDS:
-        plugin = NEEDS[name]
+    plugin = plugin_of(name)
+    if plugin:
         extra = {"plugin": plugin}
         if name == "plugin_alone":
             extra["plugin_mode"] = "alone"
@@ -361,9 +371,9 @@ def main(argv=None) -> None:
     args.dtype = fast_dtype()
 
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(ALL_SYSTEMS)
+    unknown = {s for s in systems if s not in ALL_SYSTEMS and not STRENGTH_SYSTEM.fullmatch(s)}
     if unknown:
-        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS}")
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS} or plugin_recurrent_w<weight>")
     # Everything that can be wrong with the inputs fails here, before any long work.
     results_dir = Path(args.results)
     try:
@@ -400,7 +410,7 @@ def main(argv=None) -> None:
     if args.score_partial:
         score_partial(args, systems, gen_dir, root, test, protocol, base_name, results_dir)
         return
-    needed = sorted({NEEDS[s] for s in systems if s in NEEDS})
+    needed = sorted({plugin_of(s) for s in systems} - {None})
     checkpoints = train_all(args.dataset, base_path, needed, train_examples, root, args.epochs, print)
     mix_weight = 0.5
     if "weighted_mix" in systems:
