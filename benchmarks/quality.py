@@ -54,6 +54,17 @@ def plugin_of(name: str) -> str | None:
     return "recurrent" if STRENGTH_SYSTEM.fullmatch(name) else NEEDS.get(name)
 
 
+def parse_systems(arg: str) -> list[str]:
+    """``a,b``: those systems; ``+a,b``: the default list and those."""
+    systems = [s.strip() for s in arg.removeprefix("+").split(",") if s.strip()]
+    if arg.startswith("+"):
+        systems = ALL_SYSTEMS + [s for s in systems if s not in ALL_SYSTEMS]
+    unknown = [s for s in systems if s not in ALL_SYSTEMS and not STRENGTH_SYSTEM.fullmatch(s)]
+    if unknown:
+        raise SystemExit(f"unknown systems {unknown}; choose from {ALL_SYSTEMS} or plugin_recurrent_w<weight>")
+    return systems
+
+
 # WebNLG's held-out references run longer (95th percentile 66 SmolLM2 tokens, E2E's well under 64).
 DEFAULT_MAX_TOKENS = {"e2e": 64, "webnlg": 96}
 SHORT_BASE_NAMES = {"smollm2-135m": "smollm2-135m", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
@@ -345,7 +356,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--base-name", help="short name for results files (default: derived from --base)")
-    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS))
+    parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
+                        help="comma-separated; a leading '+' adds to the default list "
+                             "(e.g. +plugin_recurrent_w0.25)")
     parser.add_argument("--subset", type=int, help="score a fixed random subset of this many test inputs")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--max-tokens", type=int,
@@ -370,10 +383,7 @@ def main(argv=None) -> None:
 
     args.dtype = fast_dtype()
 
-    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = {s for s in systems if s not in ALL_SYSTEMS and not STRENGTH_SYSTEM.fullmatch(s)}
-    if unknown:
-        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {ALL_SYSTEMS} or plugin_recurrent_w<weight>")
+    systems = parse_systems(args.systems)
     # Everything that can be wrong with the inputs fails here, before any long work.
     results_dir = Path(args.results)
     try:

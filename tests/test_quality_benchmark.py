@@ -71,6 +71,18 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
             assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)
 
 
+def test_systems_are_named_or_added_to_the_default_list():
+    import pytest
+
+    from benchmarks.quality import ALL_SYSTEMS, parse_systems, plugin_of
+
+    assert parse_systems("zero_shot, plugin_recurrent_w0.3") == ["zero_shot", "plugin_recurrent_w0.3"]
+    assert parse_systems("+plugin_recurrent_w0.25,icl_1") == ALL_SYSTEMS + ["plugin_recurrent_w0.25"]
+    assert plugin_of("plugin_recurrent_w0.25") == "recurrent" and plugin_of("icl_1") is None
+    with pytest.raises(SystemExit, match="plugin_recurrent_wx"):
+        parse_systems("zero_shot,plugin_recurrent_wx")
+
+
 def test_targets_are_computed_from_the_scores():
     from benchmarks.quality import against_targets
 
