@@ -152,7 +152,7 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, train_examples) -> float
 
     from training.base_logits import tokenize_examples
     from training.data import split_by_input
-    from training.pipeline import RunSpec, base_logits_for
+    from training.pipeline import LazyBase, RunSpec, base_logits_for
     from training.train import PairSet
     from vllm_plugin.base_model import tokenizer_fingerprint
     from vllm_plugin.checkpoint import load_plugin
@@ -161,12 +161,7 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, train_examples) -> float
     _, select = split_by_input(train_examples)
     ts = tokenize_examples(select, tok)
 
-    def load_base():
-        from transformers import AutoModelForCausalLM
-
-        return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-
-    bl = base_logits_for(ts, RunSpec(), base_path, tokenizer_fingerprint(tok), load_base, progress=False)
+    bl = base_logits_for(ts, RunSpec(), base_path, tokenizer_fingerprint(tok), LazyBase(base_path), progress=False)
     data = PairSet(ts, bl)
     small = load_plugin(small_ckpt)
     grid = torch.linspace(0, 1, 21)

@@ -82,12 +82,11 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from benchmarks.quality import SHORT_BASE_NAMES
     from training.base_logits import tokenize_examples
-    from training.pipeline import RunSpec, base_logits_for
+    from training.pipeline import LazyBase, RunSpec, base_logits_for
     from training.train import PairSet
     from vllm_plugin.base_model import resolve_base, tokenizer_fingerprint
     from vllm_plugin.checkpoint import load_plugin, read_config
@@ -102,13 +101,7 @@ def main(argv=None) -> None:
     base_path = resolve_base(args.base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    model = None
-
-    def load_base():
-        nonlocal model
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-        return model
+    load_base = LazyBase(base_path)
 
     result = {"dataset": args.dataset, "base_model": base_name, "weights": weights, "sets": {},
               "cross_entropy": {n: {} for n in plugins}, "best_weight": {n: {} for n in plugins}}

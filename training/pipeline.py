@@ -101,6 +101,22 @@ def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_l
     return cached(folder, build, refresh)
 
 
+class LazyBase:
+    """The frozen base as a transformers model, loaded on the first call only: cached base
+    log-probs need no base at all."""
+
+    def __init__(self, path: str):
+        self.path, self.model = path, None
+
+    def __call__(self):
+        if self.model is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+        return self.model
+
+
 def fingerprint_vocab(base_path: str) -> int:
     from transformers import AutoConfig
 
@@ -115,7 +131,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     ``examples`` replaces reading ``spec.data`` (e.g. a category-filtered WebNLG).
     """
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     data_file = check_spec(spec, need_data=examples is None)
     t_start = time.time()
@@ -130,21 +146,14 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
     select_ts = tokenize_examples(select_ex, tokenizer, spec.max_target_tokens)
 
-    model = None
-
-    def load_base():
-        nonlocal model
-        if model is None:
-            model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
-        return model
-
+    load_base = LazyBase(base_path)
     t0 = time.time()
     fit_bl = select_bl = None
     if not spec.alone:
         fit_bl = base_logits_for(fit_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
         select_bl = base_logits_for(select_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
     base_logits_s = time.time() - t0
-    model = None  # free the base before training
+    load_base = None  # free the base before training
 
     vocab_size = fit_bl.vocab_size if fit_bl is not None else fingerprint_vocab(base_path)
     config = PluginConfig(
