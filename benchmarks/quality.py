@@ -276,7 +276,7 @@ def against_targets(systems: dict) -> dict:
 
 def write_outputs(result: dict, out_base: Path) -> None:
     out_base.parent.mkdir(parents=True, exist_ok=True)
-    out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out_base.with_name(out_base.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     from benchmarks.metrics import IMPLEMENTATIONS
 
     keys = ["bleu", "rouge_l", "meteor", "cider", "nist"]
@@ -294,7 +294,7 @@ def write_outputs(result: dict, out_base: Path) -> None:
             lines.append(f"Top-20 training keeps {t['top20_share_of_full_logit_bleu_gain']:.1%} of the "
                          f"full-logit BLEU gain (plugin_recurrent_top20 vs plugin_recurrent).")
     lines += ["", "Metrics: " + "; ".join(f"{k}: {v}" for k, v in IMPLEMENTATIONS.items()) + "."]
-    out_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_base.with_name(out_base.name + ".md").write_text("\n".join(lines) + "\n")
 
     import matplotlib
 
@@ -311,7 +311,7 @@ def write_outputs(result: dict, out_base: Path) -> None:
         ax.invert_yaxis()
     fig.suptitle(f"{result['dataset']} / {result['base_model']} (n={result['n_test_inputs']})")
     fig.tight_layout()
-    fig.savefig(out_base.with_suffix(".png"), dpi=110)
+    fig.savefig(out_base.with_name(out_base.name + ".png"), dpi=110)
     plt.close(fig)
 
 
@@ -394,6 +394,8 @@ def main(argv=None) -> None:
     except DataError as e:
         raise SystemExit(f"{args.dataset} data: {e} (set $VLLM_PLUGIN_DATA to the folder holding "
                          f"e2e/ and webnlg/)") from e
+    if args.subset and args.subset < len({e.prompt for e in test}):
+        protocol += f"; scored here on a fixed random subset of {args.subset} test inputs (seed 0)"
     if args.base not in SHORT_BASE_NAMES and not Path(args.base).is_dir() and (
             Path(args.base).is_absolute() or args.base.startswith(".")):
         raise SystemExit(f"base model {args.base!r}: no such folder (known names: {', '.join(SHORT_BASE_NAMES)})")

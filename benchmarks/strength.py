@@ -118,7 +118,7 @@ def main(argv=None) -> None:
             print(set_name, name, {w: round(c, 3) for w, c in zip(weights, ce)})
 
     out = Path(args.results) / f"{args.dataset}_{base_name}_strength"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"**{args.dataset}**, base `{base_name}`: teacher-forced cross-entropy (nats per target token) of "
              f"base x plugin^w; w = 0 is the base alone (for top20: the base's top-20 view).", ""]
     for set_name, info in result["sets"].items():
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
             lines.append(f"| {name} | " + " | ".join(f"{ce[str(w)]:.3f}" for w in weights)
                          + f" | {result['best_weight'][name][set_name]:g} |")
         lines.append("")
-    out.with_suffix(".md").write_text("\n".join(lines))
+    out.with_name(out.name + ".md").write_text("\n".join(lines))
     print(f"wrote {out}.json/.md")
 
 

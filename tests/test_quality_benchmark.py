@@ -24,11 +24,12 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
     # plugin_recurrent_w0.3 is not a listed system: any strength can be asked for by name.
     systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3"
-    args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny", "--systems", systems,
+    # A dotted base name (like qwen2.5-coder-0.5b) must not lose its tail to a file suffix.
+    args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny-0.5b", "--systems", systems,
             "--epochs", "1", "--max-tokens", "8", "--eager", "--chunk", "3", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
     quality_main(args)
-    result = json.loads((tmp_path / "res" / "e2e_tiny.json").read_text())
-    assert result["dataset"] == "e2e" and result["base_model"] == "tiny" and result["n_test_inputs"] == 5
+    result = json.loads((tmp_path / "res" / "e2e_tiny-0.5b.json").read_text())
+    assert result["dataset"] == "e2e" and result["base_model"] == "tiny-0.5b" and result["n_test_inputs"] == 5
     assert list(result["systems"]) == systems.split(",")
     for scores in result["systems"].values():
         assert set(scores) == {"bleu", "rouge_l", "meteor", "cider", "nist"}
@@ -39,15 +40,15 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
     assert set(result["training"]) == {"recurrent", "small"}
     assert result["training"]["recurrent"]["epochs_run"] == 1
     assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
-    assert (tmp_path / "res" / "e2e_tiny.md").read_text().startswith("**e2e**")
-    assert (tmp_path / "res" / "e2e_tiny.png").stat().st_size > 1000
+    assert (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text().startswith("**e2e**")
+    assert (tmp_path / "res" / "e2e_tiny-0.5b.png").stat().st_size > 1000
     # Cached: a re-run trains and generates nothing new.
     generations = sorted((tmp_path / "runs").rglob("*.jsonl"))
     mtimes = [g.stat().st_mtime for g in generations]
     quality_main(args)
     assert [g.stat().st_mtime for g in generations] == mtimes
     quality_main(args + ["--score-partial"])  # scoring what exists, as for a run in progress
-    partial = json.loads((tmp_path / "res" / "e2e_tiny_partial.json").read_text())
+    partial = json.loads((tmp_path / "res" / "e2e_tiny-0.5b_partial.json").read_text())
     assert partial["partial"] and partial["n_test_inputs"] == 5 and set(partial["systems"]) == set(systems.split(","))
     assert partial["systems"]["zero_shot"]["bleu"] == result["systems"]["zero_shot"]["bleu"]
 
@@ -60,7 +61,7 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny.base_dir)
     (gen_dir,) = {g.parent for g in generations}
-    plugin = load_plugin(tmp_path / "runs" / "e2e-tiny" / "recurrent" / "checkpoint")
+    plugin = load_plugin(tmp_path / "runs" / "e2e-tiny-0.5b" / "recurrent" / "checkpoint")
     for system, weight in (("plugin_recurrent", 1.0), ("plugin_recurrent_w0.3", 0.3)):
         rows = [json.loads(line) for line in (gen_dir / f"{system}.jsonl").read_text().splitlines()]
         assert len(rows) == 5
