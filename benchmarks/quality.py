@@ -40,11 +40,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SYSTEMS = ["zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix", "plugin_recurrent",
                "plugin_transformer", "plugin_recurrent_top20", "plugin_recurrent_top20_fullbase",
                "plugin_recurrent_w0.5", "plugin_recurrent_w2.0"]
-# Which trained plugin each system decodes with.
+# Which trained plugin each system decodes with (plugin_recurrent_w<weight>: see plugin_of).
 NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "recurrent",
          "plugin_transformer": "transformer", "plugin_recurrent_top20": "top20",
-         "plugin_recurrent_top20_fullbase": "top20",
-         "plugin_recurrent_w0.5": "recurrent", "plugin_recurrent_w2.0": "recurrent"}
+         "plugin_recurrent_top20_fullbase": "top20"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -70,6 +69,16 @@ DEFAULT_MAX_TOKENS = {"e2e": 64, "webnlg": 96}
 SHORT_BASE_NAMES = {"smollm2-135m": "smollm2-135m", "qwen2.5-coder-0.5b": "qwen2.5-coder-0.5b"}
 
 
+def first_reference_each(examples, categories) -> list:
+    """One example per WebNLG entry of ``categories``: its first reference, in file order."""
+    entries, out = set(), []
+    for e in examples:
+        if dict(e.meta)["category"] in categories and e.group not in entries:
+            entries.add(e.group)
+            out.append(e)
+    return out
+
+
 def split_webnlg(data_dir: Path):
     """(fit+select examples from train, test examples from dev), by held-out categories."""
     from training.data import load_webnlg
@@ -80,11 +89,7 @@ def split_webnlg(data_dir: Path):
     held_out = set(categories[2::3])
     # One reference per training entry (the first): fitting then costs about what E2E's does
     # (2,483 fit / 1,655 select examples instead of 6,579 / 4,387 with every reference) on two CPU cores.
-    seen, first_ref = [], set()
-    for e in train:
-        if dict(e.meta)["category"] not in held_out and e.group not in first_ref:
-            first_ref.add(e.group)
-            seen.append(e)
+    seen = first_reference_each(train, set(categories) - held_out)
     test = [e for e in dev if dict(e.meta)["category"] in held_out]
     return seen, test, sorted(held_out)
 
@@ -190,8 +195,8 @@ def system_params(name: str, mix_weight: float, max_tokens: int, repetition_pena
             extra.update(plugin_mode="mixture", plugin_weight=mix_weight)
         elif name.endswith("_fullbase"):
             extra["plugin_base_top_k"] = 0
-        elif "_w" in name:
-            extra["plugin_weight"] = float(name.rsplit("_w", 1)[1])
+        elif strength := STRENGTH_SYSTEM.fullmatch(name):
+            extra["plugin_weight"] = float(strength.group(1))
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra,
                           repetition_penalty=repetition_penalty)
 

@@ -26,7 +26,7 @@ HELDOUT_SAMPLE = 400
 
 def evaluation_sets(dataset: str) -> dict:
     """name -> (examples, what they are)."""
-    from benchmarks.quality import load_protocol, split_webnlg
+    from benchmarks.quality import first_reference_each, load_protocol, split_webnlg
     from training.data import split_by_input
     from training.pipeline import data_dir
 
@@ -37,11 +37,7 @@ def evaluation_sets(dataset: str) -> dict:
         from training.data import load_webnlg
 
         _, _, held_out = split_webnlg(data_dir())
-        first, heldout = set(), []
-        for e in load_webnlg(data_dir() / "webnlg" / "train.jsonl"):
-            if dict(e.meta)["category"] in held_out and e.group not in first:
-                first.add(e.group)
-                heldout.append(e)
+        heldout = first_reference_each(load_webnlg(data_dir() / "webnlg" / "train.jsonl"), held_out)
         # A fixed sample keeps the base's forward to minutes on two cores (all of them: ~86k tokens).
         heldout = random.Random(0).sample(heldout, min(HELDOUT_SAMPLE, len(heldout)))
         scored = {e.prompt for e in test}  # a few inputs stand in both train and dev
@@ -52,7 +48,7 @@ def evaluation_sets(dataset: str) -> dict:
     return sets
 
 
-def cross_entropies(base_logits, data, plugin, weights, top_k: int | None) -> list[float]:
+def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
     """Mean per-token cross-entropy (nats) at each strength, in one pass over the data."""
     import torch
     import torch.nn.functional as F
@@ -64,7 +60,7 @@ def cross_entropies(base_logits, data, plugin, weights, top_k: int | None) -> li
     with torch.no_grad():
         for i in range(0, len(data), 64):
             ids, pos_b, pos_t, rows, targets = data.batch(list(range(i, min(i + 64, len(data)))))
-            base = base_logits.scores(rows)
+            base = data.base.scores(rows)
             plugin_logits = plugin.head(plugin(ids)[pos_b, pos_t])
             for j, w in enumerate(weights):
                 scores = combine(base, plugin_logits, weight=w, top_k=top_k)
@@ -112,7 +108,7 @@ def main(argv=None) -> None:
                                     "target_tokens": ts.num_target_tokens}
         for name, ckpt in plugins.items():
             top_k = read_config(ckpt).training.get("top_k")
-            ce = cross_entropies(data.base, data, load_plugin(ckpt), weights, top_k)
+            ce = cross_entropies(data, load_plugin(ckpt), weights, top_k)
             result["cross_entropy"][name][set_name] = dict(zip(map(str, weights), ce))
             result["best_weight"][name][set_name] = weights[min(range(len(ce)), key=ce.__getitem__)]
             print(set_name, name, {w: round(c, 3) for w, c in zip(weights, ce)})

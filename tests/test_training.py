@@ -156,13 +156,13 @@ def test_strength_sweep_ends_at_base_alone_and_training_loss(tiny, e2e_file):
     ts = tokenize_examples(load_e2e(e2e_file)[:8], tiny.tokenizer)
     data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
     plugin = tiny.plugins["a"]
-    base_ce, mid, full_ce = cross_entropies(data.base, data, plugin, [0.0, 0.5, 1.0], top_k=None)
+    base_ce, mid, full_ce = cross_entropies(data, plugin, [0.0, 0.5, 1.0], top_k=None)
     assert base_ce == pytest.approx(evaluate(None, data), rel=1e-5)
     assert full_ce == pytest.approx(evaluate(plugin, data), rel=1e-5)
     assert mid != base_ce and mid != full_ce
 
     k = tiny.plugins["k"]
-    (top_k_base,) = cross_entropies(data.base, data, k, [0.0], top_k=5)
+    (top_k_base,) = cross_entropies(data, k, [0.0], top_k=5)
     targets = torch.tensor([t for ex in ts.targets for t in ex])
     view = torch.log_softmax(base_top_k(data.base.scores(torch.arange(len(data.base))), 5), -1)
     assert top_k_base == pytest.approx(-view.gather(1, targets[:, None]).mean().item(), rel=1e-5)
