@@ -127,14 +127,14 @@ def icl_prompt(prompt: str, shots) -> str:
     return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
 
 
-def train_all(dataset, base, names, train_examples, root: Path, epochs: int, log):
+def train_all(dataset, base, names, train_examples, root: Path, epochs: int, log, top20_source="vllm"):
     from training.pipeline import RunSpec, run
     from training.train import TrainConfig
 
     specs = {
         "recurrent": RunSpec(dataset=dataset, base=base, arch="gru"),
         "transformer": RunSpec(dataset=dataset, base=base, arch="transformer", d_model=256, n_layers=1),
-        "top20": RunSpec(dataset=dataset, base=base, arch="gru", source="vllm", top_k=20),
+        "top20": RunSpec(dataset=dataset, base=base, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(dataset=dataset, base=base, arch="gru", alone=True),
     }
     checkpoints = {}
@@ -368,6 +368,9 @@ def main(argv=None) -> None:
                         help="vLLM's repetition penalty, applied to the combined logits (the paper: 1.1)")
     parser.add_argument("--chunk", type=int, default=256,
                         help="test inputs per engine call (every system of a chunk is generated together)")
+    parser.add_argument("--top20-source", default="vllm", choices=["vllm", "full_topk"],
+                        help="where the top-20 plugin's log-probs come from: a vLLM prompt_logprobs pass, "
+                             "or the top-20 view of the full-logit cache (same numbers, no second pass)")
     parser.add_argument("--eager", action="store_true",
                         help="skip vLLM's torch.compile (starts in seconds; decodes slower)")
     parser.add_argument("--score-partial", action="store_true",
@@ -423,7 +426,8 @@ def main(argv=None) -> None:
         score_partial(args, systems, gen_dir, root, test, protocol, base_name, results_dir)
         return
     needed = sorted({plugin_of(s) for s in systems} - {None})
-    checkpoints = train_all(args.dataset, base_path, needed, train_examples, root, args.epochs, print)
+    checkpoints = train_all(args.dataset, base_path, needed, train_examples, root, args.epochs, print,
+                            args.top20_source)
     mix_weight = 0.5
     if "weighted_mix" in systems:
         w_file = root / "mixture_weight.json"

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from training.base_logits import extract_full, extract_topk_openai, extract_topk_vllm, tokenize_examples
+from training.base_logits import (extract_full, extract_topk_openai, extract_topk_vllm, tokenize_examples,
+                                  topk_view)
 from training.data import load_e2e
 
 from .test_data import write_e2e
@@ -48,3 +49,11 @@ def test_openai_endpoint_source(server, tiny, tokenized, full):
     topk = extract_topk_openai(server + "/v1", "tiny", tokenized, vocab_size=tiny.vocab_size, k=K,
                                progress=False)
     assert_matches_full(topk, full, tokenized)
+
+
+def test_full_topk_view_matches_vllm(engine, tokenized, full):
+    view = topk_view(full, tokenized, k=K, rows_per_batch=7, progress=False)  # odd batch: rows cross batch edges
+    assert_matches_full(view, full, tokenized)
+    from_vllm = extract_topk_vllm(engine, tokenized, k=K, progress=False)
+    torch.testing.assert_close(view.target_logprobs, from_vllm.target_logprobs, atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(view.topk_logprobs, from_vllm.topk_logprobs, atol=2e-3, rtol=1e-3)

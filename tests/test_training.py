@@ -110,6 +110,23 @@ def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path
     assert resumed["history"][:3] == metrics["history"]
 
 
+def test_full_topk_source_trains_on_the_top_k_view(tiny, e2e_file, tmp_path, monkeypatch):
+    views = []
+
+    def recording_view(full, ts, k, **kw):
+        views.append(bl_mod.topk_view(full, ts, k, **kw))
+        return views[-1]
+
+    monkeypatch.setattr("training.pipeline.topk_view", recording_view)
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), source="full_topk", top_k=5, d_model=32,
+                   out=str(tmp_path / "run"), train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    assert [v.topk_ids.shape[1] for v in views] == [5, 5]  # fit and select, both top-5 only
+    assert all(v.kind == "topk" and v.meta["source"] == "full_topk" for v in views)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["source"] == "full_topk"
+    assert metrics["best_select_loss"] < metrics["base_select_loss"]
+
+
 def test_pipeline_refuses_bad_input_before_work(tiny, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         run(RunSpec(data=str(tmp_path / "missing.csv"), base=str(tiny.base_dir), out=str(tmp_path / "r")))

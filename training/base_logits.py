@@ -1,6 +1,6 @@
 """The frozen base's next-token distributions on every target token, computed once and cached.
 
-Three sources, one cache format:
+Four sources, one cache format:
 
 - ``full``: a local transformers forward. Each distinct prompt is forwarded once; its
   references continue from its KV cache. We store the base's final hidden state per target
@@ -9,6 +9,8 @@ Three sources, one cache format:
 - ``vllm``: top-k log-probs from a vLLM engine's ``prompt_logprobs`` (the closed-API regime).
 - ``openai``: top-k log-probs from any OpenAI-compatible ``/v1/completions`` endpoint
   (``echo`` + ``logprobs``), e.g. a ``vllm serve`` of the base.
+- ``full_topk``: the top-k view of the ``full`` cache: the same numbers ``vllm`` returns
+  (tested), in minutes instead of a second pass over the base.
 
 Top-k treatment of the tail: top-k sources keep the k best log-probs; the probability mass
 left over is spread evenly over the tokens not listed. The target token's exact log-prob
@@ -34,7 +36,7 @@ from tqdm.auto import tqdm
 
 from vllm_plugin.paths import atomic_folder
 
-SOURCES = ("full", "vllm", "openai")
+SOURCES = ("full", "vllm", "openai", "full_topk")
 CACHE_VERSION = 1
 
 
@@ -231,6 +233,28 @@ def _pack_topk(per_position, vocab_size: int, k: int, meta: dict) -> BaseLogits:
     tlp = torch.tensor([p[2] for p in per_position], dtype=torch.float32)
     return BaseLogits(kind="topk", vocab_size=vocab_size, topk_ids=ids, topk_logprobs=lps,
                       target_logprobs=tlp, meta=meta)
+
+
+@torch.no_grad()
+def topk_view(full: BaseLogits, ts: TokenizedSet, k: int = 20, rows_per_batch: int = 512,
+              progress: bool = True) -> BaseLogits:
+    """The top-k view of a full-logit cache: what ``prompt_logprobs=k`` would return, without a
+    second pass over the base (that pass ran at ~56 tok/s for a 152k-vocabulary base here)."""
+    targets = torch.tensor([t for ex in ts.targets for t in ex])
+    if len(targets) != len(full):
+        raise BaseLogitsError(f"full cache has {len(full)} positions, the data {len(targets)}")
+    ids = torch.empty(len(full), k, dtype=torch.int32)
+    lps = torch.empty(len(full), k)
+    tlp = torch.empty(len(full))
+    for start in tqdm(range(0, len(full), rows_per_batch), desc=f"top-{k} view of the full cache",
+                      unit="batch", disable=not progress):
+        rows = torch.arange(start, min(start + rows_per_batch, len(full)))
+        lp = full.log_probs(rows)
+        top = lp.topk(k)
+        ids[rows], lps[rows] = top.indices.int(), top.values
+        tlp[rows] = lp.gather(1, targets[rows, None])[:, 0]
+    return BaseLogits(kind="topk", vocab_size=full.vocab_size, topk_ids=ids, topk_logprobs=lps,
+                      target_logprobs=tlp, meta={"source": "full_topk", "k": k})
 
 
 def extract_topk_vllm(llm, ts: TokenizedSet, k: int = 20, progress: bool = True) -> BaseLogits:

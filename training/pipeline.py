@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
@@ -13,7 +13,7 @@ from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (SOURCES, BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
-                          extract_topk_vllm, tokenize_examples)
+                          extract_topk_vllm, tokenize_examples, topk_view)
 from .data import PROMPT_TEMPLATES, DataError, load_examples, split_by_input
 from .train import PairSet, TrainConfig, train
 
@@ -84,6 +84,10 @@ def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_l
     def build() -> BaseLogits:
         if spec.source == "full":
             bl = extract_full(model_loader(), ts, progress=progress)
+        elif spec.source == "full_topk":
+            full_spec = replace(spec, source="full")
+            bl = topk_view(base_logits_for(ts, full_spec, base_path, fingerprint, model_loader, progress, refresh),
+                           ts, spec.top_k, progress=progress)
         elif spec.source == "vllm":
             from vllm import LLM
 

@@ -15,8 +15,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
     p.add_argument("--data", help="dataset file (default: the shared task data for --dataset)")
     p.add_argument("--base", default="smollm2-135m", help="HF folder or hub id (default: offline SmolLM2-135M)")
-    p.add_argument("--source", default="full", choices=["full", "vllm", "openai"],
-                   help="base log-probs: full (local forward), vllm or openai (top-k only)")
+    p.add_argument("--source", default="full", choices=["full", "vllm", "openai", "full_topk"],
+                   help="base log-probs: full (local forward); top-k only: vllm, openai, or full_topk "
+                        "(the top-k view of the full cache)")
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--endpoint", help="OpenAI-compatible base URL for --source openai, e.g. http://127.0.0.1:8000/v1")
     p.add_argument("--endpoint-model", help="model name the endpoint serves (default: --base)")
