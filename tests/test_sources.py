@@ -25,7 +25,7 @@ def full(tiny, tokenized):
 
 def assert_matches_full(topk, full, ts):
     assert len(topk) == len(full) == ts.num_target_tokens  # same positions, same order
-    targets = torch.tensor([t for ex in ts.targets for t in ex])
+    targets = ts.flat_targets()
     ref = full.log_probs(torch.arange(len(full)))
     ref_top = ref.topk(K)
     # Same tokens in the top k (compared as sets: the k-th place can tie), same values.

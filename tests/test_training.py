@@ -147,7 +147,7 @@ def test_evaluate_base_alone_is_mean_nll(tiny, e2e_file):
     ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
     data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
     lp = plain_log_probs(tiny.base, ts)
-    targets = torch.tensor([t for ex in ts.targets for t in ex])
+    targets = ts.flat_targets()
     expected = -lp.gather(1, targets[:, None]).mean().item()
     assert evaluate(None, data) == pytest.approx(expected, rel=1e-4)
 
@@ -180,6 +180,6 @@ def test_strength_sweep_ends_at_base_alone_and_training_loss(tiny, e2e_file):
 
     k = tiny.plugins["k"]
     (top_k_base,) = cross_entropies(data, k, [0.0], top_k=5)
-    targets = torch.tensor([t for ex in ts.targets for t in ex])
+    targets = ts.flat_targets()
     view = torch.log_softmax(base_top_k(data.base.scores(torch.arange(len(data.base))), 5), -1)
     assert top_k_base == pytest.approx(-view.gather(1, targets[:, None]).mean().item(), rel=1e-5)

@@ -9,13 +9,14 @@ from .base_model import DEFAULT_BASE, PACKAGED_BASES
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
+    from training.base_logits import SOURCES
     from training.train import TrainConfig
 
     d = TrainConfig()
     p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
     p.add_argument("--data", help="dataset file (default: the shared task data for --dataset)")
     p.add_argument("--base", default="smollm2-135m", help="HF folder or hub id (default: offline SmolLM2-135M)")
-    p.add_argument("--source", default="full", choices=["full", "vllm", "openai", "full_topk"],
+    p.add_argument("--source", default="full", choices=SOURCES,
                    help="base log-probs: full (local forward); top-k only: vllm, openai, or full_topk "
                         "(the top-k view of the full cache)")
     p.add_argument("--top-k", type=int, default=20)
