@@ -15,6 +15,7 @@ setup(
         "safetensors>=0.4",
         "gguf>=0.10",
         "accelerate>=1.0",
+        "peft>=0.17",  # the LoRA upper bound (benchmarks.quality --systems +lora)
         "tqdm",
         "httpx",
         "sacrebleu>=2.4",

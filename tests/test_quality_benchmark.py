@@ -23,7 +23,8 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
                               text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     # plugin_recurrent_w0.3 is not a listed system: any strength can be asked for by name.
-    systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3"
+    # lora: a second engine, on the merged fine-tune.
+    systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,lora"
     # A dotted base name (like qwen2.5-coder-0.5b) must not lose its tail to a file suffix.
     args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny-0.5b", "--systems", systems,
             "--epochs", "1", "--max-tokens", "8", "--eager", "--chunk", "3", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
@@ -37,7 +38,7 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
     assert 0.0 <= result["mixture_weight"] <= 1.0
     gains = result["targets"]["bleu_gain_over_zero_shot"]
     assert set(gains) == {"plugin_recurrent", "plugin_recurrent_w0.3"}
-    assert set(result["training"]) == {"recurrent", "small"}
+    assert set(result["training"]) == {"recurrent", "small", "lora"}
     assert result["training"]["recurrent"]["epochs_run"] == 1
     assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
     assert (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text().startswith("**e2e**")
@@ -70,6 +71,16 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
                                          max_new_tokens=8, repetition_penalty=1.1)
             got = row["token_ids"]
             assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "e2e-tiny-0.5b" / "lora" / "merged").eval()
+    lora_rows = [json.loads(line) for line in (gen_dir / "lora.jsonl").read_text().splitlines()]
+    zero_rows = [json.loads(line) for line in (gen_dir / "zero_shot.jsonl").read_text().splitlines()]
+    assert [r["token_ids"] for r in lora_rows] != [r["token_ids"] for r in zero_rows]  # the fine-tune is served
+    for row in lora_rows:
+        (want,) = reference_generate(merged, [tok(row["prompt"]).input_ids], max_new_tokens=8, repetition_penalty=1.1)
+        got = row["token_ids"]
+        assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), row
 
 
 def test_systems_are_named_or_added_to_the_default_list():
