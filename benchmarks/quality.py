@@ -456,7 +456,7 @@ def main(argv=None) -> None:
     shots = random.Random(0).sample(fit, 3)
     todo = [s for s in systems if not (gen_dir / f"{s}.jsonl").is_file()]
     # Each model its own engine: the base (with the processor) for every system but lora.
-    engines = {base_path: [s for s in todo if s not in OPTIONAL_SYSTEMS]}
+    engines = {base_path: [s for s in todo if s != "lora"]}
     if "lora" in todo:
         engines[str(root / "lora" / "merged")] = ["lora"]
     for model_path, model_systems in engines.items():

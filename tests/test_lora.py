@@ -10,7 +10,7 @@ def test_lora_fine_tune_learns_and_merges(tiny, tmp_path):
 
     from training.base_logits import tokenize_examples
     from training.data import load_e2e, split_by_input
-    from training.lora import LoraTrainConfig, mean_loss, train_lora
+    from training.lora import LoraTrainConfig, mean_loss, pad_token_id, train_lora
 
     examples = load_e2e(write_e2e(tmp_path / "e2e.csv", synthetic_rows(20)))
     merged_dir = train_lora(str(tiny.base_dir), examples, tmp_path / "lora",
@@ -19,7 +19,7 @@ def test_lora_fine_tune_learns_and_merges(tiny, tmp_path):
     assert m["best_select_loss"] < m["base_select_loss"] and m["best_epoch"] >= 1
     _, select = split_by_input(examples)
     select_ts = tokenize_examples(select, tiny.tokenizer)
-    pad = tiny.tokenizer.pad_token_id if tiny.tokenizer.pad_token_id is not None else tiny.tokenizer.eos_token_id
+    pad = pad_token_id(tiny.tokenizer)
     # Before training LoRA is the identity: the recorded base loss is the base's own.
     assert abs(mean_loss(tiny.base, select_ts, 8, pad) - m["base_select_loss"]) < 1e-4
     merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()

@@ -21,19 +21,25 @@ from tqdm.auto import tqdm
 
 from .base_logits import TokenizedSet, tokenize_examples
 from .data import split_by_input
+from .train import TrainConfig
 
 
 @dataclass
-class LoraTrainConfig:
+class LoraTrainConfig(TrainConfig):
+    """The plugin trainer's settings, with defaults for fine-tuning a pretrained model, and a rank."""
+
     epochs: int = 2
     batch_size: int = 16
     lr: float = 5e-4
-    rank: int = 8
+    weight_decay: float = 0.0
     warmup_steps: int = 20
     patience: int = 1
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_steps_per_epoch: int | None = None
+    rank: int = 8
+
+
+def pad_token_id(tokenizer) -> int:
+    """Padding only fills masked positions, so EOS serves where the tokenizer has no pad token."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def batches(ts: TokenizedSet, batch_size: int, pad_id: int, order: list[int]):
@@ -83,7 +89,7 @@ def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfi
     tok = AutoTokenizer.from_pretrained(base_path)
     fit, select = split_by_input(examples)
     fit_ts, select_ts = tokenize_examples(fit, tok), tokenize_examples(select, tok)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     model = get_peft_model(model, PeftLoraConfig(r=config.rank, lora_alpha=2 * config.rank, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -91,7 +97,7 @@ def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfi
     base_select = best = mean_loss(model, select_ts, config.batch_size, pad_id)
     log(f"lora: base select loss {base_select:.4f}")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = math.ceil(len(fit_ts.targets) / config.batch_size)
     if config.max_steps_per_epoch:
         steps = min(steps, config.max_steps_per_epoch)
