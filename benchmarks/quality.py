@@ -3,20 +3,34 @@
     python -m benchmarks.quality --dataset e2e --base smollm2-135m
     vllm-plugin quality ...          (the same)
 
-Trains what the systems need (each run folder is reused on re-run), generates every test
-input through one vLLM engine (the processor for plugin rows, untouched rows for the rest),
-scores with five metrics and writes ``benchmarks/results/<dataset>_<base>.json``, a Markdown
-table and a PNG plot. Generations are cached per system, so a re-run only does what is new.
+Trains what the systems need (each run folder is reused on re-run), then, through one vLLM
+engine per model (the processor for plugin rows, untouched rows for the rest):
+
+1. **select**: decodes (a fixed sample of) the select split's inputs with every system under
+   every setting of one small grid of vLLM's own decoding settings (``DECODING_GRID``:
+   repetition penalty x frequency penalty) and keeps, per system, the setting with the best
+   BLEU (then ROUGE-L) against the select references. Nothing of the test set is read here
+   (``--select-only`` stops after it, and runs without a test file).
+2. **test**: decodes every test input with each system at its chosen setting, scores five
+   metrics (overall, and for E2E on test MRs whose venue occurs in ``devel`` and on those whose
+   venue does not), and writes ``benchmarks/results/<protocol>_<base>.json`` (with the grid, the
+   select scores and the choice), a Markdown table and a PNG plot.
+
+Generations are cached per system and setting, so a re-run only does what is new.
 
 Protocols:
-- e2e: fit on 60% of the distinct MRs of E2E-cleaned ``devel``, select on 40%, score on all
-  ``test`` MRs against their grouped references (the paper's protocol).
+- e2e (``--split venue``, default): fit 60% / select 40% of the distinct MRs of E2E-cleaned
+  ``devel``, split so that about a third of the select MRs name venues the fit split never saw
+  (``training.data.split_by_venue``), as 596 of the 1,847 test MRs name venues absent from
+  ``devel``; score on all ``test`` MRs against their grouped references.
+- e2e_by_mr (``--split input``): the paper's split, 60/40 by distinct MR (every select venue is
+  also a fit venue); results as ``e2e_by_mr_<base>``.
 - webnlg: category shift. The ten categories, sorted by name; every third (index 2, 5, 8:
   Building, Food, University) is held out. Fit/select (60/40 by entry) on ``train`` entries of
   the other seven, one reference per entry (the first; keeps fitting as cheap as E2E's), score
   on ``dev`` entries of the three held-out categories against all their references.
 
-Systems (same prompts and decoding: greedy, same max tokens, stop at a newline):
+Systems (same prompts; greedy, same max tokens, stop at a newline, penalties chosen per system):
 zero_shot, icl_1, icl_3 (examples from the fitting split), plugin_alone (the small model
 trained without the base), weighted_mix (w p_small + (1-w) p_base, w fit on the select split),
 plugin_recurrent (GRU, full logits), plugin_transformer (the paper's 1-layer transformer),
@@ -36,6 +50,7 @@ import random
 import re
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -84,41 +99,94 @@ def first_reference_each(examples, categories) -> list:
     return out
 
 
-def split_webnlg(data_dir: Path):
-    """(fit+select examples from train, test examples from dev), by held-out categories."""
+def webnlg_held_out(data_dir: Path) -> list[str]:
+    """The held-out categories: of the ten, sorted by name, every third (index 2, 5, 8)."""
+    from training.data import load_webnlg
+
+    categories = sorted({dict(e.meta)["category"] for e in load_webnlg(data_dir / "webnlg" / "train.jsonl")})
+    return categories[2::3]
+
+
+def split_webnlg_train(data_dir: Path):
+    """(fit+select examples: ``train`` entries of the seen categories, first reference each;
+    the held-out categories)."""
     from training.data import load_webnlg
 
     train = load_webnlg(data_dir / "webnlg" / "train.jsonl")
-    dev = load_webnlg(data_dir / "webnlg" / "dev.jsonl")
-    categories = sorted({dict(e.meta)["category"] for e in train})
-    held_out = set(categories[2::3])
+    held_out = webnlg_held_out(data_dir)
+    seen = {dict(e.meta)["category"] for e in train} - set(held_out)
     # One reference per training entry (the first): fitting then costs about what E2E's does
     # (2,483 fit / 1,655 select examples instead of 6,579 / 4,387 with every reference) on two CPU cores.
-    seen = first_reference_each(train, set(categories) - held_out)
-    test = [e for e in dev if dict(e.meta)["category"] in held_out]
-    return seen, test, sorted(held_out)
+    return first_reference_each(train, seen), held_out
 
 
-def load_protocol(dataset: str):
-    from training.data import load_examples, split_by_input
+@dataclass
+class Protocol:
+    """What a quality run fits, selects and scores on."""
+
+    name: str  # results and run folders: e2e, e2e_by_mr, webnlg
+    dataset: str
+    split: str  # training.data.split_examples kind the plugins (and LoRA) train with
+    train_examples: list  # fit + select
+    fit: list
+    select: list
+    description: str
+
+
+def load_protocol(dataset: str, split: str | None = None) -> Protocol:
+    """The fitting side of a protocol (see the module docstring); the test set is ``load_test``'s.
+
+    Raises:
+        training.data.DataError: missing or malformed data; ``venue`` split for WebNLG.
+        ValueError: an unknown dataset.
+    """
+    from training.data import DataError, load_examples, split_examples
     from training.pipeline import data_dir, default_data_file
 
     if dataset == "e2e":
+        split = split or "venue"
         train_examples = load_examples("e2e", default_data_file("e2e"))
-        test = load_examples("e2e", default_data_file("e2e", "test"))
-        protocol = "fit 60% / select 40% of devel MRs (seed 0); score on all test MRs, grouped references"
+        name = "e2e" if split == "venue" else f"e2e_by_{'mr' if split == 'input' else split}"
+        how = ("about a third of the select MRs name venues absent from the fit split"
+               if split == "venue" else "by distinct MR, the paper's")
+        description = (f"fit 60% / select 40% of devel MRs (seed 0; {how}); score on all test MRs, "
+                       f"grouped references")
     elif dataset == "webnlg":
-        train_examples, test, held_out = split_webnlg(data_dir())
-        protocol = (f"category shift: fit/select 60/40 by entry on train entries of the 7 other categories "
-                    f"(first reference of each); score on dev entries of held-out categories {held_out}, "
-                    f"all references")
+        split = split or "input"
+        if split != "input":
+            raise DataError(f"split {split!r} is for E2E; WebNLG splits by entry within its seen categories")
+        train_examples, held_out = split_webnlg_train(data_dir())
+        name = "webnlg"
+        description = (f"category shift: fit/select 60/40 by entry on train entries of the 7 other categories "
+                       f"(first reference of each); score on dev entries of held-out categories {held_out}, "
+                       f"all references")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected e2e or webnlg")
-    fit, _ = split_by_input(train_examples)
-    return train_examples, fit, test, protocol
+    fit, select = split_examples(train_examples, split)
+    return Protocol(name, dataset, split, train_examples, fit, select, description)
+
+
+def load_test(dataset: str) -> list:
+    """The scored examples: E2E ``test``, or WebNLG ``dev`` entries of the held-out categories."""
+    from training.data import load_examples
+    from training.pipeline import data_dir, default_data_file
+
+    if dataset == "e2e":
+        return load_examples("e2e", default_data_file("e2e", "test"))
+    from training.data import load_webnlg
+
+    held_out = webnlg_held_out(data_dir())
+    return [e for e in load_webnlg(data_dir() / "webnlg" / "dev.jsonl") if dict(e.meta)["category"] in held_out]
+
+
+def venue_slices(examples, known) -> dict[str, set[str]]:
+    """E2E inputs by whether their venue is among ``known`` venues: {slice name: prompts}."""
+    inside = {e.prompt for e in examples if dict(e.meta).get("venue") in known}
+    return {"venue_seen": inside, "venue_unseen": {e.prompt for e in examples} - inside}
 
 
 def grouped_test(test, subset: int | None, seed: int = 0):
+    """(distinct prompts in file order, or a fixed random ``subset`` of them; their references)."""
     from training.data import group_references
 
     refs = group_references(test)
@@ -132,43 +200,51 @@ def icl_prompt(prompt: str, shots) -> str:
     return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
 
 
-def train_all(dataset, base, names, train_examples, root: Path, epochs: int, log, top20_source="vllm"):
+def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
+    """Train (or reuse) each named plugin on the protocol's split; {name: checkpoint folder}.
+
+    Raises:
+        SystemExit: a cached run under ``root`` was trained on another split.
+    """
     from training.pipeline import RunSpec, run
     from training.train import TrainConfig
+    from vllm_plugin.checkpoint import read_config
 
+    common = dict(dataset=protocol.dataset, base=base, split=protocol.split)
     specs = {
-        "recurrent": RunSpec(dataset=dataset, base=base, arch="gru"),
-        "transformer": RunSpec(dataset=dataset, base=base, arch="transformer", d_model=256, n_layers=1),
-        "top20": RunSpec(dataset=dataset, base=base, arch="gru", source=top20_source, top_k=20),
-        "small": RunSpec(dataset=dataset, base=base, arch="gru", alone=True),
+        "recurrent": RunSpec(**common, arch="gru"),
+        "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
+        "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
+        "small": RunSpec(**common, arch="gru", alone=True),
     }
     checkpoints = {}
     for name in names:
         spec = specs[name]
         spec.out = str(root / name)
         spec.train = TrainConfig(epochs=epochs)
-        done = Path(spec.out) / "metrics.json"
-        if not done.is_file():
+        checkpoint = Path(spec.out) / "checkpoint"
+        if not (Path(spec.out) / "metrics.json").is_file():
             log(f"training {name} ...")
-            run(spec, examples=train_examples)
-        checkpoints[name] = str(Path(spec.out) / "checkpoint")
+            run(spec, examples=protocol.train_examples)
+        elif read_config(checkpoint).training.get("split", "input") != protocol.split:
+            raise SystemExit(f"{spec.out} was trained on another split than {protocol.split!r}: "
+                             f"move it away (or pass another --runs) to retrain")
+        checkpoints[name] = str(checkpoint)
     return checkpoints
 
 
-def fit_mixture_weight(base_path: str, small_ckpt: str, train_examples) -> float:
-    """w minimising the select split's NLL of w p_small + (1 - w) p_base (grid, step 0.05)."""
+def fit_mixture_weight(base_path: str, small_ckpt: str, select) -> float:
+    """w minimising the NLL of w p_small + (1 - w) p_base on the ``select`` examples (grid, step 0.05)."""
     import torch
     from transformers import AutoTokenizer
 
     from training.base_logits import tokenize_examples
-    from training.data import split_by_input
     from training.pipeline import LazyBase, RunSpec, base_logits_for
     from training.train import PairSet
     from vllm_plugin.base_model import tokenizer_fingerprint
     from vllm_plugin.checkpoint import load_plugin
 
     tok = AutoTokenizer.from_pretrained(base_path)
-    _, select = split_by_input(train_examples)
     ts = tokenize_examples(select, tok)
 
     bl = base_logits_for(ts, RunSpec(), base_path, tokenizer_fingerprint(tok), LazyBase(base_path), progress=False)
@@ -187,7 +263,33 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, train_examples) -> float
     return float(grid[int(nll.argmin())])
 
 
-def system_params(name: str, mix_weight: float, max_tokens: int, repetition_penalty: float = 1.0):
+# One small grid of vLLM's own penalties, the same for every system: vLLM's repetition penalty
+# also counts prompt tokens (so it discourages copying the input's names and values), its
+# frequency penalty only generated ones.
+DECODING_GRID = ({"repetition_penalty": 1.0, "frequency_penalty": 0.0},
+                 {"repetition_penalty": 1.0, "frequency_penalty": 0.5},
+                 {"repetition_penalty": 1.1, "frequency_penalty": 0.0},
+                 {"repetition_penalty": 1.1, "frequency_penalty": 0.5})
+
+
+def parse_grid(arg: str) -> list[dict]:
+    """``"1.0:0,1.1:0.5"`` (repetition penalty : frequency penalty, comma-separated) -> settings."""
+    try:
+        grid = [{"repetition_penalty": float(rp), "frequency_penalty": float(fp)}
+                for rp, fp in (item.split(":") for item in arg.split(",") if item.strip())]
+    except ValueError:
+        raise SystemExit(f"--decoding-grid {arg!r}: expected comma-separated REP:FREQ pairs, e.g. 1.0:0,1.1:0.5")
+    if not grid:
+        raise SystemExit("--decoding-grid is empty")
+    return grid
+
+
+def setting_label(setting: dict) -> str:
+    return f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"
+
+
+def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
+    """vLLM sampling parameters of one system at one decoding ``setting`` (greedy, stop at a newline)."""
     from vllm import SamplingParams
 
     extra = None
@@ -202,54 +304,86 @@ def system_params(name: str, mix_weight: float, max_tokens: int, repetition_pena
             extra["plugin_base_top_k"] = 0
         elif strength := STRENGTH_SYSTEM.fullmatch(name):
             extra["plugin_weight"] = float(strength.group(1))
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra,
-                          repetition_penalty=repetition_penalty)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra, **setting)
 
 
-def generate_systems(llm, systems, prompts, shots, params_for, gen_dir: Path, chunk: int) -> None:
-    """Generate every system on every prompt, ``chunk`` prompts at a time, all systems in one call.
+def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, desc: str) -> None:
+    """Generate every job (``{file stem: (system, SamplingParams)}``) on every prompt, ``chunk``
+    prompts at a time, all jobs in one engine call.
 
-    Requests are queued system-major, so each prompt is prefilled by its first system and found
-    in the prefix cache by the others (the in-context systems share their examples' prefix too).
-    Each chunk is appended to ``<system>.partial.jsonl``; an interrupted run resumes at the first
-    chunk not written for every system, and a system's file is renamed to ``<system>.jsonl``
-    only when complete.
+    Requests are queued job-major, so each prompt is prefilled by its first job and found in the
+    prefix cache by the others (the in-context systems share their examples' prefix too). Each
+    chunk is appended to ``<stem>.partial.jsonl``; an interrupted run resumes at the first chunk
+    not written for every job, and a job's file is renamed to ``<stem>.jsonl`` only when complete.
     """
     from tqdm.auto import tqdm
 
-    partial = {name: gen_dir / f"{name}.partial.jsonl" for name in systems}
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    partial = {stem: gen_dir / f"{stem}.partial.jsonl" for stem in jobs}
     done = min(len(p.read_text().splitlines()) if p.is_file() else 0 for p in partial.values())
     for path in partial.values():  # drop rows past the common point (a chunk cut short)
         rows = path.read_text().splitlines(keepends=True)[:done] if path.is_file() else []
         path.write_text("".join(rows))
-    inputs = {name: [icl_prompt(p, shots[:{"icl_1": 1, "icl_3": 3}.get(name, 0)]) for p in prompts]
-              for name in systems}
-    params = {name: params_for(name) for name in systems}
-    bar = tqdm(total=len(prompts), initial=done, desc=f"generating {len(systems)} systems", unit="input")
+    inputs = {stem: [icl_prompt(p, shots[:{"icl_1": 1, "icl_3": 3}.get(system, 0)]) for p in prompts]
+              for stem, (system, _) in jobs.items()}
+    bar = tqdm(total=len(prompts), initial=done, desc=f"{desc}: {len(jobs)} systems x settings", unit="input")
     started, generated = time.perf_counter(), 0
     for start in range(done, len(prompts), chunk):
         stop = min(start + chunk, len(prompts))
-        requests = [(name, i) for name in systems for i in range(start, stop)]
-        outs = llm.generate([inputs[n][i] for n, i in requests], [params[n] for n, _ in requests], use_tqdm=False)
-        lines = {name: [] for name in systems}
-        for (name, i), o in zip(requests, outs):
-            lines[name].append(json.dumps({"prompt": prompts[i], "output": o.outputs[0].text.strip(),
+        requests = [(stem, i) for stem in jobs for i in range(start, stop)]
+        outs = llm.generate([inputs[s][i] for s, i in requests], [jobs[s][1] for s, _ in requests], use_tqdm=False)
+        lines = {stem: [] for stem in jobs}
+        for (stem, i), o in zip(requests, outs):
+            lines[stem].append(json.dumps({"prompt": prompts[i], "output": o.outputs[0].text.strip(),
                                            "token_ids": list(o.outputs[0].token_ids)}) + "\n")
-        for name in systems:
-            with open(partial[name], "a") as f:
-                f.writelines(lines[name])
+        for stem in jobs:
+            with open(partial[stem], "a") as f:
+                f.writelines(lines[stem])
         generated += sum(len(o.outputs[0].token_ids) for o in outs)
         bar.set_postfix(output_tok_s=f"{generated / (time.perf_counter() - started):.0f}")
         bar.update(stop - start)
     bar.close()
-    for name, path in partial.items():
-        path.rename(gen_dir / f"{name}.jsonl")
+    for stem, path in partial.items():
+        path.rename(gen_dir / f"{stem}.jsonl")
 
 
-def decoding(args) -> dict:
-    """How every system decodes (``system_params``), as recorded in the results."""
-    return {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
-            "dtype": args.dtype, "repetition_penalty": args.repetition_penalty}
+def read_generations(path: Path, prompts) -> list[dict]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == list(prompts[:len(rows)]), f"{path}: generations out of order"
+    return rows
+
+
+def score_sliced(outputs: list[str], prompts, references, slices: dict[str, set[str]]) -> dict:
+    """Five metrics over all inputs, and per slice (``{name: prompts}``) with its input count."""
+    from benchmarks.metrics import score
+
+    out = score(outputs, references)
+    for name, members in slices.items():
+        idx = [i for i, p in enumerate(prompts) if p in members]
+        if idx:
+            out[name] = {"n_inputs": len(idx), **score([outputs[i] for i in idx], [references[i] for i in idx])}
+    return out
+
+
+def better(a: dict, b: dict) -> bool:
+    """Is select score ``a`` better than ``b``: BLEU, then ROUGE-L (an exact tie keeps the earlier)."""
+    return (a["bleu"], a["rouge_l"]) > (b["bleu"], b["rouge_l"])
+
+
+def choose_decoding(systems, grid, gen_dir: Path, prompts, references, slices) -> dict:
+    """Per system, the grid setting whose select generations score best; reads only ``gen_dir``
+    (select generations), never the test set. Returns {"chosen": {system: setting},
+    "select_scores": {system: {label: scores}}}."""
+    chosen, scores = {}, {}
+    for system in systems:
+        scores[system] = {}
+        for setting in grid:
+            label = setting_label(setting)
+            rows = read_generations(gen_dir / f"{system}@{label}.jsonl", prompts)
+            scores[system][label] = score_sliced([r["output"] for r in rows], prompts, references, slices)
+            if system not in chosen or better(scores[system][label], scores[system][setting_label(chosen[system])]):
+                chosen[system] = setting
+    return {"chosen": chosen, "select_scores": scores}
 
 
 def training_summary(root: Path, names) -> dict:
@@ -265,6 +399,10 @@ def training_summary(root: Path, names) -> dict:
     return out
 
 
+PLUGIN_ROWS = re.compile(r"plugin_r.*|plugin_transformer")
+BASELINES = ("zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
+
+
 def against_targets(systems: dict) -> dict:
     """The issue's targets, computed from the scores: BLEU gain of each plugin row over zero-shot,
     the best baseline on BLEU and ROUGE-L, and the share of the full-logit BLEU gain that
@@ -272,8 +410,8 @@ def against_targets(systems: dict) -> dict:
     if "zero_shot" not in systems:
         return {}
     zero = systems["zero_shot"]["bleu"]
-    plugins = [n for n in systems if n.startswith("plugin_r") or n == "plugin_transformer"]
-    baselines = [n for n in systems if n in ("zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix")]
+    plugins = [n for n in systems if PLUGIN_ROWS.fullmatch(n)]
+    baselines = [n for n in systems if n in BASELINES]
     out = {"bleu_gain_over_zero_shot": {n: systems[n]["bleu"] - zero for n in plugins}}
     for metric in ("bleu", "rouge_l"):
         if baselines:
@@ -286,18 +424,36 @@ def against_targets(systems: dict) -> dict:
     return out
 
 
+METRICS = ["bleu", "rouge_l", "meteor", "cider", "nist"]
+
+
+def table(rows: dict, keys=METRICS, extra: dict | None = None) -> list[str]:
+    """Markdown rows: one per system; ``extra`` adds a last column ({system: text})."""
+    lines = ["| system | " + " | ".join(keys) + (" | decoding |" if extra else " |"),
+             "|---|" + "---|" * (len(keys) + bool(extra))]
+    for name, scores in rows.items():
+        cells = [f"{scores[k]:.2f}" if k == "bleu" else f"{scores[k]:.3f}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + (f" | {extra[name]} |" if extra else " |"))
+    return lines
+
+
 def write_outputs(result: dict, out_base: Path) -> None:
     out_base.parent.mkdir(parents=True, exist_ok=True)
     out_base.with_name(out_base.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     from benchmarks.metrics import IMPLEMENTATIONS
 
-    keys = ["bleu", "rouge_l", "meteor", "cider", "nist"]
+    chosen = result["decoding"].get("chosen", {})
     lines = [f"**{result['dataset']}**, base `{result['base_model']}`, {result['n_test_inputs']} test inputs. "
-             f"Protocol: {result['protocol']}." + (f" **Partial**: {result['note']}." if result.get("note") else ""), "",
-             "| system | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-    for name, scores in result["systems"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores[k]:.3f}" if k != "bleu" else f"{scores[k]:.2f}"
-                                               for k in keys) + " |")
+             f"Protocol: {result['protocol']}." + (f" **Partial**: {result['note']}." if result.get("note") else ""),
+             "", f"Decoding: greedy, chosen per system on {result['decoding'].get('chosen_on', '?')}.", ""]
+    lines += table(result["systems"], extra={n: setting_label(chosen[n]) if n in chosen else "?"
+                                             for n in result["systems"]})
+    for slice_name in ("venue_seen", "venue_unseen"):
+        rows = {n: s[slice_name] for n, s in result["systems"].items() if slice_name in s}
+        if rows:
+            n = next(iter(rows.values()))["n_inputs"]
+            lines += ["", f"Test MRs whose venue {'occurs' if slice_name == 'venue_seen' else 'does not occur'} "
+                          f"in devel ({n}):", ""] + table(rows, ["bleu", "rouge_l"])
     t = result.get("targets") or {}
     if t:
         gains = ", ".join(f"{n} {g:+.2f}" for n, g in t["bleu_gain_over_zero_shot"].items())
@@ -314,11 +470,10 @@ def write_outputs(result: dict, out_base: Path) -> None:
     import matplotlib.pyplot as plt
 
     names = list(result["systems"])
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 0.35 * len(names) + 1.5), sharey=True)
-    for ax, k in zip(axes, keys):
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3.2 * len(METRICS), 0.35 * len(names) + 1.5), sharey=True)
+    for ax, k in zip(axes, METRICS):
         values = [result["systems"][n][k] for n in names]
-        ax.barh(names, values, color=["tab:orange" if n.startswith("plugin_r") or n == "plugin_transformer"
-                                      else "tab:gray" for n in names])
+        ax.barh(names, values, color=["tab:orange" if PLUGIN_ROWS.fullmatch(n) else "tab:gray" for n in names])
         ax.set_title(k)
         ax.invert_yaxis()
     fig.suptitle(f"{result['dataset']} / {result['base_model']} (n={result['n_test_inputs']})")
@@ -327,46 +482,26 @@ def write_outputs(result: dict, out_base: Path) -> None:
     plt.close(fig)
 
 
-def score_partial(args, systems, gen_dir: Path, root: Path, test, protocol, base_name, results_dir: Path) -> None:
-    """Score the test inputs every system has generated so far (a run still going, or cut
-    short), in test-file order; written as ``<dataset>_<base>_partial.*``. Trains nothing."""
-    from benchmarks.metrics import score
-
-    prompts, references = grouped_test(test, args.subset)
-    rows = {}
-    for name in systems:
-        path = next((p for p in (gen_dir / f"{name}.jsonl", gen_dir / f"{name}.partial.jsonl") if p.is_file()), None)
-        if path is not None and path.stat().st_size:
-            rows[name] = [json.loads(line) for line in path.read_text().splitlines()]
-    if not rows:
-        raise SystemExit(f"nothing generated yet under {gen_dir}")
-    n = min(len(r) for r in rows.values())
-    w_file = root / "mixture_weight.json"
-    result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol, "partial": True,
-              "n_test_inputs": n, "of_test_inputs": len(prompts),
-              "note": f"the first {n} test inputs (test-file order) of a run in progress",
-              "subset": args.subset, "decoding": decoding(args),
-              "mixture_weight": json.loads(w_file.read_text())["w"] if w_file.is_file() else None,
-              "systems": {}}
-    for name, generated in rows.items():
-        assert [r["prompt"] for r in generated[:n]] == prompts[:n], f"{name}: generations out of order"
-        result["systems"][name] = score([r["output"] for r in generated[:n]], references[:n])
-        result["systems"][name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in generated[:n]) / n
-        print(name, {k: round(v, 3) for k, v in result["systems"][name].items()})
-    result["targets"] = against_targets(result["systems"])
-    write_outputs(result, results_dir / f"{args.dataset}_{base_name}_partial")
-    print(f"wrote {results_dir / f'{args.dataset}_{base_name}_partial'}.json/.md/.png")
-
-
-def main(argv=None) -> None:
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
+    parser.add_argument("--split", choices=["venue", "input"],
+                        help="E2E fit/select split: venue (default; select mirrors test's unseen venues) or "
+                             "input (the paper's, by distinct MR)")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--base-name", help="short name for results files (default: derived from --base)")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
                         help="comma-separated; a leading '+' adds to the default list "
                              "(e.g. +plugin_recurrent_w0.25)")
     parser.add_argument("--subset", type=int, help="score a fixed random subset of this many test inputs")
+    parser.add_argument("--select-subset", type=int, default=300,
+                        help="choose decoding on a fixed random subset of this many select inputs (0: all)")
+    parser.add_argument("--decoding-grid", default=",".join(f"{s['repetition_penalty']:g}:{s['frequency_penalty']:g}"
+                                                             for s in DECODING_GRID),
+                        help="settings each system is decoded with on select, as REP:FREQ pairs (vLLM's "
+                             "repetition and frequency penalties); the best on select decodes test")
+    parser.add_argument("--select-only", action="store_true",
+                        help="stop after choosing each system's decoding on select (reads no test data)")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--lora-epochs", type=int, default=2, help="epochs of the lora system's fine-tune")
     parser.add_argument("--lora-max-steps", type=int,
@@ -374,30 +509,30 @@ def main(argv=None) -> None:
     parser.add_argument("--max-tokens", type=int,
                         help=f"output token limit (default per dataset: {DEFAULT_MAX_TOKENS}; covers 95%% of "
                              f"test references)")
-    parser.add_argument("--repetition-penalty", type=float, default=1.1,
-                        help="vLLM's repetition penalty, applied to the combined logits (the paper: 1.1)")
     parser.add_argument("--chunk", type=int, default=256,
-                        help="test inputs per engine call (every system of a chunk is generated together)")
+                        help="inputs per engine call (every system and setting of a chunk is generated together)")
     parser.add_argument("--top20-source", default="vllm", choices=["vllm", "full_topk"],
                         help="where the top-20 plugin's log-probs come from: a vLLM prompt_logprobs pass, "
                              "or the top-20 view of the full-logit cache (same numbers, no second pass)")
     parser.add_argument("--eager", action="store_true",
                         help="skip vLLM's torch.compile (starts in seconds; decodes slower)")
     parser.add_argument("--score-partial", action="store_true",
-                        help="only score what every system has generated so far (a run in progress)")
+                        help="only score what every system has generated on test so far (a run in progress)")
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
+    args.grid = parse_grid(args.decoding_grid)
+    args.systems = parse_systems(args.systems)
+    return args
 
-    from benchmarks.metrics import score
+
+def check_inputs(args):
+    """Everything that can be wrong with the inputs fails here, before any long work.
+    Returns (protocol, base path, base config, short base name)."""
+    from training.data import DataError
     from vllm_plugin.base_model import resolve_base
-    from vllm_plugin.serving import fast_dtype
 
-    args.dtype = fast_dtype()
-
-    systems = parse_systems(args.systems)
-    # Everything that can be wrong with the inputs fails here, before any long work.
     results_dir = Path(args.results)
     try:
         results_dir.mkdir(parents=True, exist_ok=True)
@@ -405,15 +540,11 @@ def main(argv=None) -> None:
             pass
     except OSError as e:
         raise SystemExit(f"results folder {results_dir} is not writable: {e}") from e
-    from training.data import DataError
-
     try:
-        train_examples, fit, test, protocol = load_protocol(args.dataset)
+        protocol = load_protocol(args.dataset, args.split)
     except DataError as e:
         raise SystemExit(f"{args.dataset} data: {e} (set $VLLM_PLUGIN_DATA to the folder holding "
                          f"e2e/ and webnlg/)") from e
-    if args.subset and args.subset < len({e.prompt for e in test}):
-        protocol += f"; scored here on a fixed random subset of {args.subset} test inputs (seed 0)"
     if args.base not in SHORT_BASE_NAMES and not Path(args.base).is_dir() and (
             Path(args.base).is_absolute() or args.base.startswith(".")):
         raise SystemExit(f"base model {args.base!r}: no such folder (known names: {', '.join(SHORT_BASE_NAMES)})")
@@ -424,73 +555,159 @@ def main(argv=None) -> None:
         base_config = AutoConfig.from_pretrained(base_path)
     except (OSError, ValueError) as e:
         raise SystemExit(f"base model {args.base!r} cannot be loaded: {e}") from e
-    # vLLM on CPU refuses to start without a KV cache size (or reserves most of the memory).
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     base_name = args.base_name or SHORT_BASE_NAMES.get(args.base, Path(args.base).name.lower())
-    root = Path(args.runs) / f"{args.dataset}-{base_name}"
-    gen_dir = (root / "generations" / (f"subset{args.subset}" if args.subset else "all")
-               / f"max{args.max_tokens}-rp{args.repetition_penalty:g}-{args.dtype}")
-    gen_dir.mkdir(parents=True, exist_ok=True)
+    return protocol, base_path, base_config, base_name
 
-    if args.score_partial:
-        score_partial(args, systems, gen_dir, root, test, protocol, base_name, results_dir)
-        return
-    needed = sorted({plugin_of(s) for s in systems} - {None})
-    checkpoints = train_all(args.dataset, base_path, needed, train_examples, root, args.epochs, print,
-                            args.top20_source)
+
+def train_systems(args, protocol: Protocol, base_path: str, root: Path):
+    """Train (or reuse) what the systems need; (checkpoints, mixture weight, trained names)."""
+    needed = sorted({plugin_of(s) for s in args.systems} - {None})
+    checkpoints = train_all(protocol, base_path, needed, root, args.epochs, print, args.top20_source)
     mix_weight = 0.5
-    if "weighted_mix" in systems:
+    if "weighted_mix" in args.systems:
         w_file = root / "mixture_weight.json"
         if not w_file.is_file():
-            w_file.write_text(json.dumps({"w": fit_mixture_weight(base_path, checkpoints["small"], train_examples)}))
+            w_file.write_text(json.dumps({"w": fit_mixture_weight(base_path, checkpoints["small"], protocol.select)}))
         mix_weight = json.loads(w_file.read_text())["w"]
-    trained = needed + (["lora"] if "lora" in systems else [])
-    if "lora" in systems and not (root / "lora" / "metrics.json").is_file():
+    if "lora" in args.systems and not (root / "lora" / "metrics.json").is_file():
         from training.lora import LoraTrainConfig, train_lora
 
         print("training lora ...")
-        train_lora(base_path, train_examples, root / "lora",
-                   LoraTrainConfig(epochs=args.lora_epochs, max_steps_per_epoch=args.lora_max_steps))
+        train_lora(base_path, protocol.train_examples, root / "lora",
+                   LoraTrainConfig(epochs=args.lora_epochs, max_steps_per_epoch=args.lora_max_steps),
+                   split=protocol.split)
+    return checkpoints, mix_weight, needed + (["lora"] if "lora" in args.systems else [])
 
-    prompts, references = grouped_test(test, args.subset)
-    shots = random.Random(0).sample(fit, 3)
-    todo = [s for s in systems if not (gen_dir / f"{s}.jsonl").is_file()]
+
+def engine(model_path: str, checkpoints: dict, base_config, args):
+    """One in-process vLLM engine with the processor and every trained plugin."""
+    # On a 2-core CPU the engine-core process's busy loop would take a core from the model:
+    # an in-process engine generated about twice as fast here.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    # vLLM on CPU refuses to start without a KV cache size (or reserves most of the memory).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM
+
+    from vllm_plugin.processor import PluginLogitsProcessor
+    from vllm_plugin.serving import set_plugins
+
+    set_plugins(checkpoints)
+    max_len = min(2048, getattr(base_config.get_text_config(), "max_position_embeddings", 2048))
+    # 32-token KV blocks let requests that share a prompt share its prefill (vLLM's prefix
+    # cache only shares full blocks; the default 128 is longer than most E2E prompts).
+    return LLM(model=model_path, logits_processors=[PluginLogitsProcessor], enforce_eager=args.eager,
+               max_model_len=max_len, block_size=32, seed=0, dtype=args.dtype)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    from vllm_plugin.serving import fast_dtype
+
+    args.dtype = fast_dtype()
+    protocol, base_path, base_config, base_name = check_inputs(args)
+    root = Path(args.runs) / f"{protocol.name}-{base_name}"
+    tag = f"max{args.max_tokens}-{args.dtype}"
+    select_dir = root / "generations" / f"select{args.select_subset or '-all'}" / tag
+    test_dir = root / "generations" / (f"test{args.subset}" if args.subset else "test-all") / tag
+    shots = random.Random(0).sample(protocol.fit, 3)
+    # Select inputs are sliced by whether the fit split saw their venue (E2E; none for WebNLG).
+    fit_venues = {dict(e.meta).get("venue") for e in protocol.fit}
+    select_prompts, select_refs = grouped_test(protocol.select, args.select_subset)
+    select_slices = venue_slices(protocol.select, fit_venues) if protocol.dataset == "e2e" else {}
+    choice_file = select_dir / "decoding_choice.json"
+    if args.score_partial:
+        return score_partial(args, protocol, base_name, test_dir, json.loads(choice_file.read_text()))
+
+    checkpoints, mix_weight, trained = train_systems(args, protocol, base_path, root)
+    grid_jobs = {f"{s}@{setting_label(g)}": (s, system_params(s, mix_weight, args.max_tokens, g))
+                 for s in args.systems for g in args.grid}
+    choice = {"grid": args.grid, "select_inputs": len(select_prompts), "chosen": {}, "select_scores": {}}
+    test = prompts = references = None
     # Each model its own engine: the base (with the processor) for every system but lora.
-    engines = {base_path: [s for s in todo if s != "lora"]}
-    if "lora" in todo:
-        engines[str(root / "lora" / "merged")] = ["lora"]
-    for model_path, model_systems in engines.items():
-        if not model_systems:
+    by_model = {base_path: [s for s in args.systems if s != "lora"]}
+    if "lora" in args.systems:
+        by_model[str(root / "lora" / "merged")] = ["lora"]
+    for model_path, systems in by_model.items():
+        llm = None
+        select_todo = {stem: job for stem, job in grid_jobs.items()
+                       if job[0] in systems and not (select_dir / f"{stem}.jsonl").is_file()}
+        if select_todo:
+            llm = engine(model_path, checkpoints, base_config, args)
+            generate_jobs(llm, select_todo, select_prompts, shots, select_dir, args.chunk, "select")
+        made = choose_decoding(systems, args.grid, select_dir, select_prompts, select_refs, select_slices)
+        for key in ("chosen", "select_scores"):
+            choice[key].update(made[key])
+        choice_file.write_text(json.dumps(choice, indent=2) + "\n")
+        if args.select_only:
             continue
-        # On a 2-core CPU the engine-core process's busy loop would take a core from the model:
-        # an in-process engine generated about twice as fast here.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
-
-        from vllm_plugin.serving import set_plugins
-        from vllm_plugin.processor import PluginLogitsProcessor
-
-        set_plugins(checkpoints)
-        max_len = min(2048, getattr(base_config.get_text_config(), "max_position_embeddings", 2048))
-        # 32-token KV blocks let requests that share a prompt share its prefill (vLLM's prefix
-        # cache only shares full blocks; the default 128 is longer than most E2E prompts).
-        llm = LLM(model=model_path, logits_processors=[PluginLogitsProcessor], enforce_eager=args.eager,
-                  max_model_len=max_len, block_size=32, seed=0, dtype=args.dtype)
-        generate_systems(llm, model_systems, prompts, shots, lambda name: system_params(
-            name, mix_weight, args.max_tokens, args.repetition_penalty), gen_dir, args.chunk)
+        if test is None:  # read only once every choice so far is made
+            test = load_test(args.dataset)
+            prompts, references = grouped_test(test, args.subset)
+        test_todo = {f"{s}@{setting_label(choice['chosen'][s])}": (s, system_params(
+            s, mix_weight, args.max_tokens, choice["chosen"][s])) for s in systems}
+        test_todo = {stem: job for stem, job in test_todo.items() if not (test_dir / f"{stem}.jsonl").is_file()}
+        if test_todo:
+            llm = llm or engine(model_path, checkpoints, base_config, args)
+            generate_jobs(llm, test_todo, prompts, shots, test_dir, args.chunk, "test")
         del llm
+    if args.select_only:
+        for s, setting in choice["chosen"].items():
+            print(f"{s}: {setting_label(setting)} (select BLEU "
+                  f"{choice['select_scores'][s][setting_label(setting)]['bleu']:.2f})")
+        print(f"wrote {choice_file}")
+        return
+    files = {s: test_dir / f"{s}@{setting_label(choice['chosen'][s])}.jsonl" for s in args.systems}
+    result = test_result(args, protocol, base_name, test, prompts, references, files, choice)
+    result.update(mixture_weight=mix_weight if "weighted_mix" in args.systems else None,
+                  training=training_summary(root, trained))
+    write_outputs(result, Path(args.results) / f"{protocol.name}_{base_name}")
+    print(f"wrote {Path(args.results) / f'{protocol.name}_{base_name}'}.json/.md/.png")
 
-    scored = {}
-    for name in systems:
-        rows = [json.loads(line) for line in open(gen_dir / f"{name}.jsonl")]
-        scored[name] = score([r["output"] for r in rows], references)
-        print(name, {k: round(v, 3) for k, v in scored[name].items()})
-    result = {"dataset": args.dataset, "base_model": base_name, "protocol": protocol,
-              "n_test_inputs": len(prompts), "subset": args.subset, "decoding": decoding(args),
-              "mixture_weight": mix_weight if "weighted_mix" in systems else None, "systems": scored,
-              "targets": against_targets(scored), "training": training_summary(root, trained)}
-    write_outputs(result, results_dir / f"{args.dataset}_{base_name}")
-    print(f"wrote {results_dir / f'{args.dataset}_{base_name}'}.json/.md/.png")
+
+def test_result(args, protocol: Protocol, base_name, test, prompts, references, files: dict[str, Path],
+                choice: dict, n: int | None = None) -> dict:
+    """Scores of every system's test generations (``files``, at its chosen setting; the first
+    ``n`` inputs if given), with the protocol, the decoding grid and choice, and the targets."""
+    n = len(prompts) if n is None else n
+    slices = {}
+    if protocol.dataset == "e2e":
+        slices = venue_slices(test, {dict(e.meta).get("venue") for e in protocol.train_examples})
+    description = protocol.description
+    if args.subset and args.subset < len({e.prompt for e in test}):
+        description += f"; scored here on a fixed random subset of {args.subset} test inputs (seed 0)"
+    systems = {}
+    for name in args.systems:
+        rows = read_generations(files[name], prompts)[:n]
+        systems[name] = score_sliced([r["output"] for r in rows], prompts[:n], references[:n], slices)
+        systems[name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in rows) / n
+        print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
+    return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
+            "protocol": description, "n_test_inputs": n, "subset": args.subset,
+            "decoding": {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
+                         "dtype": args.dtype,
+                         "chosen_on": f"{choice['select_inputs']} select inputs (BLEU, then ROUGE-L)", **choice},
+            "systems": systems, "targets": against_targets(systems)}
+
+
+def score_partial(args, protocol: Protocol, base_name, test_dir: Path, choice: dict) -> None:
+    """Score the test inputs every system has generated so far (a run still going, or cut
+    short), in test-file order; written as ``<protocol>_<base>_partial.*``. Trains nothing."""
+    test = load_test(args.dataset)
+    prompts, references = grouped_test(test, args.subset)
+    files = {}
+    for name in args.systems:
+        stem = f"{name}@{setting_label(choice['chosen'][name])}"
+        files[name] = next((p for p in (test_dir / f"{stem}.jsonl", test_dir / f"{stem}.partial.jsonl")
+                            if p.is_file()), None)
+    n = min(len(p.read_text().splitlines()) if p else 0 for p in files.values())
+    if not n:
+        raise SystemExit(f"nothing generated yet under {test_dir} for every system")
+    result = test_result(args, protocol, base_name, test, prompts, references, files, choice, n)
+    result.update(partial=True, of_test_inputs=len(prompts),
+                  note=f"the first {n} test inputs (test-file order) of a run in progress")
+    out = Path(args.results) / f"{protocol.name}_{base_name}_partial"
+    write_outputs(result, out)
+    print(f"wrote {out}.json/.md/.png")
 
 
 if __name__ == "__main__":

@@ -4,48 +4,28 @@ trained (``benchmarks.quality``; run that first).
 
     python -m benchmarks.strength --dataset webnlg
 
-Sets: ``select``, the split every plugin was selected on (inputs like the fitting ones); and,
-for WebNLG, ``heldout_train``: a fixed sample of ``train`` entries of the three held-out
-categories (first reference each): inputs like the scored ``dev`` ones, but drawn from
-``train``, so a strength chosen there is chosen without looking at the test set. ``w = 0`` is
-the base alone. The top-20 plugin is combined with the base's top-20 view, as it decodes. Writes
-``benchmarks/results/<dataset>_<base>_strength.json`` and ``.md``.
+The set is the protocol's ``select`` split, the one every plugin was selected on: the strength
+is chosen there, with no data of the test set (for WebNLG, no data of the held-out categories).
+``w = 0`` is the base alone. The top-20 plugin is combined with the base's top-20 view, as it
+decodes. Writes ``benchmarks/results/<protocol>_<base>_strength.json`` and ``.md``.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WEIGHTS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 PLUGINS = ("recurrent", "transformer", "top20")
-HELDOUT_SAMPLE = 400
 
 
-def evaluation_sets(dataset: str) -> dict:
-    """name -> (examples, what they are)."""
-    from benchmarks.quality import first_reference_each, load_protocol, split_webnlg
-    from training.data import split_by_input
-    from training.pipeline import data_dir
+def evaluation_sets(dataset: str, split: str | None = None) -> tuple[str, dict]:
+    """(protocol name, {set name: (examples, what they are)})."""
+    from benchmarks.quality import load_protocol
 
-    train_examples, _, test, _ = load_protocol(dataset)
-    _, select = split_by_input(train_examples)
-    sets = {"select": (select, "the select split (inputs like the fitting ones)")}
-    if dataset == "webnlg":
-        from training.data import load_webnlg
-
-        _, _, held_out = split_webnlg(data_dir())
-        heldout = first_reference_each(load_webnlg(data_dir() / "webnlg" / "train.jsonl"), held_out)
-        # A fixed sample keeps the base's forward to minutes on two cores (all of them: ~86k tokens).
-        heldout = random.Random(0).sample(heldout, min(HELDOUT_SAMPLE, len(heldout)))
-        scored = {e.prompt for e in test}  # a few inputs stand in both train and dev
-        heldout = [e for e in heldout if e.prompt not in scored]
-        sets["heldout_train"] = (heldout, f"{len(heldout)} random train entries (seed 0) of the held-out "
-                                          f"categories {held_out}, first reference each; the scored dev "
-                                          f"entries are not among them")
-    return sets
+    protocol = load_protocol(dataset, split)
+    return protocol.name, {"select": (protocol.select, f"the select split ({protocol.description})")}
 
 
 def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
@@ -72,6 +52,7 @@ def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="webnlg", choices=["e2e", "webnlg"])
+    parser.add_argument("--split", choices=["venue", "input"], help="E2E's fit/select split (see benchmarks.quality)")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--weights", default=",".join(map(str, WEIGHTS)))
     parser.add_argument("--runs", default="runs/quality")
@@ -89,7 +70,8 @@ def main(argv=None) -> None:
 
     weights = [float(w) for w in args.weights.split(",")]
     base_name = SHORT_BASE_NAMES.get(args.base, Path(args.base).name.lower())
-    root = Path(args.runs) / f"{args.dataset}-{base_name}"
+    protocol_name, sets = evaluation_sets(args.dataset, args.split)
+    root = Path(args.runs) / f"{protocol_name}-{base_name}"
     plugins = {n: root / n / "checkpoint" for n in PLUGINS if (root / n / "checkpoint").is_dir()}
     if not plugins:
         raise SystemExit(f"no trained plugins under {root}: run python -m benchmarks.quality "
@@ -101,7 +83,7 @@ def main(argv=None) -> None:
 
     result = {"dataset": args.dataset, "base_model": base_name, "weights": weights, "sets": {},
               "cross_entropy": {n: {} for n in plugins}, "best_weight": {n: {} for n in plugins}}
-    for set_name, (examples, description) in evaluation_sets(args.dataset).items():
+    for set_name, (examples, description) in sets.items():
         ts = tokenize_examples(examples, tokenizer)
         data = PairSet(ts, base_logits_for(ts, RunSpec(), base_path, fingerprint, load_base))
         result["sets"][set_name] = {"description": description, "examples": len(examples),
@@ -113,7 +95,7 @@ def main(argv=None) -> None:
             result["best_weight"][name][set_name] = weights[min(range(len(ce)), key=ce.__getitem__)]
             print(set_name, name, {w: round(c, 3) for w, c in zip(weights, ce)})
 
-    out = Path(args.results) / f"{args.dataset}_{base_name}_strength"
+    out = Path(args.results) / f"{protocol_name}_{base_name}_strength"
     out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [f"**{args.dataset}**, base `{base_name}`: teacher-forced cross-entropy (nats per target token) of "
              f"base x plugin^w; w = 0 is the base alone (for top20: the base's top-20 view).", ""]

@@ -23,6 +23,18 @@ MAX_MODEL_LEN = 256
 MAX_NUM_SEQS = 8
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state, whatever ran before it."""
+    import random
+
+    import numpy as np
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["VLLM_PLUGIN_CACHE"] = str(tmp_path_factory.mktemp("cache"))

@@ -10,12 +10,14 @@ from .test_data import write_e2e
 from .test_training import synthetic_rows
 
 
-def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
+def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_format(tiny, tmp_path):
     data = tmp_path / "data"
     (data / "e2e").mkdir(parents=True)
-    rows = synthetic_rows(20)
-    write_e2e(data / "e2e" / "devel.csv", rows[:30])
-    write_e2e(data / "e2e" / "test.csv", rows[30:])
+    rows = synthetic_rows(29)  # devel: 24 MRs, two of each of 12 venues; test: 5 MRs
+    write_e2e(data / "e2e" / "devel.csv", rows[:48])
+    # Two of the five test MRs name a venue that devel never names (as 596 of E2E's test MRs do).
+    test_rows = [(mr.replace(mr[5:mr.index("]")], "Aromi"), ref.replace(mr[5:mr.index("]")], "Aromi"))
+                 if i < 4 else (mr, ref) for i, (mr, ref) in enumerate(rows[48:])]
     env = {**os.environ, "VLLM_PLUGIN_DATA": str(data)}
 
     def quality_main(args):  # its own process: a second in-process engine would break the shared one
@@ -25,23 +27,44 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
     # plugin_recurrent_w0.3 is not a listed system: any strength can be asked for by name.
     # lora: a second engine, on the merged fine-tune.
     systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,lora"
+    grid = [{"repetition_penalty": 1.0, "frequency_penalty": 0.0}, {"repetition_penalty": 1.1, "frequency_penalty": 0.5}]
     # A dotted base name (like qwen2.5-coder-0.5b) must not lose its tail to a file suffix.
     args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny-0.5b", "--systems", systems,
-            "--epochs", "1", "--max-tokens", "8", "--eager", "--chunk", "3", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+            "--epochs", "1", "--lora-epochs", "6", "--max-tokens", "8", "--eager", "--chunk", "3",
+            "--decoding-grid", "1.0:0,1.1:0.5",
+            "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    # Choosing needs no test set at all: it runs, and chooses, before test.csv exists.
+    quality_main(args + ["--select-only"])
+    run_dir = tmp_path / "runs" / "e2e-tiny-0.5b"
+    (choice_file,) = run_dir.rglob("decoding_choice.json")
+    choice = json.loads(choice_file.read_text())
+    assert not (run_dir / "generations" / "test-all").exists() and not list((tmp_path / "res").glob("*.json"))
+    assert choice["grid"] == grid and set(choice["chosen"]) == set(systems.split(","))
+    for system, setting in choice["chosen"].items():
+        scores = choice["select_scores"][system]
+        best = max(scores, key=lambda label: (scores[label]["bleu"], scores[label]["rouge_l"]))
+        assert scores[best] == scores[f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"]
+        # Select inputs are sliced by whether the fit split saw their venue (split by venue).
+        assert scores[best]["venue_unseen"]["n_inputs"] >= 1 and scores[best]["venue_seen"]["n_inputs"] >= 1
+
+    write_e2e(data / "e2e" / "test.csv", test_rows)
     quality_main(args)
     result = json.loads((tmp_path / "res" / "e2e_tiny-0.5b.json").read_text())
     assert result["dataset"] == "e2e" and result["base_model"] == "tiny-0.5b" and result["n_test_inputs"] == 5
+    assert result["decoding"]["chosen"] == choice["chosen"] and result["decoding"]["grid"] == grid
     assert list(result["systems"]) == systems.split(",")
     for scores in result["systems"].values():
-        assert set(scores) == {"bleu", "rouge_l", "meteor", "cider", "nist"}
+        assert {"bleu", "rouge_l", "meteor", "cider", "nist"} <= set(scores)
         assert 0 <= scores["bleu"] <= 100
+        assert scores["venue_seen"]["n_inputs"] == 3 and scores["venue_unseen"]["n_inputs"] == 2
     assert 0.0 <= result["mixture_weight"] <= 1.0
     gains = result["targets"]["bleu_gain_over_zero_shot"]
     assert set(gains) == {"plugin_recurrent", "plugin_recurrent_w0.3"}
     assert set(result["training"]) == {"recurrent", "small", "lora"}
     assert result["training"]["recurrent"]["epochs_run"] == 1
     assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
-    assert (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text().startswith("**e2e**")
+    md = (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text()
+    assert md.startswith("**e2e**") and "does not occur in devel (2)" in md
     assert (tmp_path / "res" / "e2e_tiny-0.5b.png").stat().st_size > 1000
     # Cached: a re-run trains and generates nothing new.
     generations = sorted((tmp_path / "runs").rglob("*.jsonl"))
@@ -53,34 +76,62 @@ def test_quality_benchmark_writes_the_results_format(tiny, tmp_path):
     assert partial["partial"] and partial["n_test_inputs"] == 5 and set(partial["systems"]) == set(systems.split(","))
     assert partial["systems"]["zero_shot"]["bleu"] == result["systems"]["zero_shot"]["bleu"]
 
-    # What the chunked, prefix-cached, all-systems-at-once generation produced is what the
-    # reference decoder produces, token for token (up to the newline stop).
-    from transformers import AutoTokenizer
+    # What the chunked, prefix-cached, all-systems-at-once generation produced at each system's
+    # chosen setting is what the reference decoder produces with the same penalties, token for
+    # token (up to the newline stop).
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_plugin.checkpoint import load_plugin
     from vllm_plugin.decode import reference_generate
 
     tok = AutoTokenizer.from_pretrained(tiny.base_dir)
-    (gen_dir,) = {g.parent for g in generations}
-    plugin = load_plugin(tmp_path / "runs" / "e2e-tiny-0.5b" / "recurrent" / "checkpoint")
-    for system, weight in (("plugin_recurrent", 1.0), ("plugin_recurrent_w0.3", 0.3)):
-        rows = [json.loads(line) for line in (gen_dir / f"{system}.jsonl").read_text().splitlines()]
+    test_dir = run_dir / "generations" / "test-all" / "max8-float32"
+
+    def check(system, model, **kw):
+        setting = result["decoding"]["chosen"][system]
+        label = f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"
+        rows = [json.loads(line) for line in (test_dir / f"{system}@{label}.jsonl").read_text().splitlines()]
         assert len(rows) == 5
         for row in rows:
-            (want,) = reference_generate(tiny.base, [tok(row["prompt"]).input_ids], plugin, weight=weight,
-                                         max_new_tokens=8, repetition_penalty=1.1)
+            (want,) = reference_generate(model, [tok(row["prompt"]).input_ids], max_new_tokens=8, **setting, **kw)
             got = row["token_ids"]
             assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)
-    from transformers import AutoModelForCausalLM
+        return rows
 
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "e2e-tiny-0.5b" / "lora" / "merged").eval()
-    lora_rows = [json.loads(line) for line in (gen_dir / "lora.jsonl").read_text().splitlines()]
-    zero_rows = [json.loads(line) for line in (gen_dir / "zero_shot.jsonl").read_text().splitlines()]
+    plugin = load_plugin(run_dir / "recurrent" / "checkpoint")
+    for system, weight in (("plugin_recurrent", 1.0), ("plugin_recurrent_w0.3", 0.3)):
+        check(system, tiny.base, plugin=plugin, weight=weight)
+    zero_rows = check("zero_shot", tiny.base)
+    merged = AutoModelForCausalLM.from_pretrained(run_dir / "lora" / "merged").eval()
+    lora_rows = check("lora", merged)
     assert [r["token_ids"] for r in lora_rows] != [r["token_ids"] for r in zero_rows]  # the fine-tune is served
-    for row in lora_rows:
-        (want,) = reference_generate(merged, [tok(row["prompt"]).input_ids], max_new_tokens=8, repetition_penalty=1.1)
-        got = row["token_ids"]
-        assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), row
+
+
+def test_e2e_venue_split_mirrors_test():
+    """Select holds about a third of its inputs from venues the fit split never sees; the rest,
+    and every fit venue, as in the paper's split; no input on both sides; seeded."""
+    from training.data import Example, split_examples
+
+    examples = [Example(group=f"name[V{v}], food[F{i}]", prompt=f"p{v}-{i}", target=f"t{r}", meta=(("venue", f"V{v}"),))
+                for v in range(12) for i in range(3 + v) for r in range(2)]
+    fit, select = split_examples(examples, "venue")
+    assert split_examples(examples, "venue") == (fit, select)
+    fit_groups, select_groups = {e.group for e in fit}, {e.group for e in select}
+    assert not fit_groups & select_groups and len(fit_groups) + len(select_groups) == len({e.group for e in examples})
+    assert len(fit_groups) == round(0.6 * len({e.group for e in examples}))
+    fit_venues = {dict(e.meta)["venue"] for e in fit}
+    unseen = {e.group for e in select if dict(e.meta)["venue"] not in fit_venues}
+    assert 0.2 <= len(unseen) / len(select_groups) <= 0.5
+    assert split_examples(examples, "venue", seed=1) != (fit, select)
+    with pytest.raises(ValueError, match="split 'venue' needs E2E"):
+        split_examples([Example("a", "p", "t"), Example("b", "q", "u")], "venue")
+
+
+def test_e2e_examples_carry_their_venue(tmp_path):
+    from training.data import load_e2e
+
+    path = write_e2e(tmp_path / "d.csv", [("name[Blue Spice], area[city centre]", "x."), ("area[riverside]", "y.")])
+    assert [dict(e.meta)["venue"] for e in load_e2e(path)] == ["Blue Spice", ""]
 
 
 def test_systems_are_named_or_added_to_the_default_list():
@@ -137,12 +188,13 @@ def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, mon
 
 
 def test_webnlg_protocol_holds_out_whole_categories():
-    from benchmarks.quality import load_protocol
+    from benchmarks.quality import load_protocol, load_test
     from training.pipeline import data_dir
 
     if not (data_dir() / "webnlg" / "dev.jsonl").is_file():
         pytest.skip("shared task data not present")
-    train, fit, test, protocol = load_protocol("webnlg")
+    p = load_protocol("webnlg")
+    train, fit, test, protocol = p.train_examples, p.fit, load_test("webnlg"), p.description
     held_out = {"Building", "Food", "University"}
     assert all(dict(e.meta)["category"] in held_out for e in test)
     assert not any(dict(e.meta)["category"] in held_out for e in train)

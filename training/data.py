@@ -2,8 +2,10 @@
 
 Datasets: E2E (CSV; references grouped by meaning representation), WebNLG (JSON Lines of
 triples and references), and a generic JSON Lines of ``{"prompt", "completion"}`` for users'
-own tasks. Splits follow the paper: distinct inputs, shuffled with a seed, 60% to fit and
-40% to select.
+own tasks. Splits (``split_examples``): ``input``, the paper's: distinct inputs, shuffled with a
+seed, 60% to fit and 40% to select; ``venue`` (E2E): the same sizes, but about a third of the
+select inputs name venues that the fit split never sees, as about a third of E2E's test MRs name
+venues that never occur in ``devel``.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATASETS = ("e2e", "webnlg", "jsonl")
+SPLITS = ("input", "venue")
 
 # The paper's E2E prompt (its Llama-3.1 experiments), and the same shape for WebNLG.
 PROMPT_TEMPLATES = {
@@ -48,6 +51,11 @@ def parse_mr(mr: str) -> list[tuple[str, str]]:
     return [(k.strip(), v.strip()) for k, v in items]
 
 
+def venue_of(mr: str) -> str:
+    """The venue an E2E MR describes, its ``name[...]`` value; ``""`` for the few MRs without one."""
+    return dict(parse_mr(mr)).get("name", "")
+
+
 def format_prompt(dataset: str, raw_input: str, template: str | None = None) -> str:
     template = template or PROMPT_TEMPLATES[dataset]
     if dataset == "e2e":
@@ -75,10 +83,10 @@ def load_e2e(path: str | Path, template: str | None = None) -> list[Example]:
             if not mr or not ref:
                 raise DataError(f"{path}:{line}: empty 'mr' or 'ref'")
             try:
-                prompt = format_prompt("e2e", mr, template)
+                prompt, venue = format_prompt("e2e", mr, template), venue_of(mr)
             except ValueError as e:
                 raise DataError(f"{path}:{line}: {e}") from e
-            examples.append(Example(group=mr, prompt=prompt, target=ref))
+            examples.append(Example(group=mr, prompt=prompt, target=ref, meta=(("venue", venue),)))
     if not examples:
         raise DataError(f"{path} has no rows")
     return examples
@@ -155,6 +163,61 @@ def split_by_input(examples: list[Example], fit_fraction: float = 0.6, seed: int
     fit = [e for e in examples if e.group in fit_groups]
     select = [e for e in examples if e.group not in fit_groups]
     return fit, select
+
+
+# Of E2E's 1,847 test MRs, 596 (32%) name a venue that no devel MR names.
+UNSEEN_VENUE_SHARE = 1 / 3
+
+
+def split_by_venue(examples: list[Example], fit_fraction: float = 0.6, seed: int = 0,
+                   unseen_share: float = UNSEEN_VENUE_SHARE):
+    """The paper's sizes (``fit_fraction`` of the distinct inputs to fit), but the select split
+    mirrors a test set whose venues are partly new: whole venues, drawn in a seeded order, go to
+    select until they hold about ``unseen_share`` of its inputs (a venue that would overshoot by
+    half is passed over); the rest of select is drawn by input from the remaining venues (and
+    the MRs without one).
+
+    Raises:
+        DataError: an example without a ``venue`` (only E2E examples have one).
+    """
+    venue_inputs: dict[str, set[str]] = {}
+    for e in examples:
+        if "venue" not in dict(e.meta):
+            raise DataError(f"split 'venue' needs E2E examples (a name[...] per MR); {e.group!r} has none")
+        venue_inputs.setdefault(dict(e.meta)["venue"], set()).add(e.group)
+    n_inputs = sum(map(len, venue_inputs.values()))
+    n_select = n_inputs - min(max(1, round(fit_fraction * n_inputs)), n_inputs - 1)
+    target = unseen_share * n_select
+    rng = random.Random(seed)
+    venues = sorted(v for v in venue_inputs if v)
+    rng.shuffle(venues)
+    held_out, held = set(), 0
+    for v in venues:
+        if held >= target:
+            break
+        if held + len(venue_inputs[v]) <= 1.5 * target:
+            held_out.add(v)
+            held += len(venue_inputs[v])
+    rest = sorted(g for v, gs in venue_inputs.items() if v not in held_out for g in gs)
+    rng.shuffle(rest)
+    select_groups = {g for v in held_out for g in venue_inputs[v]} | set(rest[:max(0, n_select - held)])
+    fit = [e for e in examples if e.group not in select_groups]
+    select = [e for e in examples if e.group in select_groups]
+    return fit, select
+
+
+def split_examples(examples: list[Example], split: str = "input", fit_fraction: float = 0.6, seed: int = 0):
+    """(fit, select) examples: ``split`` is ``input`` (``split_by_input``, the paper's) or ``venue``
+    (``split_by_venue``, E2E only). No input has references on both sides.
+
+    Raises:
+        DataError: an unknown split, or too few inputs.
+    """
+    if split == "input":
+        return split_by_input(examples, fit_fraction, seed)
+    if split == "venue":
+        return split_by_venue(examples, fit_fraction, seed)
+    raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 
 def group_references(examples: list[Example]) -> dict[str, list[str]]:

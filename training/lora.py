@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .base_logits import TokenizedSet, tokenize_examples
-from .data import split_by_input
+from .data import split_examples
 from .train import TrainConfig
 
 
@@ -77,9 +77,11 @@ def mean_loss(model, ts: TokenizedSet, batch_size: int, pad_id: int) -> float:
     return total / count
 
 
-def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfig = LoraTrainConfig(), log=print) -> Path:
-    """Fine-tune, merge, save under ``out/merged``; ``out/metrics.json`` records the losses.
-    Returns the merged model's folder."""
+def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfig = LoraTrainConfig(), log=print,
+               split: str = "input") -> Path:
+    """Fine-tune on the fit part of ``examples`` (``split_examples(examples, split)``, as the
+    plugins), select on the rest, merge, save under ``out/merged``; ``out/metrics.json`` records
+    the losses. Returns the merged model's folder."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -87,7 +89,7 @@ def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfi
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     tok = AutoTokenizer.from_pretrained(base_path)
-    fit, select = split_by_input(examples)
+    fit, select = split_examples(examples, split, seed=config.seed)
     fit_ts, select_ts = tokenize_examples(fit, tok), tokenize_examples(select, tok)
     pad_id = pad_token_id(tok)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
@@ -141,6 +143,6 @@ def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfi
     model.merge_and_unload().save_pretrained(merged_dir, safe_serialization=True)
     tok.save_pretrained(merged_dir)
     (out / "metrics.json").write_text(json.dumps(
-        {"config": asdict(config), "base_select_loss": base_select, "best_select_loss": best,
+        {"config": asdict(config), "split": split, "base_select_loss": base_select, "best_select_loss": best,
          "best_epoch": best_epoch, "history": history}, indent=2) + "\n")
     return merged_dir

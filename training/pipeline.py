@@ -14,7 +14,7 @@ from vllm_plugin.paths import cache_root
 
 from .base_logits import (SOURCES, BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
-from .data import PROMPT_TEMPLATES, DataError, load_examples, split_by_input
+from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples
 from .train import PairSet, TrainConfig, train
 
 # Files each dataset trains on (the paper fits and selects on E2E's validation split).
@@ -51,6 +51,7 @@ class RunSpec:
     n_layers: int = 1
     max_target_tokens: int = 256
     fit_fraction: float = 0.6
+    split: str = "input"  # training.data.split_examples: input (the paper's) or venue (E2E)
     alone: bool = False  # train the small model on its own (the paper's "small model alone" baseline)
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -144,7 +145,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     fingerprint = tokenizer_fingerprint(tokenizer)
     if examples is None:
         examples = load_examples(spec.dataset, data_file)
-    fit_ex, select_ex = split_by_input(examples, spec.fit_fraction, seed=spec.train.seed)
+    fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
     log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
         f"-> fit {len(fit_ex)} / select {len(select_ex)}")
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
@@ -166,6 +167,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
+                  "split": spec.split,
                   "seed": spec.train.seed, "alone": spec.alone},
     )
     resume_model = spec.out_dir() / "resume" / "model"

@@ -32,6 +32,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--max-target-tokens", type=int, default=256)
+    p.add_argument("--split", default="input", choices=["input", "venue"],
+                   help="fit/select split: input (distinct inputs, 60/40) or venue (E2E: about a third of "
+                        "select names venues the fit split never sees, as in E2E's test set)")
     p.add_argument("--alone", action="store_true", help="train the small model without the base (baseline)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<arch>-<source>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
@@ -45,6 +48,7 @@ def _spec(args):
         dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
+        split=args.split,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed),
     )

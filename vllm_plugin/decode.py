@@ -59,13 +59,16 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
                        use_cache: bool = True, mode: str = "product",
-                       repetition_penalty: float = 1.0, top_k: int | None = None) -> list[list[int]]:
+                       repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                       top_k: int | None = None) -> list[list[int]]:
     """Generate for each prompt; ``base=None`` decodes with the plugin alone.
 
     Greedy when ``temperature == 0``, else seeded multinomial sampling. A generated stop token
     ends the sequence and is kept in its output, as vLLM keeps it in ``token_ids``.
     ``repetition_penalty`` is vLLM's: on the combined scores, for tokens of the prompt or the
     output so far, positive scores are divided by it and negative ones multiplied.
+    ``frequency_penalty`` is vLLM's (OpenAI's) too, applied after it: each token's score drops
+    by the penalty times its count in the output so far (prompt tokens do not count).
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``).
     """
     if base is None and plugin is None:
@@ -100,6 +103,8 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                 seen[torch.tensor(ids)] = True
                 penalty = torch.where(seen, torch.tensor(repetition_penalty), torch.tensor(1.0))
                 scores = scores * torch.where(scores > 0, 1.0 / penalty, penalty)
+            if frequency_penalty and out:
+                scores = scores - frequency_penalty * torch.bincount(torch.tensor(out), minlength=scores.shape[-1])
             if temperature == 0.0:
                 tok = int(torch.argmax(scores))
             else:
