@@ -101,7 +101,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def server(tiny, tmp_path_factory):
-    """`vllm serve` of the tiny base on loopback with plugins a, b, t, k; yields its base URL."""
+    """`vllm serve` of the tiny base on loopback with plugins a, b, t, k and the middleware that
+    refuses boolean plugin arguments (as `vllm-plugin serve` runs it); yields its base URL."""
     import subprocess
     import sys
     import time
@@ -115,7 +116,8 @@ def server(tiny, tmp_path_factory):
     cmd = [str(vllm_cmd), "serve", str(tiny.base_dir), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
            "--max-num-seqs", str(MAX_NUM_SEQS), "--max-logprobs", "20", "--served-model-name", "tiny",
-           "--logits-processors", "vllm_plugin.processor:PluginLogitsProcessor"]
+           "--logits-processors", "vllm_plugin.processor:PluginLogitsProcessor",
+           "--middleware", "vllm_plugin.middleware.PluginArgsMiddleware"]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -95,3 +95,49 @@ def test_not_a_plugin_config(saved):
     (saved[1] / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="not a vllm_plugin checkpoint"):
         load_plugin(saved[1])
+
+
+def _corrupt(tensors: dict, how: str) -> str:
+    """Make one tensor non-finite in place, as the issue measured; returns its name."""
+    if how == "nan_bias":
+        tensors["out_bias"][:] = float("nan")
+        return "out_bias"
+    if how == "inf_bias_entry":
+        tensors["out_bias"][7] = float("inf")
+        return "out_bias"
+    tensors["embed.weight"][11] = float("nan")  # one token's embedding row
+    return "embed.weight"
+
+
+EXPECTED_COUNT = {"nan_bias": V, "inf_bias_entry": 1, "nan_embedding_row": 32}  # d_model 32
+
+
+@pytest.mark.parametrize("how", list(EXPECTED_COUNT))
+def test_non_finite_weights_are_refused_by_name(saved, how):
+    """A NaN/inf anywhere would be served (token 0 every step, a forced token, or prompts with
+    one token broken); load refuses it, naming the file, the tensor and how many values."""
+    from safetensors.torch import load_file, save_file
+
+    path = saved[1] / "model.safetensors"
+    tensors = load_file(str(path))
+    name = _corrupt(tensors, how)
+    save_file(tensors, str(path), metadata={"format": "vllm_plugin/1"})
+    count = EXPECTED_COUNT[how]
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors holds non-finite values .*'{name}' "
+                                              rf"\({count} of \d+ values\).*[Rr]etrain.*restore"):
+        load_plugin(saved[1], vocab_size=V)
+
+
+@pytest.mark.parametrize("how", list(EXPECTED_COUNT))
+def test_save_refuses_non_finite_weights_and_keeps_the_old_checkpoint(saved, tmp_path, how):
+    plugin, folder = saved
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with torch.no_grad():
+        name = _corrupt(dict(plugin.named_parameters()), how)
+    with pytest.raises(CheckpointError, match=rf"refusing to save .*'{name}' \({EXPECTED_COUNT[how]} of"):
+        save_plugin(plugin, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # untouched
+    with pytest.raises(CheckpointError, match="refusing to save"):
+        save_plugin(plugin, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left

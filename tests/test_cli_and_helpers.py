@@ -25,6 +25,7 @@ def test_serving_helpers(tmp_path, monkeypatch):
     assert plugin_params(None).extra_args is None
     cmd, env = serve_command("base", {"a": tmp_path}, "--port", "9000")
     assert cmd[:3] == ["vllm", "serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
+    assert cmd[cmd.index("--middleware") + 1] == "vllm_plugin.middleware.PluginArgsMiddleware"
     assert json.loads(env[ENV_VAR]) == {"a": str(tmp_path.resolve())}
     # bfloat16 is emulated on AVX2-only CPUs (this machine): serve float32 there unless told otherwise.
     assert ("--dtype" in cmd) == (fast_dtype() == "float32")

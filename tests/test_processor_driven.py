@@ -131,6 +131,60 @@ def test_engine_start_refuses_bad_checkpoint(tiny, monkeypatch, tmp_path):
         PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
 
 
+def test_engine_start_refuses_non_finite_checkpoint(tiny, monkeypatch, tmp_path):
+    """The processor's load at engine start (load_bank) refuses a checkpoint with one NaN."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_plugin.checkpoint import save_plugin
+
+    folder = save_plugin(tiny.plugins["a"], tmp_path / "nan")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["embed.weight"][5, 3] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "vllm_plugin/1"})
+    monkeypatch.setenv("VLLM_PLUGINS", f'{{"nan": "{folder}"}}')
+    with pytest.raises(ValueError, match="plugin 'nan' from .*non-finite values .*'embed.weight' \\(1 of"):
+        PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+
+
+def test_top_k_is_bounded_by_the_vocabulary_at_admission(tiny, plugins_env):
+    """validate_params (vLLM's frontend) knows no engine config: the bound comes from the
+    configured checkpoints' config.json."""
+    from vllm_plugin.processor import validate_request
+
+    V = tiny.vocab_size
+    for k in (0, 1, V):
+        validate_request(SamplingParams(extra_args={"plugin": "k", "plugin_base_top_k": k}))
+    for k in (V + 1, 500):
+        with pytest.raises(ValueError, match=rf"'plugin_base_top_k' must be an integer in \[0, {V}\].*"
+                                              rf"score {V} tokens.*got {k}"):
+            validate_request(SamplingParams(extra_args={"plugin": "k", "plugin_base_top_k": k}))
+    assert request_plugin(SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 9}), {"a": "/x"},
+                          vocab_size=lambda name: 10).top_k == 9
+    with pytest.raises(ValueError, match=r"\[0, 8\]"):
+        request_plugin(SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 9}), {"a": "/x"},
+                       vocab_size=lambda name: 8)
+    for bad in ({"plugin": "a", "plugin_mode": ["product"]}, {"plugin": "a", "plugin_weight": [1.0]},
+                {"plugin": "a", "plugin_weight": False}, {"plugin": ["a"]}):
+        with pytest.raises(ValueError):
+            validate_request(SamplingParams(extra_args=bad))
+
+
+def test_apply_clamps_a_top_k_past_the_vocabulary(tiny, plugins_env):
+    """Second line behind admission: a top-k past the vocabulary (a request that bypassed
+    validate_params) is served as the whole vocabulary, never raised inside the engine step."""
+    proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
+    ids = tiny.encode("Aromi is a")
+    logits = base_logits(tiny, [ids, ids])
+    proc.bank.assign(0, "a", 1.0, 0, True, 500)  # what admission refuses, assigned directly
+    proc.bank.assign(1, "a", 1.0, 0, True, tiny.vocab_size)
+    proc.row_slot[:2] = [0, 1]
+    proc.row_tokens[0], proc.row_tokens[1] = (ids, []), (ids, [])
+    proc.active_rows = np.array([0, 1])
+    out = proc.apply(logits.clone())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out[0], out[1])
+
+
 def test_wrong_vocabulary_refused_at_start(tiny, plugins_env):
     config = vllm_config(tiny)
     config.model_config.get_vocab_size = lambda: tiny.vocab_size + 1

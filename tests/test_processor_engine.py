@@ -194,6 +194,9 @@ def test_seeded_sampling_matches_the_reference_distribution(tiny, engine):
     ({"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 1.5}, "must be a number in \\[0, 1\\]"),
     ({"plugin": "a", "plugin_mode": "sum"}, "must be one of"),
     ({"plugin": "a", "plugin_base_top_k": -1}, "must be an integer"),
+    ({"plugin": "k", "plugin_base_top_k": 500}, "must be an integer in \\[0, 384\\]"),  # > vocabulary
+    ({"plugin": "a", "plugin_base_top_k": 385}, "the base score 384 tokens"),
+    ({"plugin": "a", "plugin_weight": True}, "must be a number in"),
     ({"plugin": "../../etc"}, "unknown plugin"),
 ])
 def test_bad_request_is_refused_and_engine_keeps_serving(tiny, engine, args, message):
@@ -203,6 +206,30 @@ def test_bad_request_is_refused_and_engine_keeps_serving(tiny, engine, args, mes
                         SamplingParams(max_tokens=4, temperature=0.0, extra_args=args), use_tqdm=False)
     out = engine.generate([TokensPrompt(prompt_token_ids=ids)], greedy(4, "a"), use_tqdm=False)[0]
     assert list(out.outputs[0].token_ids) == reference(tiny, ids, "a", None, 4)
+
+
+def test_engine_refuses_to_start_with_a_non_finite_plugin(tiny, tmp_path):
+    """A checkpoint whose out_bias is all NaN (served, every plugin request would decode token 0):
+    a real engine refuses to start, naming the plugin, the tensor and the fix. (Own process: a
+    second in-process engine would disturb the shared one.)"""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_plugin.checkpoint import save_plugin
+
+    folder = save_plugin(tiny.plugins["a"], tmp_path / "nan")
+    tensors = load_file(str(folder / "model.safetensors"))
+    tensors["out_bias"][:] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "vllm_plugin/1"})
+    script = ("import sys\nfrom vllm import LLM\nfrom vllm_plugin.processor import PluginLogitsProcessor\n"
+              "LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=64, max_num_seqs=2,"
+              " logits_processors=[PluginLogitsProcessor])\nprint('ENGINE STARTED')\n")
+    env = {**os.environ, "VLLM_PLUGINS": json.dumps({"broken": str(folder)}), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny.base_dir)], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout, proc.stdout[-2000:]
+    assert ("plugin 'broken'" in proc.stderr and "non-finite values" in proc.stderr
+            and f"'out_bias' ({tiny.vocab_size} of {tiny.vocab_size} values)" in proc.stderr
+            and "Retrain the plugin" in proc.stderr), proc.stderr[-3000:]
 
 
 def test_forced_preemption(tiny):

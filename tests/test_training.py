@@ -8,7 +8,7 @@ import training.base_logits as bl_mod
 from training.base_logits import BaseLogits, BaseLogitsError, cached, extract_full, tokenize_examples
 from training.data import load_e2e, split_by_input
 from training.pipeline import RunSpec, run
-from training.train import PairSet, TrainConfig, evaluate
+from training.train import PairSet, TrainConfig, TrainingDivergedError, evaluate
 from vllm_plugin.checkpoint import load_plugin
 from vllm_plugin.testing import CORPUS_WORDS
 
@@ -162,6 +162,32 @@ def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):
     spec.train.epochs = 2
     with pytest.raises(ValueError, match="holds a run for another base or plugin"):
         run(spec, progress=False, log=lambda *_: None)
+
+
+def test_diverging_training_stops_and_keeps_the_best_checkpoint(tiny, e2e_file, tmp_path):
+    """A learning rate that blows the weights up: training stops at the first non-finite loss or
+    gradient, naming epoch and batch and the fix, and the good epoch-1 checkpoint survives."""
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=1))
+    run(spec, progress=False, log=lambda *_: None)
+    run_dir = tmp_path / "run"
+    kept = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and ("checkpoint" in p.parts or "resume" in p.parts)}
+    assert any("checkpoint" in p.parts for p in kept)
+    spec.train.epochs, spec.train.lr = 2, 1e30  # resumes after epoch 1, then diverges
+    with pytest.raises(TrainingDivergedError, match=r"(loss|gradient norm) is (nan|inf).* at epoch 2, batch \d+ "
+                                                    r".*best checkpoint .*epoch 1.* untouched.*Lower the learning rate"):
+        run(spec, progress=False, log=lambda *_: None)
+    now = {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+           if p.is_file() and ("checkpoint" in p.parts or "resume" in p.parts)}
+    assert now == kept
+    load_plugin(run_dir / "checkpoint", tiny.vocab_size, tiny.fingerprint)  # finite, loads
+
+    fresh = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "fresh"),
+                    train=TrainConfig(epochs=1, batch_size=8, lr=1e30, warmup_steps=1))
+    with pytest.raises(TrainingDivergedError, match=r"epoch 1, batch \d+ .*no checkpoint was written"):
+        run(fresh, progress=False, log=lambda *_: None)
+    assert not (tmp_path / "fresh" / "checkpoint").exists()
 
 
 def test_strength_sweep_ends_at_base_alone_and_training_loss(tiny, e2e_file):

@@ -4,6 +4,8 @@ Loss: cross-entropy of softmax(base log-probs + plugin logits) on target tokens 
 the product of experts p_base * p_plugin renormalised. AdamW with linear warmup and cosine
 decay, early stopping on the held-out (select) loss, the best checkpoint kept, resumable at
 epoch boundaries. Nothing is pickled: the optimizer state is stored as safetensors too.
+A loss or gradient that goes non-finite stops training (``TrainingDivergedError``) before the
+step that would spread it into the weights, so neither checkpoint is ever overwritten with it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,21 @@ from vllm_plugin.checkpoint import load_plugin, save_plugin
 from vllm_plugin.model import PluginLM
 
 from .base_logits import BaseLogits, TokenizedSet
+
+
+class TrainingDivergedError(ValueError):
+    """The loss or the gradient norm went non-finite (NaN/inf) during training."""
+
+
+def _diverged(what: str, value: float, epoch: int, batch: int, step: int, lr: float, out_dir: Path,
+              state: dict) -> TrainingDivergedError:
+    best = (f"the best checkpoint ({out_dir / 'checkpoint'}, epoch {state['best_epoch']}) and the resume point "
+            f"(after epoch {state['epoch']}) are untouched" if state["best_epoch"] else
+            "no checkpoint was written")
+    return TrainingDivergedError(
+        f"training diverged: the {what} is {value} at epoch {epoch + 1}, batch {batch + 1} (optimizer step "
+        f"{step + 1}, learning rate {lr:.3g}); {best}. Lower the learning rate (--lr) or raise the warmup "
+        f"(--warmup-steps) and train again")
 
 
 @dataclass
@@ -122,7 +139,12 @@ def _load_resume(folder: Path, plugin, opt) -> dict:
 
 def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = True, progress: bool = True, log=print) -> dict:
-    """Fit the plugin; the best-on-select weights end up in ``out_dir/checkpoint``."""
+    """Fit the plugin; the best-on-select weights end up in ``out_dir/checkpoint``.
+
+    Raises:
+        TrainingDivergedError: the training loss, the gradient norm or the select loss went
+            NaN/inf; raised before that step updates the weights, and before any save.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -154,17 +176,26 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
         for b in bar:
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+            lr = _lr_at(state["step"], total_steps, cfg)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(state["step"], total_steps, cfg)
+                group["lr"] = lr
             loss_sum, n = batch_loss(plugin, fit, idx)
+            loss_value = loss_sum.item()
+            if not math.isfinite(loss_value):
+                raise _diverged("training loss", loss_value / n, epoch, b, state["step"], lr, out_dir, state)
             opt.zero_grad(set_to_none=True)
             (loss_sum / n).backward()
-            torch.nn.utils.clip_grad_norm_(plugin.parameters(), cfg.grad_clip)
+            norm = float(torch.nn.utils.clip_grad_norm_(plugin.parameters(), cfg.grad_clip))
+            if not math.isfinite(norm):  # clipping by an inf norm would write NaN into every weight
+                raise _diverged("gradient norm", norm, epoch, b, state["step"], lr, out_dir, state)
             opt.step()
             state["step"] += 1
-            total, count = total + loss_sum.item(), count + n
+            total, count = total + loss_value, count + n
             bar.set_postfix(loss=f"{total / count:.3f}")
         select_loss = evaluate(plugin, select)
+        if not math.isfinite(select_loss):
+            raise _diverged("select loss", select_loss, epoch, steps_per_epoch - 1, state["step"] - 1,
+                            _lr_at(state["step"] - 1, total_steps, cfg), out_dir, state)
         record = {"epoch": epoch + 1, "fit_loss": total / count, "select_loss": select_loss,
                   "seconds": time.time() - t0, "tokens_per_s": count / (time.time() - t0)}
         state["history"].append(record)

@@ -2,12 +2,16 @@
 
 Written to a temporary folder and renamed into place, so a crash never leaves half a
 checkpoint. Loading never unpickles anything and refuses, by name, whatever does not fit.
+Neither direction lets a non-finite value (NaN, +-inf) through: one NaN in the output bias
+would make every plugin request decode token 0, one +inf would force its token every step.
 """
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -23,12 +27,39 @@ class CheckpointError(ValueError):
     """A plugin checkpoint that cannot be used, with the reason."""
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Tensor name -> (number of NaN/+-inf values, number of values), for each floating-point
+    tensor that holds any; empty when all are finite."""
+    bad = {}
+    for name, t in tensors.items():
+        if t.is_floating_point() or t.is_complex():
+            count = int((~torch.isfinite(t)).sum())
+            if count:
+                bad[name] = (count, t.numel())
+    return bad
+
+
+def _describe(bad: dict[str, tuple[int, int]]) -> str:
+    return ", ".join(f"'{name}' ({n} of {total} values)" for name, (n, total) in bad.items())
+
+
 def save_plugin(model: PluginLM, folder: str | Path) -> Path:
+    """Write ``model`` as a checkpoint folder (``config.json`` + ``model.safetensors``), atomically.
+
+    Raises:
+        CheckpointError: a parameter holds NaN or +-inf (nothing is written; an existing
+            checkpoint at ``folder`` is left as it was).
+    """
+    # Tied weights are stored once; load_state_dict re-ties them.
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"refusing to save plugin to {folder}: non-finite values (NaN/inf) in tensor(s) {_describe(bad)}. "
+            f"Training diverged: lower the learning rate, or keep the last good checkpoint")
     with atomic_folder(folder) as tmp:
         config = {"format": FORMAT, **model.config.to_dict()}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        # Tied weights are stored once; load_state_dict re-ties them.
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
     return Path(folder)
 
@@ -58,7 +89,13 @@ def read_config(folder: str | Path) -> PluginConfig:
 
 def load_plugin(folder: str | Path, vocab_size: int | None = None,
                 tokenizer_fingerprint: str | None = None, device="cpu") -> PluginLM:
-    """Load a plugin, refusing one built for another vocabulary or tokenizer."""
+    """Load a plugin, refusing one built for another vocabulary or tokenizer, or a broken one.
+
+    Raises:
+        CheckpointError: the folder, its config or its weights are missing or unreadable, the
+            weights do not match the config, any tensor holds NaN or +-inf, or the vocabulary
+            size / tokenizer fingerprint differ from the ones given.
+    """
     folder = Path(folder)
     config = read_config(folder)
     if vocab_size is not None and config.vocab_size != vocab_size:
@@ -79,6 +116,12 @@ def load_plugin(folder: str | Path, vocab_size: int | None = None,
         tensors = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights} is corrupt or unreadable: {e}") from e
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(
+            f"{weights} holds non-finite values (NaN/inf) in tensor(s) {_describe(bad)}: served, "
+            f"they would force or break tokens. Retrain the plugin (lower the learning rate if "
+            f"training diverged) or restore this checkpoint from a good copy")
     model = build_plugin(config)
     try:
         model.load_state_dict(tensors, strict=True)

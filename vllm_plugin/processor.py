@@ -21,13 +21,14 @@ and Model Runner V2, the GPU default), so the installed entry point works under 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import re
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -89,15 +90,30 @@ class RequestPlugin(NamedTuple):
     top_k: int | None = None  # the base's top-k view; None: the plugin's own (its training's)
 
 
-def request_plugin(params, known: dict | None = None) -> RequestPlugin:
-    """How a request uses a plugin (``name`` None: it does not); ValueError with the reason if bad."""
+def request_plugin(params, known: dict | None = None,
+                   vocab_size: Callable[[str], int] | None = None) -> RequestPlugin:
+    """How a request uses a plugin (``name`` None: it does not).
+
+    ``params.extra_args`` (``vllm_xargs`` over HTTP) is read; ``known``: the servable plugin
+    names (keys; default: ``$VLLM_PLUGINS``); ``vocab_size(name)``: the number of tokens that
+    plugin (= the base) scores, bounding ``plugin_base_top_k`` (None: not checked here).
+
+    Raises:
+        ValueError: an argument the engine could not serve exactly as asked, with the reason:
+            an unknown plugin or argument name, a weight that is not a finite number in range
+            (booleans included), an unknown mode, a top-k that is not an integer in
+            ``[0, min(MAX_TOP_K, vocabulary size)]``; ``CheckpointError`` (a ValueError) if a
+            configured checkpoint's config cannot be read for its vocabulary size.
+    """
     args = getattr(params, "extra_args", None) or {}
+    if not isinstance(args, Mapping):
+        raise ValueError(f"extra_args must be a mapping of argument names to values, got {type(args).__name__}")
     name = args.get(ARG_PLUGIN)
     weight = args.get(ARG_WEIGHT, 1.0)
     mode = args.get(ARG_MODE, "product")
     top_k = args.get(ARG_TOP_K)
     ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K)
-    stray = [k for k in args if k.startswith("plugin") and k not in ours]
+    stray = [k for k in args if isinstance(k, str) and k.startswith("plugin") and k not in ours]
     if stray:
         raise ValueError(f"unknown plugin argument(s) {stray}; expected {', '.join(map(repr, ours))}")
     if name is None:
@@ -109,19 +125,46 @@ def request_plugin(params, known: dict | None = None) -> RequestPlugin:
     if not isinstance(name, str) or name not in known:
         available = ", ".join(sorted(known)) or f"none (set ${ENV_VAR} on the server)"
         raise ValueError(f"unknown plugin {name!r}; available: {available}")
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"'{ARG_MODE}' must be one of {MODES}, got {mode!r}")
     top = 1.0 if mode == "mixture" else MAX_WEIGHT
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or not 0.0 <= weight <= top:
         raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {top:g}] for mode {mode}, got {weight!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= MAX_TOP_K):
-        raise ValueError(f"'{ARG_TOP_K}' must be an integer in [0, {MAX_TOP_K}] (0: the full base), got {top_k!r}")
+    if top_k is not None:
+        vocab = vocab_size(name) if vocab_size is not None else None
+        limit = MAX_TOP_K if vocab is None else min(MAX_TOP_K, vocab)
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= limit:
+            scope = "" if vocab is None else f"; plugin '{name}' and the base score {vocab} tokens"
+            raise ValueError(f"'{ARG_TOP_K}' must be an integer in [0, {limit}] (0: the full base{scope}), "
+                             f"got {top_k!r}")
     return RequestPlugin(name, float(weight), MODES.index(mode), top_k)
 
 
+@functools.lru_cache(maxsize=64)
+def _checkpoint_vocab_size(path: str) -> int:
+    """The vocabulary size a checkpoint's ``config.json`` declares (read once per path).
+
+    Raises:
+        CheckpointError: the folder or its config is missing or invalid.
+    """
+    from .checkpoint import read_config
+
+    return read_config(path).vocab_size
+
+
 def validate_request(params) -> None:
-    request_plugin(params)
+    """Admission check, run by vLLM's frontend (``validate_params``) before the engine sees the
+    request, so nothing a request carries can fail inside the engine step.
+
+    The frontend has no engine config: the vocabulary size comes from each configured plugin's
+    checkpoint config (``load_plugin`` refuses a plugin whose vocabulary differs from the base's).
+
+    Raises:
+        ValueError: see ``request_plugin``.
+    """
+    table = configured_plugins()
+    request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
 
 
 def _penalised(params) -> bool:
@@ -154,13 +197,21 @@ class PluginBank:
         self.consumed = np.zeros(num_slots, dtype=np.int64)
         self.normalise = np.ones(num_slots, dtype=bool)
         self.top_k = np.zeros(num_slots, dtype=np.int64)  # 0: the full base
+        # A request's logit_bias as (token ids, biases) on the device, for the paths that must
+        # see it apart from the logits (the top-k view, mixture, alone): see decode.combine.
+        self.has_bias = np.zeros(num_slots, dtype=bool)
+        self.bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
         self._warned: set[str] = set()
 
     def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0,
-               normalise: bool = True, top_k: int | None = None) -> bool:
-        """``normalise=False``: nothing after the processor depends on the logits' per-row offset
+               normalise: bool = True, top_k: int | None = None, logit_bias: dict[int, float] | None = None) -> bool:
+        """Give ``slot`` to a sequence that uses plugin ``name`` (None: none); True if it does.
+
+        ``normalise=False``: nothing after the processor depends on the logits' per-row offset
         (no repetition penalty), so the plugin's log-softmax may be left to the sampler's softmax.
-        ``top_k``: decode against the base's top-k view (None: as the plugin was trained; 0: full)."""
+        ``top_k``: decode against the base's top-k view (None: as the plugin was trained; 0: full).
+        ``logit_bias``: the request's (token id -> bias), which vLLM has already added to the
+        logits; kept so that the top-k view, mixture and alone keep it too."""
         g = -1 if name is None else self.index[name]
         self.plugin_of[slot] = g
         self.weight[slot] = weight
@@ -168,6 +219,10 @@ class PluginBank:
         self.normalise[slot] = normalise
         self.top_k[slot] = (self.trained_top_k[g] if top_k is None else top_k) if g >= 0 else 0
         self.consumed[slot] = 0
+        self.has_bias[slot] = bool(logit_bias) and g >= 0
+        self.bias[slot] = ((self._t(np.fromiter(logit_bias, dtype=np.int64)),
+                            self._t(np.fromiter(logit_bias.values(), dtype=np.float32)))
+                           if self.has_bias[slot] else None)
         return name is not None
 
     def warn_once(self, key: str, message: str) -> None:
@@ -177,6 +232,17 @@ class PluginBank:
 
     def _t(self, array) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
+
+    def _bias_rows(self, slots: np.ndarray, vocab_size: int) -> torch.Tensor | None:
+        """[len(slots), V] logit_bias of these slots (zeros for those without); None if none has one."""
+        has = self.has_bias[slots]
+        if not has.any():
+            return None
+        out = torch.zeros(len(slots), vocab_size, device=self.device)
+        for i in np.nonzero(has)[0]:  # only rows with a logit_bias on the top-k, mixture or alone paths
+            ids, values = self.bias[slots[i]]
+            out[i, ids] = values
+        return out
 
     @torch.inference_mode()
     def apply(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
@@ -222,7 +288,9 @@ class PluginBank:
             top_k = self.top_k[s]
             for k in np.unique(top_k[top_k > 0]):  # usually none; one value per top-k plugin
                 r = self._t(rows[sel][top_k == k])
-                logits.index_copy_(0, r, base_top_k(logits[r], int(k)).to(logits.dtype))
+                # Admission bounds k by the vocabulary; clamped again so no value can raise here.
+                k_view = min(int(k), logits.shape[-1])
+                logits.index_copy_(0, r, base_top_k(logits[r], k_view).to(logits.dtype))
             weights = self.weight[s]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
@@ -243,7 +311,8 @@ class PluginBank:
                 in_mode = modes == m
                 r = self._t(rows[sel][in_mode])
                 idx = self._t(np.nonzero(in_mode)[0])
-                combined = combine(logits[r], plugin_logits[idx], w[idx], MODES[m])
+                bias = self._bias_rows(s[in_mode], logits.shape[-1])
+                combined = combine(logits[r], plugin_logits[idx], w[idx], MODES[m], bias=bias)
                 logits.index_copy_(0, r, combined.to(logits.dtype))
         return logits
 
@@ -364,7 +433,7 @@ class PluginProcessorV1(V1LogitsProcessor):
                                               "(prompt embeddings) run without their plugin")
                 continue
             slot = self.free_slots.pop()
-            self.bank.assign(slot, req.name, req.weight, req.mode, _penalised(params), req.top_k)
+            self.bank.assign(slot, req.name, req.weight, req.mode, _penalised(params), req.top_k, params.logit_bias)
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -429,7 +498,8 @@ class PluginProcessorV2(V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)
-        return self.bank.assign(req_idx, req.name, req.weight, req.mode, _penalised(sampling_params), req.top_k)
+        return self.bank.assign(req_idx, req.name, req.weight, req.mode, _penalised(sampling_params), req.top_k,
+                                getattr(sampling_params, "logit_bias", None))
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         if self.bank is None:

@@ -9,6 +9,8 @@ from pathlib import Path
 from .processor import ARG_PLUGIN, ARG_WEIGHT, ENV_VAR
 
 PROCESSOR = "vllm_plugin.processor:PluginLogitsProcessor"
+# Refuses JSON booleans as plugin arguments, which vLLM's schema would read as 1/0 (middleware.py).
+MIDDLEWARE = "vllm_plugin.middleware.PluginArgsMiddleware"
 
 
 def fast_dtype() -> str:
@@ -72,10 +74,13 @@ def plugin_params(name: str | None, weight: float = 1.0, **sampling_kwargs):
 
 
 def serve_command(model: str, plugins: Mapping[str, str | Path], *vllm_args: str) -> tuple[list[str], dict]:
-    """The `vllm serve` command line and environment that serve ``plugins``."""
+    """The `vllm serve` command line and environment that serve ``plugins``, with the processor
+    and the middleware that refuses boolean plugin arguments (``MIDDLEWARE``)."""
     env = dict(os.environ)
     env[ENV_VAR] = json.dumps({name: str(Path(path).resolve()) for name, path in plugins.items()})
     dtype = fast_dtype()
     if dtype != "auto" and not any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
         vllm_args = ("--dtype", dtype, *vllm_args)
+    if MIDDLEWARE not in vllm_args:
+        vllm_args = ("--middleware", MIDDLEWARE, *vllm_args)
     return ["vllm", "serve", model, "--logits-processors", PROCESSOR, *vllm_args], env
