@@ -166,6 +166,16 @@ def load_protocol(dataset: str, split: str | None = None) -> Protocol:
     return Protocol(name, dataset, split, train_examples, fit, select, description)
 
 
+def split_sizes(protocol: Protocol) -> dict:
+    """Distinct inputs in fit and select, and (E2E) select inputs whose venue fit never saw."""
+    out = {"fit_inputs": len({e.group for e in protocol.fit}), "select_inputs": len({e.group for e in protocol.select})}
+    if protocol.dataset == "e2e":
+        fit_venues = {dict(e.meta)["venue"] for e in protocol.fit}
+        out["select_inputs_venue_unseen"] = len({e.group for e in protocol.select
+                                                 if dict(e.meta)["venue"] not in fit_venues})
+    return out
+
+
 def load_test(dataset: str) -> list:
     """The scored examples: E2E ``test``, or WebNLG ``dev`` entries of the held-out categories."""
     from training.data import load_examples
@@ -643,12 +653,15 @@ def main(argv=None) -> None:
         if test is None:  # read only once every choice so far is made
             test = load_test(args.dataset)
             prompts, references = grouped_test(test, args.subset)
+            # Generated in a seeded random order, so what a run cut short has generated is a
+            # random sample of the test inputs (``--score-partial``), not the file's first venues.
+            order = random.Random(0).sample(prompts, len(prompts))
         test_todo = {f"{s}@{setting_label(choice['chosen'][s])}": (s, system_params(
             s, mix_weight, args.max_tokens, choice["chosen"][s])) for s in systems}
         test_todo = {stem: job for stem, job in test_todo.items() if not (test_dir / f"{stem}.jsonl").is_file()}
         if test_todo:
             llm = llm or engine(model_path, checkpoints, base_config, args)
-            generate_jobs(llm, test_todo, prompts, shots, test_dir, args.chunk, "test")
+            generate_jobs(llm, test_todo, order, shots, test_dir, args.chunk, "test")
         del llm
     if args.select_only:
         for s, setting in choice["chosen"].items():
@@ -665,10 +678,14 @@ def main(argv=None) -> None:
 
 
 def test_result(args, protocol: Protocol, base_name, test, prompts, references, files: dict[str, Path],
-                choice: dict, n: int | None = None) -> dict:
-    """Scores of every system's test generations (``files``, at its chosen setting; the first
-    ``n`` inputs if given), with the protocol, the decoding grid and choice, and the targets."""
-    n = len(prompts) if n is None else n
+                choice: dict) -> dict:
+    """Scores of every system's test generations (``files``, at its chosen setting) on the test
+    inputs that every file holds, in test-file order, with the protocol, the decoding grid and
+    choice, and the targets."""
+    generated = {name: {r["prompt"]: r for r in map(json.loads, files[name].read_text().splitlines())}
+                 for name in args.systems}
+    keep = [i for i, p in enumerate(prompts) if all(p in rows for rows in generated.values())]
+    prompts, references, n = [prompts[i] for i in keep], [references[i] for i in keep], len(keep)
     slices = {}
     if protocol.dataset == "e2e":
         slices = venue_slices(test, {dict(e.meta).get("venue") for e in protocol.train_examples})
@@ -677,12 +694,12 @@ def test_result(args, protocol: Protocol, base_name, test, prompts, references, 
         description += f"; scored here on a fixed random subset of {args.subset} test inputs (seed 0)"
     systems = {}
     for name in args.systems:
-        rows = read_generations(files[name], prompts)[:n]
-        systems[name] = score_sliced([r["output"] for r in rows], prompts[:n], references[:n], slices)
+        rows = [generated[name][p] for p in prompts]
+        systems[name] = score_sliced([r["output"] for r in rows], prompts, references, slices)
         systems[name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in rows) / n
         print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
     return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
-            "protocol": description, "n_test_inputs": n, "subset": args.subset,
+            "protocol": description, "split_sizes": split_sizes(protocol), "n_test_inputs": n, "subset": args.subset,
             "decoding": {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
                          "dtype": args.dtype,
                          "chosen_on": f"{choice['select_inputs']} select inputs (BLEU, then ROUGE-L)", **choice},
@@ -691,7 +708,8 @@ def test_result(args, protocol: Protocol, base_name, test, prompts, references, 
 
 def score_partial(args, protocol: Protocol, base_name, test_dir: Path, choice: dict) -> None:
     """Score the test inputs every system has generated so far (a run still going, or cut
-    short), in test-file order; written as ``<protocol>_<base>_partial.*``. Trains nothing."""
+    short): a seeded random sample of them, as the test stage generates in a seeded random
+    order; written as ``<protocol>_<base>_partial.*``. Trains nothing."""
     test = load_test(args.dataset)
     prompts, references = grouped_test(test, args.subset)
     files = {}
@@ -699,12 +717,15 @@ def score_partial(args, protocol: Protocol, base_name, test_dir: Path, choice: d
         stem = f"{name}@{setting_label(choice['chosen'][name])}"
         files[name] = next((p for p in (test_dir / f"{stem}.jsonl", test_dir / f"{stem}.partial.jsonl")
                             if p.is_file()), None)
-    n = min(len(p.read_text().splitlines()) if p else 0 for p in files.values())
-    if not n:
-        raise SystemExit(f"nothing generated yet under {test_dir} for every system")
-    result = test_result(args, protocol, base_name, test, prompts, references, files, choice, n)
+    if not all(files.values()):
+        raise SystemExit(f"nothing generated yet under {test_dir} for "
+                         f"{', '.join(n for n, p in files.items() if not p)}")
+    result = test_result(args, protocol, base_name, test, prompts, references, files, choice)
+    if not result["n_test_inputs"]:
+        raise SystemExit(f"no test input generated by every system yet under {test_dir}")
     result.update(partial=True, of_test_inputs=len(prompts),
-                  note=f"the first {n} test inputs (test-file order) of a run in progress")
+                  note=f"the {result['n_test_inputs']} of {len(prompts)} test inputs that every system has "
+                       f"generated so far (a seeded random sample: the test stage runs in a random order)")
     out = Path(args.results) / f"{protocol.name}_{base_name}_partial"
     write_outputs(result, out)
     print(f"wrote {out}.json/.md/.png")

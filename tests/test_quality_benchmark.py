@@ -52,6 +52,8 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     result = json.loads((tmp_path / "res" / "e2e_tiny-0.5b.json").read_text())
     assert result["dataset"] == "e2e" and result["base_model"] == "tiny-0.5b" and result["n_test_inputs"] == 5
     assert result["decoding"]["chosen"] == choice["chosen"] and result["decoding"]["grid"] == grid
+    sizes = result["split_sizes"]
+    assert sizes["fit_inputs"] + sizes["select_inputs"] == 24 and 1 <= sizes["select_inputs_venue_unseen"] < 10
     assert list(result["systems"]) == systems.split(",")
     for scores in result["systems"].values():
         assert {"bleu", "rouge_l", "meteor", "cider", "nist"} <= set(scores)
@@ -75,6 +77,19 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     partial = json.loads((tmp_path / "res" / "e2e_tiny-0.5b_partial.json").read_text())
     assert partial["partial"] and partial["n_test_inputs"] == 5 and set(partial["systems"]) == set(systems.split(","))
     assert partial["systems"]["zero_shot"]["bleu"] == result["systems"]["zero_shot"]["bleu"]
+    # A run cut short after 3 inputs: they are scored, and they are the first 3 of the test
+    # stage's seeded random order, not of the file.
+    test_dir = run_dir / "generations" / "test-all" / "max8-float32"
+    for f in list(test_dir.glob("*.jsonl")):
+        f.rename(f.with_suffix(".done"))
+        (test_dir / f"{f.stem}.partial.jsonl").write_text("".join(f.with_suffix(".done").read_text().splitlines(True)[:3]))
+    quality_main(args + ["--score-partial"])
+    partial = json.loads((tmp_path / "res" / "e2e_tiny-0.5b_partial.json").read_text())
+    assert partial["n_test_inputs"] == 3 and partial["of_test_inputs"] == 5 and "random" in partial["note"]
+    for f in test_dir.glob("*.partial.jsonl"):
+        f.unlink()
+    for f in test_dir.glob("*.done"):
+        f.rename(f.with_suffix(".jsonl"))
 
     # What the chunked, prefix-cached, all-systems-at-once generation produced at each system's
     # chosen setting is what the reference decoder produces with the same penalties, token for
@@ -85,7 +100,6 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     from vllm_plugin.decode import reference_generate
 
     tok = AutoTokenizer.from_pretrained(tiny.base_dir)
-    test_dir = run_dir / "generations" / "test-all" / "max8-float32"
 
     def check(system, model, **kw):
         setting = result["decoding"]["chosen"][system]

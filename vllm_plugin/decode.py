@@ -6,21 +6,34 @@ follows. It is the oracle the vLLM processor must match token for token.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 from .model import PluginLM
 
 
-def base_top_k(base_logits: torch.Tensor, k: int) -> torch.Tensor:
+def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The base as a closed API shows it: its top-``k`` log-probs, the remaining probability
     spread evenly over every other token. A plugin trained from top-k log-probs
     (``training.base_logits``, the same approximation) decodes against this, not the full base:
     against the full one, the tail tokens it learned to lift from a flat floor are lifted from
-    wherever the full base has them."""
-    top, ids = torch.log_softmax(base_logits.float(), -1).topk(k, dim=-1)
-    return top_k_with_flat_tail(ids, top, base_logits.shape[-1])
+    wherever the full base has them.
+
+    ``base_logits`` [n, V] are the logits as vLLM hands them to logits processors, after its
+    constraints. Every token a constraint touched keeps its exact constrained log-prob instead
+    of the flat tail: those at -inf (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a
+    structured-output grammar) and those with a nonzero ``bias`` ([n, V], the request's
+    ``logit_bias``). So the view never lifts a token above what vLLM gave it, and a request keeps
+    its constraints. Unconstrained logits give exactly the plain top-k view.
+    """
+    log_probs = torch.log_softmax(base_logits.float(), -1)
+    top, ids = log_probs.topk(k, dim=-1)
+    view = top_k_with_flat_tail(ids, top, base_logits.shape[-1])
+    touched = torch.isneginf(base_logits)
+    if bias is not None:
+        touched |= bias != 0
+    return torch.where(touched, log_probs, view)
 
 
 def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -32,19 +45,25 @@ def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) 
 
 
 def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float | torch.Tensor = 1.0,
-            mode: str = "product", top_k: int | None = None) -> torch.Tensor:
+            mode: str = "product", top_k: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Scores whose softmax is the combined next-token distribution, exactly as the processor
     leaves vLLM's logits (so penalties applied after it act on the same numbers).
 
     product: p_base * p_plugin^w (the paper); mixture: w p_plugin + (1 - w) p_base; alone: p_plugin.
     Batched use (the processor): logits [n, V] and a weight column [n, 1]. ``top_k``: see
     ``base_top_k`` (a plugin trained from top-k log-probs).
+
+    ``base_logits`` come after vLLM's constraints (-inf where masked, ``logit_bias`` added;
+    ``bias`` [n, V] is that bias, or None). The combination keeps them in every mode: in the
+    product the base carries them (a masked token stays -inf, a bias counts once); in the
+    mixture and alone, the plugin gets the same masks and bias before its softmax.
     """
     if top_k:
-        base_logits = base_top_k(base_logits, top_k)
-    plugin = torch.log_softmax(plugin_logits.float(), -1)
+        base_logits = base_top_k(base_logits, top_k, bias)
     if mode == "product":  # raw base logits: the softmax that follows renormalises
-        return base_logits.float() + weight * plugin
+        return base_logits.float() + weight * torch.log_softmax(plugin_logits.float(), -1)
+    plugin_logits = plugin_logits.float() if bias is None else plugin_logits.float() + bias
+    plugin = torch.log_softmax(plugin_logits.masked_fill(torch.isneginf(base_logits), float("-inf")), -1)
     base = torch.log_softmax(base_logits.float(), -1)
     if mode == "mixture":
         w = torch.as_tensor(weight, dtype=torch.float32, device=plugin.device)
@@ -54,13 +73,39 @@ def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: floa
     raise ValueError(f"unknown combination mode {mode!r}")
 
 
+def constrain(logits: torch.Tensor, out: list[int], grammar=None, allowed_token_ids=None, bad_words=(),
+              masked_stop_ids=(), logit_bias=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[V] logits with vLLM's request constraints applied (see ``reference_generate``), and the
+    [V] bias they carry (None without ``logit_bias``)."""
+    logits = logits.float().clone()
+    if grammar is not None:
+        logits[~grammar(out)] = float("-inf")
+    if allowed_token_ids is not None:
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[list(allowed_token_ids)] = True
+        logits[~keep] = float("-inf")
+    for word in bad_words:
+        if len(out) >= len(word) - 1 and list(out[len(out) - len(word) + 1:]) == list(word[:-1]):
+            logits[word[-1]] = float("-inf")
+    logits[list(masked_stop_ids)] = float("-inf")
+    bias = None
+    if logit_bias:
+        bias = torch.zeros_like(logits)
+        bias[list(logit_bias)] = torch.tensor(list(logit_bias.values()), dtype=bias.dtype)
+        logits += bias
+    return logits, bias
+
+
 @torch.no_grad()
 def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM | None = None,
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
                        use_cache: bool = True, mode: str = "product",
                        repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                       top_k: int | None = None) -> list[list[int]]:
+                       top_k: int | None = None, allowed_token_ids: Sequence[int] | None = None,
+                       bad_words: Sequence[Sequence[int]] = (), min_tokens: int = 0,
+                       logit_bias: dict[int, float] | None = None,
+                       grammar: Callable[[list[int]], torch.Tensor] | None = None) -> list[list[int]]:
     """Generate for each prompt; ``base=None`` decodes with the plugin alone.
 
     Greedy when ``temperature == 0``, else seeded multinomial sampling. A generated stop token
@@ -70,6 +115,12 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     ``frequency_penalty`` is vLLM's (OpenAI's) too, applied after it: each token's score drops
     by the penalty times its count in the output so far (prompt tokens do not count).
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``).
+
+    Constraints act on the base's logits before the plugin, as vLLM applies them before logits
+    processors: ``grammar(output so far)`` gives a [V] bool mask of allowed next tokens (a
+    structured-output grammar), ``allowed_token_ids``, ``bad_words`` (token-id sequences: the last
+    id is masked when the output ends with the others), ``min_tokens`` (``stop_token_ids`` masked
+    until that many tokens), then ``logit_bias`` added; ``combine`` keeps them in every mode.
     """
     if base is None and plugin is None:
         raise ValueError("need a base model, a plugin, or both")
@@ -91,13 +142,14 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                     past = res.past_key_values
                 else:
                     res = base(input_ids=torch.tensor([ids]), use_cache=False)
-                base_logits = res.logits[0, -1]
+                base_logits, bias = constrain(res.logits[0, -1], out, grammar, allowed_token_ids, bad_words,
+                                              stop_token_ids if len(out) < min_tokens else (), logit_bias)
             if plugin is None:
                 scores = base_logits.float()
             elif base is None:
                 scores = torch.log_softmax(plugin.logits(state, slot)[0].float(), -1)
             else:
-                scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode, top_k)
+                scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode, top_k, bias)
             if repetition_penalty != 1.0:
                 seen = torch.zeros_like(scores, dtype=torch.bool)
                 seen[torch.tensor(ids)] = True

@@ -290,7 +290,8 @@ class PluginBank:
                 r = self._t(rows[sel][top_k == k])
                 # Admission bounds k by the vocabulary; clamped again so no value can raise here.
                 k_view = min(int(k), logits.shape[-1])
-                logits.index_copy_(0, r, base_top_k(logits[r], k_view).to(logits.dtype))
+                bias = self._bias_rows(s[top_k == k], logits.shape[-1])
+                logits.index_copy_(0, r, base_top_k(logits[r], k_view, bias).to(logits.dtype))
             weights = self.weight[s]
             modes = self.mode[s]
             if not modes.any():  # all product of experts: the common case, one fused add
