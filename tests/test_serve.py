@@ -86,6 +86,28 @@ def test_middleware_passes_good_requests_through_unchanged(server, tiny):
     assert [t for e in events for t in e["choices"][0].get("token_ids") or []] == want
 
 
+@pytest.mark.parametrize("endpoint, xargs", [
+    ("/v1/completions", {"plugin": "a"}),
+    ("/v1/completions", {"plugin": "nope"}),  # refused as beam search, before any name lookup
+    ("/v1/completions", {"plugin_weight": 0.5}),  # would be dropped as silently as a plugin
+    ("/v1/chat/completions", {"plugin": "k", "plugin_weight": 0.5}),
+])
+def test_beam_search_with_a_plugin_is_400(server, endpoint, xargs):
+    """vLLM's server beam search builds its step requests without vllm_xargs (the base alone would
+    choose the beams): the middleware refuses it, naming the Python helper; without a plugin,
+    beam search is served as usual."""
+    prompt = {"messages": [{"role": "user", "content": "Aromi"}]} if "chat" in endpoint else {"prompt": "Aromi is a"}
+    body = {"model": "tiny", "max_tokens": 3, "n": 2, "use_beam_search": True, **prompt}
+    r = httpx.post(server + endpoint, timeout=120, json={**body, "vllm_xargs": xargs})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert "vllm_plugin.beam.plugin_beam_search" in error["message"] and error["param"] == "use_beam_search"
+    ok = httpx.post(server + endpoint, timeout=120, json=body)
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2, ok.text
+    plain = httpx.post(server + endpoint, timeout=120, json={**body, "use_beam_search": False, "vllm_xargs": xargs})
+    assert plain.status_code == (400 if xargs.get("plugin") == "nope" or "plugin" not in xargs else 200), plain.text
+
+
 # ----- fuzzing the request arguments -----------------------------------------------------------
 FUZZ_REQUESTS = 40
 # (valid-looking, invalid) values of each argument; 384 is the tiny vocabulary.

@@ -10,6 +10,8 @@ _LAZY = {
     "load_plugin": "vllm_plugin.checkpoint",
     "save_plugin": "vllm_plugin.checkpoint",
     "reference_generate": "vllm_plugin.decode",
+    "reference_beam_search": "vllm_plugin.decode",
+    "plugin_beam_search": "vllm_plugin.beam",
     "PluginLogitsProcessor": "vllm_plugin.processor",
     "plugin_llm": "vllm_plugin.serving",
     "plugin_params": "vllm_plugin.serving",

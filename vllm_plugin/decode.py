@@ -170,3 +170,65 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                 plugin.advance(state, slot, torch.tensor([[tok]]), None, [len(ids) - 1])
         results.append(out)
     return results
+
+
+@torch.no_grad()
+def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None = None, beam_width: int = 2,
+                          max_new_tokens: int = 16, weight: float = 1.0, mode: str = "product",
+                          top_k: int | None = None, eos_token_id: int | None = None, ignore_eos: bool = False,
+                          length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+    """Beam search over the combined distribution, one sequence (and one beam) at a time.
+
+    The oracle for ``serving.plugin_beam_search``; it follows vLLM's beam search
+    (``vllm/entrypoints/generate/beam_search/offline.py``, after Hugging Face's): every step,
+    each live beam proposes its ``2 * beam_width`` most likely next tokens under
+    ``log_softmax(combine(base, plugin))`` (the base alone when ``plugin`` is None); a
+    candidate ending in ``eos_token_id`` is set aside as finished (unless ``ignore_eos``), the
+    others compete and the ``beam_width`` best by cumulative log-prob live on. At the end the
+    finished and live beams are ranked by ``cum_logprob / length ** length_penalty``, where
+    ``length`` counts the prompt and the generated tokens but not a final EOS.
+
+    Each beam's base logits and plugin state are recomputed from its whole sequence, with no
+    cache: slow, and as plain as it gets.
+
+    Args:
+        base: an HF causal LM (logits [1, L, V] from ``base(input_ids=[1, L])``).
+        prompt: the prompt's token ids.
+        plugin, weight, mode, top_k: as in ``combine`` / ``reference_generate``.
+
+    Returns:
+        Up to ``beam_width`` (tokens, cumulative log-prob in nats) pairs, best first; ``tokens``
+        is the prompt followed by the beam's generated tokens (as vLLM's ``BeamSearchSequence``).
+
+    Raises:
+        ValueError: ``beam_width`` or ``max_new_tokens`` below 1.
+    """
+    if beam_width < 1 or max_new_tokens < 1:
+        raise ValueError(f"beam_width and max_new_tokens must be >= 1, got {beam_width}, {max_new_tokens}")
+    slot = torch.zeros(1, dtype=torch.long)
+
+    def next_log_probs(tokens: list[int]) -> torch.Tensor:
+        base_logits = base(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].float()
+        if plugin is None:
+            return torch.log_softmax(base_logits, -1)
+        state = plugin.new_state(1)
+        plugin.advance(state, slot, torch.tensor([tokens]), [len(tokens)], [0])
+        return torch.log_softmax(combine(base_logits, plugin.logits(state, slot)[0], weight, mode, top_k), -1)
+
+    def score(tokens: list[int], cum: float) -> float:
+        length = len(tokens) - (tokens[-1] == eos_token_id)
+        return cum / max(length, 1) ** length_penalty
+
+    beams: list[tuple[list[int], float]] = [(list(prompt), 0.0)]
+    finished: list[tuple[list[int], float]] = []
+    for _ in range(max_new_tokens):
+        candidates = []
+        for tokens, cum in beams:
+            top, ids = next_log_probs(tokens).topk(2 * beam_width)
+            for lp, tok in zip(top.tolist(), ids.tolist()):
+                new = (tokens + [tok], cum + lp)
+                (finished if tok == eos_token_id and not ignore_eos else candidates).append(new)
+        beams = sorted(candidates, key=lambda b: score(*b), reverse=True)[:beam_width]
+        if not beams:
+            break
+    return sorted(finished + beams, key=lambda b: score(*b), reverse=True)[:beam_width]

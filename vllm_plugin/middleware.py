@@ -1,4 +1,5 @@
-"""ASGI middleware for `vllm serve`: refuse JSON booleans as plugin arguments.
+"""ASGI middleware for `vllm serve`: refuse JSON booleans as plugin arguments, and beam search
+with a plugin.
 
 vLLM's OpenAI-compatible schema types ``vllm_xargs`` as ``dict[str, str | int | float | list]``
 (``vllm/entrypoints/openai/completion/protocol.py``, likewise chat completions, responses and
@@ -9,6 +10,11 @@ would be served as weight 1 and ``false`` would silently switch the plugin off. 
 body still holds the boolean; this middleware reads it before vLLM parses it and answers HTTP
 400 in vLLM's error format. `vllm-plugin serve` (``serving.serve_command``) installs it; with
 plain `vllm serve`, add ``--middleware vllm_plugin.middleware.PluginArgsMiddleware``.
+
+It also refuses a request that asks for ``use_beam_search`` and names plugin arguments: vLLM's
+server beam search (``vllm/entrypoints/generate/beam_search/online.py``) builds its per-step
+requests without ``vllm_xargs``, so the plugin would be dropped and the base alone would choose
+the beams. Beam search with a plugin runs through ``vllm_plugin.beam.plugin_beam_search``.
 """
 from __future__ import annotations
 
@@ -30,6 +36,34 @@ def boolean_plugin_args(body: object) -> list[str]:
         return []
     return [k for k, v in xargs.items() if isinstance(k, str) and k.startswith(ARG_PLUGIN)
             and (isinstance(v, bool) or isinstance(v, list) and any(isinstance(x, bool) for x in v))]
+
+
+# Pydantic's lax bool parsing (vLLM's request models): what a JSON value of use_beam_search means true.
+_TRUE_STRINGS = {"1", "true", "t", "yes", "y", "on"}
+BEAM_SEARCH_HELPER = "vllm_plugin.beam.plugin_beam_search"
+
+
+def beam_search_plugin_args(body: object) -> list[str]:
+    """Names of plugin arguments in ``vllm_xargs`` of a parsed request body that also asks for
+    ``use_beam_search`` (true, 1 or a true-like string, as vLLM's schema reads it); empty if none."""
+    if not isinstance(body, dict) or not isinstance(body.get("vllm_xargs"), dict):
+        return []
+    flag = body.get("use_beam_search")
+    if not (flag is True or (type(flag) in (int, float) and flag == 1)
+            or (isinstance(flag, str) and flag.strip().lower() in _TRUE_STRINGS)):
+        return []
+    return [k for k in body["vllm_xargs"] if isinstance(k, str) and k.startswith(ARG_PLUGIN)]
+
+
+def beam_search_refusal(names: list[str]) -> dict:
+    """The HTTP 400 body for plugin arguments in a beam-search request."""
+    listed = ", ".join(f"'{n}'" for n in names)
+    return {"error": {
+        "message": f"vllm_xargs {listed} with use_beam_search: vLLM's server beam search builds its requests "
+                   f"without vllm_xargs, so the beams would be chosen by the base alone. Beam search with a "
+                   f"plugin is available through the Python helper {BEAM_SEARCH_HELPER} (on an engine with "
+                   f"logprobs_mode='processed_logprobs'); over HTTP, drop use_beam_search or the plugin",
+        "type": "BadRequestError", "param": "use_beam_search", "code": 400}}
 
 
 def refusal(names: list[str]) -> dict:
@@ -76,8 +110,9 @@ class PluginArgsMiddleware:
             except (ValueError, UnicodeDecodeError, RecursionError):
                 parsed = None  # vLLM answers malformed JSON itself
             names = boolean_plugin_args(parsed)
-            if names:
-                payload = json.dumps(refusal(names)).encode()
+            beam_names = beam_search_plugin_args(parsed)
+            if names or beam_names:
+                payload = json.dumps(refusal(names) if names else beam_search_refusal(beam_names)).encode()
                 await send({"type": "http.response.start", "status": 400,
                             "headers": [(b"content-type", b"application/json"),
                                         (b"content-length", str(len(payload)).encode())]})

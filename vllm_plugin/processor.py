@@ -153,6 +153,19 @@ def _checkpoint_vocab_size(path: str) -> int:
     return read_config(path).vocab_size
 
 
+@functools.lru_cache(maxsize=64)
+def _checkpoint_max_len(path: str) -> int | None:
+    """The positions a checkpoint's plugin reads at most (a transformer's ``max_len``; None: any).
+
+    Raises:
+        CheckpointError: the folder or its config is missing or invalid.
+    """
+    from .checkpoint import read_config
+
+    config = read_config(path)
+    return config.max_len if config.architecture == "transformer" else None
+
+
 def validate_request(params) -> None:
     """Admission check, run by vLLM's frontend (``validate_params``) before the engine sees the
     request, so nothing a request carries can fail inside the engine step.
@@ -164,7 +177,11 @@ def validate_request(params) -> None:
         ValueError: see ``request_plugin``.
     """
     table = configured_plugins()
-    request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
+    req = request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
+    if req.name is not None:  # engine facts: speculative decoding, prompt embeddings, max_len (admission.py)
+        from .admission import check_admission
+
+        check_admission(params, req.name, lambda: _checkpoint_max_len(str(table[req.name])))
 
 
 def _penalised(params) -> bool:
