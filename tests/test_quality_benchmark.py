@@ -38,7 +38,11 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     run_dir = tmp_path / "runs" / "e2e-tiny-0.5b"
     (choice_file,) = run_dir.rglob("decoding_choice.json")
     choice = json.loads(choice_file.read_text())
-    assert not (run_dir / "generations" / "test-all").exists() and not list((tmp_path / "res").glob("*.json"))
+    assert not (run_dir / "generations" / "test-all").exists()
+    assert [p.name for p in (tmp_path / "res").glob("*.json")] == ["e2e_tiny-0.5b_select.json"]
+    report = json.loads((tmp_path / "res" / "e2e_tiny-0.5b_select.json").read_text())
+    assert report["decoding"]["chosen"] == json.loads(next(run_dir.rglob("decoding_choice.json")).read_text())["chosen"]
+    assert "**" in (tmp_path / "res" / "e2e_tiny-0.5b_select.md").read_text()
     assert choice["grid"] == grid and set(choice["chosen"]) == set(systems.split(","))
     for system, setting in choice["chosen"].items():
         scores = choice["select_scores"][system]
