@@ -30,7 +30,8 @@ setup(
     },
     entry_points={
         "console_scripts": ["vllm-plugin=vllm_plugin.cli:main"],
-        # Loaded by every vLLM engine in the environment; inert unless $VLLM_PLUGINS names plugins.
+        # Loaded by every vLLM engine in the environment; inert unless the engine has a plugin
+        # table (--additional-config vllm_plugin.plugins, or $PLUGIN_LM_TABLE).
         "vllm.logits_processors": ["plugin=vllm_plugin.processor:PluginLogitsProcessor"],
     },
 )

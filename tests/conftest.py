@@ -3,6 +3,7 @@
 Engine start-up is slow on CPU, so the engine is built once, in-process and eager
 (VLLM_ENABLE_V1_MULTIPROCESSING=0, enforce_eager=True), with three plugins configured.
 """
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -67,8 +68,16 @@ class Tiny:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text).input_ids
 
+    def table(self) -> dict[str, str]:
+        return {n: str(p) for n, p in self.plugin_dirs.items()}
+
     def env_value(self) -> str:
-        return json.dumps({n: str(p) for n, p in self.plugin_dirs.items()})
+        """The table as $PLUGIN_LM_TABLE holds it."""
+        return json.dumps(self.table())
+
+    def additional_config(self) -> dict:
+        """The table as an engine's additional_config holds it (--additional-config)."""
+        return {"vllm_plugin": {"plugins": self.table()}}
 
 
 @pytest.fixture(scope="session")
@@ -78,15 +87,15 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k."""
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, given
+    as LLM(additional_config=...)."""
     from vllm import LLM
 
     from vllm_plugin.processor import PluginLogitsProcessor
 
-    os.environ["VLLM_PLUGINS"] = tiny.env_value()
     llm = LLM(model=str(tiny.base_dir), dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
               max_num_seqs=MAX_NUM_SEQS, max_logprobs=20, seed=0,
-              logits_processors=[PluginLogitsProcessor])
+              logits_processors=[PluginLogitsProcessor], additional_config=tiny.additional_config())
     yield llm
     del llm
 
@@ -99,28 +108,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tiny, tmp_path_factory):
-    """`vllm serve` of the tiny base on loopback with plugins a, b, t, k and the middleware that
-    refuses boolean plugin arguments (as `vllm-plugin serve` runs it); yields its base URL."""
+class Served(str):
+    """A running `vllm serve`: its base URL (the string itself) and its log file."""
+    log: Path
+
+
+@contextlib.contextmanager
+def vllm_serve(base_dir, log: Path, *args: str, env: dict | None = None, extra_env: dict | None = None):
+    """`vllm serve` of ``base_dir`` on loopback (fp32, eager, the suite's sizes, served as "tiny")
+    with ``args`` appended; yields a ``Served`` once /health answers.
+
+    Raises:
+        RuntimeError: the server exited or did not come up in 300 s (with its log's tail).
+    """
     import subprocess
     import sys
     import time
     import urllib.request
 
     port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "VLLM_PLUGINS": tiny.env_value()}
+    env = {**(os.environ if env is None else env), **(extra_env or {})}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
     vllm_cmd = Path(sys.executable).with_name("vllm")
-    cmd = [str(vllm_cmd), "serve", str(tiny.base_dir), "--host", "127.0.0.1", "--port", str(port),
+    cmd = [str(vllm_cmd), "serve", str(base_dir), "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN),
-           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-logprobs", "20", "--served-model-name", "tiny",
-           "--logits-processors", "vllm_plugin.processor:PluginLogitsProcessor",
-           "--middleware", "vllm_plugin.middleware.PluginArgsMiddleware"]
+           "--max-num-seqs", str(MAX_NUM_SEQS), "--max-logprobs", "20", "--served-model-name", "tiny", *args]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    url = Served(f"http://127.0.0.1:{port}")
+    url.log = log
     try:
         deadline = time.time() + 300
         while True:
@@ -140,3 +156,16 @@ def server(tiny, tmp_path_factory):
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="session")
+def server(tiny, tmp_path_factory):
+    """`vllm serve` of the tiny base on loopback with plugins a, b, t, k (in --additional-config)
+    and the middleware that refuses boolean plugin arguments (as `vllm-plugin serve` runs it);
+    yields its base URL (a ``Served``: ``.log`` is its log file)."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    env = {k: v for k, v in os.environ.items() if k != "PLUGIN_LM_TABLE"}
+    with vllm_serve(tiny.base_dir, log, "--logits-processors", "vllm_plugin.processor:PluginLogitsProcessor",
+                    "--middleware", "vllm_plugin.middleware.PluginArgsMiddleware",
+                    "--additional-config", json.dumps(tiny.additional_config()), env=env) as url:
+        yield url

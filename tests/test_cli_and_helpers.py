@@ -1,7 +1,10 @@
 """Console command errors, serving helpers, and the GPU-ready core benchmark (run on CPU here)."""
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from vllm_plugin.cli import main
 from vllm_plugin.processor import ENV_VAR, configured_plugins
@@ -26,7 +29,16 @@ def test_serving_helpers(tmp_path, monkeypatch):
     cmd, env = serve_command("base", {"a": tmp_path}, "--port", "9000")
     assert cmd[:3] == ["vllm", "serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
     assert cmd[cmd.index("--middleware") + 1] == "vllm_plugin.middleware.PluginArgsMiddleware"
-    assert json.loads(env[ENV_VAR]) == {"a": str(tmp_path.resolve())}
+    # The table travels in the engine config, not in the environment (and never in VLLM_PLUGINS).
+    assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {
+        "vllm_plugin": {"plugins": {"a": str(tmp_path.resolve())}}}
+    assert env == dict(os.environ) and cmd[-2:] == ["--port", "9000"]
+    # A user's own --additional-config is merged, not replaced; a second table is refused.
+    cmd = serve_command("base", {"a": tmp_path}, "--additional-config", '{"kda_prefill_backend": "triton"}')[0]
+    assert cmd.count("--additional-config") == 1 and json.loads(cmd[cmd.index("--additional-config") + 1]) == {
+        "kda_prefill_backend": "triton", "vllm_plugin": {"plugins": {"a": str(tmp_path.resolve())}}}
+    with pytest.raises(ValueError, match="already has a 'vllm_plugin' entry"):
+        serve_command("base", {"a": tmp_path}, '--additional-config={"vllm_plugin": {}}')
     # bfloat16 is emulated on AVX2-only CPUs (this machine): serve float32 there unless told otherwise.
     assert ("--dtype" in cmd) == (fast_dtype() == "float32")
     assert serve_command("base", {}, "--dtype", "bfloat16")[0].count("--dtype") == 1

@@ -32,7 +32,7 @@ SLOTS = 6
 
 @pytest.fixture
 def plugins_env(tiny, monkeypatch):
-    monkeypatch.setenv("VLLM_PLUGINS", tiny.env_value())
+    monkeypatch.setenv("PLUGIN_LM_TABLE", tiny.env_value())
 
 
 class Config(SimpleNamespace):
@@ -85,7 +85,8 @@ def test_one_class_serves_both_runners(tiny, plugins_env):
 
 
 def test_inert_without_configured_plugins(tiny, monkeypatch):
-    monkeypatch.delenv("VLLM_PLUGINS", raising=False)
+    monkeypatch.delenv("PLUGIN_LM_TABLE", raising=False)
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")  # vLLM's own: not ours to read
     v1 = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
     assert v1.bank is None and v1.is_argmax_invariant()
     logits = torch.randn(2, tiny.vocab_size)
@@ -105,12 +106,12 @@ def test_registered_twice_applies_once(tiny, plugins_env):
 
 
 def test_configuration_parsing(monkeypatch, tmp_path):
-    assert configured_plugins({"VLLM_PLUGINS": "e2e=/x/y, web=/z"}) == {"e2e": "/x/y", "web": "/z"}
-    assert configured_plugins({"VLLM_PLUGINS": '{"e2e": "/x"}'}) == {"e2e": "/x"}
+    assert configured_plugins({"PLUGIN_LM_TABLE": "e2e=/x/y, web=/z"}) == {"e2e": "/x/y", "web": "/z"}
+    assert configured_plugins({"PLUGIN_LM_TABLE": '{"e2e": "/x"}'}) == {"e2e": "/x"}
     for bad, msg in [("{oops", "not valid JSON"), ("e2e", "not name=path"), ('{"a/b": "/x"}', "plugin name"),
                      ('{"a": 3}', "must map plugin names")]:
         with pytest.raises(ValueError, match=msg):
-            configured_plugins({"VLLM_PLUGINS": bad})
+            configured_plugins({"PLUGIN_LM_TABLE": bad})
     assert request_plugin(params(), {}) == (None, 0.0, 0, None)
     assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None)
     mixture = SamplingParams(extra_args={"plugin": "a", "plugin_weight": 0.3, "plugin_mode": "mixture"})
@@ -126,8 +127,8 @@ def test_configuration_parsing(monkeypatch, tmp_path):
 
 
 def test_engine_start_refuses_bad_checkpoint(tiny, monkeypatch, tmp_path):
-    monkeypatch.setenv("VLLM_PLUGINS", f'{{"broken": "{tmp_path}"}}')
-    with pytest.raises(ValueError, match="plugin 'broken' from \\$VLLM_PLUGINS: .*no config.json"):
+    monkeypatch.setenv("PLUGIN_LM_TABLE", f'{{"broken": "{tmp_path}"}}')
+    with pytest.raises(ValueError, match="plugin 'broken' \\(from \\$PLUGIN_LM_TABLE, .*no config.json"):
         PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
 
 
@@ -141,8 +142,8 @@ def test_engine_start_refuses_non_finite_checkpoint(tiny, monkeypatch, tmp_path)
     tensors = load_file(str(folder / "model.safetensors"))
     tensors["embed.weight"][5, 3] = float("nan")
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "vllm_plugin/1"})
-    monkeypatch.setenv("VLLM_PLUGINS", f'{{"nan": "{folder}"}}')
-    with pytest.raises(ValueError, match="plugin 'nan' from .*non-finite values .*'embed.weight' \\(1 of"):
+    monkeypatch.setenv("PLUGIN_LM_TABLE", f'{{"nan": "{folder}"}}')
+    with pytest.raises(ValueError, match="plugin 'nan' \\(from \\$PLUGIN_LM_TABLE.*non-finite values .*'embed.weight' \\(1 of"):
         PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
 
 

@@ -223,7 +223,7 @@ def test_engine_refuses_to_start_with_a_non_finite_plugin(tiny, tmp_path):
     script = ("import sys\nfrom vllm import LLM\nfrom vllm_plugin.processor import PluginLogitsProcessor\n"
               "LLM(model=sys.argv[1], dtype='float32', enforce_eager=True, max_model_len=64, max_num_seqs=2,"
               " logits_processors=[PluginLogitsProcessor])\nprint('ENGINE STARTED')\n")
-    env = {**os.environ, "VLLM_PLUGINS": json.dumps({"broken": str(folder)}), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    env = {**os.environ, "PLUGIN_LM_TABLE": json.dumps({"broken": str(folder)}), "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     proc = subprocess.run([sys.executable, "-c", script, str(tiny.base_dir)], env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode != 0 and "ENGINE STARTED" not in proc.stdout, proc.stdout[-2000:]
@@ -242,7 +242,7 @@ def test_forced_preemption(tiny):
     requests = [{"ids": tiny.encode(PROMPTS[p]), "plugin": plugin} for plugin, p in cases]
     for r in requests:
         r["max_tokens"] = 50 - len(r["ids"])
-    env = {**os.environ, "VLLM_PLUGINS": tiny.env_value()}
+    env = {**os.environ, "PLUGIN_LM_TABLE": tiny.env_value()}
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("preemption_run.py")), str(tiny.base_dir),
                            json.dumps(requests)], env=env, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

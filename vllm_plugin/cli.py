@@ -134,19 +134,31 @@ def cmd_demo(args) -> None:
 
 
 def cmd_serve(args, extra: list[str]) -> None:
-    """Exec `vllm serve` on the base with the processor and the named plugins."""
+    """Check the plugins against the base, then exec `vllm serve` on the base with the processor
+    and the plugins in ``--additional-config``. A plugin that cannot be served is refused here,
+    before any engine starts, so its cause is the last (and only) thing printed.
+
+    Raises:
+        ValueError: a ``--plugin`` is not name=checkpoint, or a plugin cannot be served
+            (``PluginConfigError``: names the plugin, the file and the problem).
+    """
     import os
 
     from .base_model import resolve_base
-    from .serving import serve_command
+    from .processor import parse_table
+    from .serving import check_plugins, serve_command
 
     plugins = {}
     for item in args.plugin:
         name, sep, path = item.partition("=")
         if not sep:
             raise ValueError(f"--plugin takes name=checkpoint, got {item!r}")
-        plugins[name] = path
-    cmd, env = serve_command(resolve_base(args.base), plugins, *extra)
+        plugins[name.strip()] = path
+    plugins = parse_table(plugins, "--plugin")
+    base = resolve_base(args.base)
+    cmd, env = serve_command(base, plugins, *extra)
+    for line in check_plugins(base, plugins, "--plugin"):
+        print(f"vllm-plugin: {line}", file=sys.stderr)
     print(" ".join(cmd), file=sys.stderr)
     os.execvpe(cmd[0], cmd, env)
 

@@ -1,7 +1,10 @@
 """The plugin inside vLLM: a logits processor with per-sequence plugin state.
 
-Server-wide, ``VLLM_PLUGINS`` names the plugin checkpoints to load at engine start, as JSON
-(``{"e2e": "/ckpt/e2e"}``) or ``name=path,name2=path2``. Per request,
+Server-wide, the engine's ``additional_config`` names the plugin checkpoints to load at engine
+start: ``--additional-config '{"vllm_plugin": {"plugins": {"e2e": "/ckpt/e2e"}}}'`` (or
+``LLM(additional_config=...)``), or, as a convenience, ``$PLUGIN_LM_TABLE`` holds the table as
+JSON (``{"e2e": "/ckpt/e2e"}``) or ``name=path,name2=path2``; ``additional_config`` wins when it
+has the ``vllm_plugin`` key (see ``plugin_table``). Per request,
 ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP) choose one by name and its strength:
 ``{"plugin": "e2e", "plugin_weight": 1.0}``. A request without ``plugin`` is untouched.
 ``plugin_mode`` picks how the experts combine: ``product`` (default, the paper),
@@ -27,6 +30,7 @@ import logging
 import math
 import os
 import re
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -40,9 +44,21 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
 from .decode import base_top_k, combine
 
-logger = logging.getLogger("vllm_plugin")
+# A child of vLLM's "vllm" logger: vLLM configures only that one (its handler, format and
+# VLLM_LOGGING_LEVEL, with propagate=False), so a logger outside it ("vllm_plugin") reaches only
+# Python's last-resort handler, which drops INFO: `vllm serve` never showed our start-up lines.
+logger = logging.getLogger("vllm.vllm_plugin")
 
-ENV_VAR = "VLLM_PLUGINS"
+# The server-wide table: the engine's additional_config[CONFIG_KEY][CONFIG_PLUGINS] (travels
+# inside the engine config to every process and node), else $ENV_VAR. Not VLLM_PLUGINS: that is
+# vLLM's own allowlist of vLLM plugins; and not any VLLM_* name: vLLM warns about VLLM_* variables
+# it does not know, and `--fail-on-environ-validation` refuses to start with one.
+CONFIG_KEY = "vllm_plugin"
+CONFIG_PLUGINS = "plugins"
+ENV_VAR = "PLUGIN_LM_TABLE"
+LEGACY_ENV_VAR = "VLLM_PLUGINS"
+CONFIG_SOURCE = f"--additional-config {CONFIG_KEY}.{CONFIG_PLUGINS}"
+ENV_SOURCE = f"${ENV_VAR}"
 ARG_PLUGIN = "plugin"
 ARG_WEIGHT = "plugin_weight"
 ARG_MODE = "plugin_mode"
@@ -58,29 +74,125 @@ class PluginConfigError(ValueError):
 
 
 # ----- configuration --------------------------------------------------------------------------
-def configured_plugins(environ=os.environ) -> dict[str, str]:
-    """Plugin name -> checkpoint folder, from ``$VLLM_PLUGINS``."""
-    raw = environ.get(ENV_VAR, "").strip()
-    if not raw:
-        return {}
-    if raw.startswith("{"):
-        try:
-            table = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise PluginConfigError(f"${ENV_VAR} is not valid JSON: {e}") from e
-        if not isinstance(table, dict) or not all(isinstance(v, str) for v in table.values()):
-            raise PluginConfigError(f"${ENV_VAR} must map plugin names to checkpoint folders")
-    else:
-        table = {}
-        for item in raw.split(","):
-            name, sep, path = item.partition("=")
-            if not sep or not path.strip():
-                raise PluginConfigError(f"${ENV_VAR} entry {item!r} is not name=path")
-            table[name.strip()] = path.strip()
-    for name in table:
-        if not _NAME.match(name):
-            raise PluginConfigError(f"plugin name {name!r} in ${ENV_VAR}: use letters, digits, '_', '.', '-'")
-    return table
+def parse_table(raw, source: str) -> dict[str, str]:
+    """Plugin name -> checkpoint folder from ``raw``: a mapping, a JSON object string, or
+    ``name=path,name2=path2``; ``source`` names where it came from, for the errors.
+
+    Raises:
+        PluginConfigError: ``raw`` is none of those, a path is not a non-empty string, or a name
+            is not letters, digits, '_', '.', '-' (at most 64); the message names ``source``.
+    """
+    fix = f'give {{"name": "/checkpoint/folder", ...}} or name=/checkpoint/folder,name2=...'
+    if isinstance(raw, str):
+        raw = raw.strip()
+        if not raw:
+            return {}
+        if raw.startswith("{"):
+            try:
+                raw = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise PluginConfigError(f"{source} is not valid JSON ({e}): {fix}") from e
+        else:
+            table = {}
+            for item in raw.split(","):
+                name, sep, path = item.partition("=")
+                if not sep or not path.strip():
+                    raise PluginConfigError(f"{source} entry {item!r} is not name=path: {fix}")
+                table[name.strip()] = path.strip()
+            raw = table
+    if not isinstance(raw, Mapping) or not all(isinstance(v, str) and v.strip() for v in raw.values()):
+        raise PluginConfigError(f"{source} must map plugin names to checkpoint folders, got {raw!r}: {fix}")
+    for name in raw:
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise PluginConfigError(f"plugin name {name!r} in {source}: use letters, digits, '_', '.', '-'")
+    return {name: path.strip() for name, path in raw.items()}
+
+
+def _config_table(additional_config) -> dict[str, str] | None:
+    """The table in an engine's ``additional_config``; None when it has no ``vllm_plugin`` key.
+
+    Raises:
+        PluginConfigError: the ``vllm_plugin`` entry is malformed (see ``parse_table``).
+    """
+    if not isinstance(additional_config, Mapping) or CONFIG_KEY not in additional_config:
+        return None
+    ours = additional_config[CONFIG_KEY]
+    if not isinstance(ours, Mapping) or set(ours) - {CONFIG_PLUGINS}:
+        raise PluginConfigError(
+            f"--additional-config {CONFIG_KEY} must be {{\"{CONFIG_PLUGINS}\": {{\"name\": \"/checkpoint\", ...}}}}, "
+            f"got {ours!r}")
+    return parse_table(ours.get(CONFIG_PLUGINS) or {}, CONFIG_SOURCE)
+
+
+_warned_config: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args) -> None:
+    if key not in _warned_config:
+        _warned_config.add(key)
+        logger.warning(message, *args)
+
+
+def plugin_table(vllm_config=None, environ=os.environ) -> tuple[dict[str, str], str]:
+    """The plugins an engine serves and where the table came from: ``(table, source)``.
+
+    Precedence: the engine's ``additional_config`` (``--additional-config`` /
+    ``LLM(additional_config=...)``) when it has the ``vllm_plugin`` key, even an empty table
+    (which turns the plugins off for that engine); else ``$PLUGIN_LM_TABLE``; else none (the
+    processor stays inert). ``$VLLM_PLUGINS`` is vLLM's and never read here, whatever it holds.
+
+    Raises:
+        PluginConfigError: the chosen source is malformed; the message names it.
+    """
+    from_config = _config_table(getattr(vllm_config, "additional_config", None))
+    env_raw = environ.get(ENV_VAR, "").strip()
+    if from_config is not None:
+        if env_raw:
+            _warn_once("both", "vllm_plugin: %s is set and ignored: %s takes precedence", ENV_SOURCE, CONFIG_SOURCE)
+        return from_config, CONFIG_SOURCE
+    if env_raw:
+        return parse_table(env_raw, ENV_SOURCE), ENV_SOURCE
+    legacy = environ.get(LEGACY_ENV_VAR, "")
+    if "=" in legacy or legacy.lstrip().startswith("{"):
+        _warn_once("legacy", "vllm_plugin: $%s looks like a plugin table, but it is vLLM's plugin allowlist and "
+                   "vllm_plugin no longer reads it (it also stops vLLM loading its own plugins): move the "
+                   "table to %s or %s", LEGACY_ENV_VAR, CONFIG_SOURCE, ENV_SOURCE)
+    return {}, "none"
+
+
+def configured_plugins(environ=os.environ, vllm_config=None) -> dict[str, str]:
+    """Plugin name -> checkpoint folder for an engine (``plugin_table`` without the source).
+
+    Raises:
+        PluginConfigError: see ``plugin_table``.
+    """
+    return plugin_table(vllm_config, environ)[0]
+
+
+def frontend_config():
+    """The engine config of the vLLM frontend admitting the current request, or None.
+
+    vLLM calls ``validate_params(sampling_params)`` without any config, from its frontend's
+    ``InputProcessor._validate_params`` (``vllm/v1/engine/input_processor.py``, both runners).
+    The table in ``additional_config`` lives only in that config, so admission finds the
+    calling ``InputProcessor`` a few frames up and reads its ``vllm_config``. Called from
+    anywhere else (tests, other vLLM versions), None: admission then knows only
+    ``$PLUGIN_LM_TABLE``.
+    """
+    input_processor = sys.modules.get("vllm.v1.engine.input_processor")
+    cls = getattr(input_processor, "InputProcessor", None)
+    if cls is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(16):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_validate_params":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, cls):
+                return owner.vllm_config
+        frame = frame.f_back
+    return None
 
 
 class RequestPlugin(NamedTuple):
@@ -123,7 +235,7 @@ def request_plugin(params, known: dict | None = None,
         return RequestPlugin(None)
     known = configured_plugins() if known is None else known
     if not isinstance(name, str) or name not in known:
-        available = ", ".join(sorted(known)) or f"none (set ${ENV_VAR} on the server)"
+        available = ", ".join(sorted(known)) or f"none (configure {CONFIG_SOURCE} or {ENV_SOURCE} on the server)"
         raise ValueError(f"unknown plugin {name!r}; available: {available}")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"'{ARG_MODE}' must be one of {MODES}, got {mode!r}")
@@ -170,13 +282,15 @@ def validate_request(params) -> None:
     """Admission check, run by vLLM's frontend (``validate_params``) before the engine sees the
     request, so nothing a request carries can fail inside the engine step.
 
-    The frontend has no engine config: the vocabulary size comes from each configured plugin's
-    checkpoint config (``load_plugin`` refuses a plugin whose vocabulary differs from the base's).
+    The table is the admitting engine's (``frontend_config``: its ``additional_config``, else
+    ``$PLUGIN_LM_TABLE``). The vocabulary size comes from each configured plugin's checkpoint
+    config (``load_plugin`` refuses a plugin whose vocabulary differs from the base's).
 
     Raises:
-        ValueError: see ``request_plugin``.
+        ValueError: see ``request_plugin``; ``PluginConfigError`` (a ValueError) if the table
+            itself is malformed.
     """
-    table = configured_plugins()
+    table = configured_plugins(vllm_config=frontend_config())
     req = request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
     if req.name is not None:  # engine facts: speculative decoding, prompt embeddings, max_len (admission.py)
         from .admission import check_admission
@@ -383,25 +497,66 @@ def _claim(vllm_config, processor) -> bool:
     return True
 
 
-def load_bank(vllm_config, device, num_slots: int, processor) -> PluginBank | None:
-    """Load the configured plugins for this engine, or None when there are none (inert)."""
-    table = configured_plugins()
-    if not table or not _claim(vllm_config, processor):
-        return None
+def count(n: int) -> str:
+    """13012345 -> '13.0M'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def describe(name: str, model, path) -> str:
+    """One log line's worth about a loaded plugin: name, architecture, size, base view, folder."""
+    c = model.config
+    k = int(c.training.get("top_k") or 0)
+    view = f"top-{k} (the base's top-{k} log-probs + a flat tail)" if k else "full"
+    parameters = sum(p.numel() for p in model.parameters())
+    return (f"plugin '{name}': {c.architecture}, {count(parameters)} parameters ({c.n_layers} layer(s), "
+            f"d_model={c.d_model}), base view {view}, vocabulary {c.vocab_size}, from {path}")
+
+
+def load_table(table: Mapping[str, str], source: str, vocab_size: int | None,
+               tokenizer_fingerprint: str | None) -> dict:
+    """Load every plugin of ``table`` (name -> folder) for a base of ``vocab_size`` tokens.
+
+    Raises:
+        PluginConfigError: a checkpoint is missing, unreadable, corrupt, holds non-finite
+            values, or does not fit the base; the message names the plugin, ``source``, the file
+            and the problem, and says what to do.
+    """
     from .checkpoint import CheckpointError, load_plugin
 
-    vocab = vllm_config.model_config.get_vocab_size()
-    fingerprint = _tokenizer_fingerprint(vllm_config)
     plugins = {}
     for name, path in table.items():
         try:
-            plugins[name] = load_plugin(path, vocab_size=vocab, tokenizer_fingerprint=fingerprint)
+            plugins[name] = load_plugin(path, vocab_size=vocab_size, tokenizer_fingerprint=tokenizer_fingerprint)
         except CheckpointError as e:
-            raise PluginConfigError(f"plugin '{name}' from ${ENV_VAR}: {e}") from e
-    logger.info("vllm_plugin: serving plugins %s", ", ".join(
-        f"{n} ({m.config.architecture}, d={m.config.d_model}"
-        + (f", against the base's top-{k} log-probs" if (k := m.config.training.get("top_k")) else "") + ")"
-        for n, m in plugins.items()))
+            raise PluginConfigError(f"vllm_plugin: refusing to serve plugin '{name}' (from {source}, folder {path}): "
+                                    f"{str(e).rstrip('.')}. Fix or remove that entry of {source}.") from e
+    return plugins
+
+
+def load_bank(vllm_config, device, num_slots: int, processor) -> PluginBank | None:
+    """Load the configured plugins for this engine, or None when there are none (inert).
+
+    Each loaded plugin is logged (vLLM's log: name, architecture, size, base view).
+
+    Raises:
+        PluginConfigError: the table is malformed or a plugin cannot be served (``load_table``);
+            logged as one ERROR line first, so the cause stands out in vLLM's start-up failure.
+    """
+    try:
+        table, source = plugin_table(vllm_config)
+        if not table or not _claim(vllm_config, processor):
+            return None
+        vocab = vllm_config.model_config.get_vocab_size()
+        plugins = load_table(table, source, vocab, _tokenizer_fingerprint(vllm_config))
+    except PluginConfigError as e:
+        logger.error("%s", e)
+        raise
+    logger.info("vllm_plugin: serving %d plugin(s) from %s", len(plugins), source)
+    for name, model in plugins.items():
+        logger.info("vllm_plugin: %s", describe(name, model, table[name]))
     return PluginBank(plugins, num_slots, device)
 
 

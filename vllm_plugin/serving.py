@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .processor import ARG_PLUGIN, ARG_WEIGHT, ENV_VAR
+from .processor import ARG_PLUGIN, ARG_WEIGHT, CONFIG_KEY, CONFIG_PLUGINS, ENV_VAR
 
 PROCESSOR = "vllm_plugin.processor:PluginLogitsProcessor"
 # Refuses JSON booleans as plugin arguments, which vLLM's schema would read as 1/0 (middleware.py).
@@ -35,22 +35,80 @@ def dtype_for_cpu_flags(flags: set[str]) -> str:
     return "auto" if {"avx512_bf16", "amx_bf16"} & flags or "avx2" not in flags else "float32"
 
 
+def _resolved(plugins: Mapping[str, str | Path]) -> dict[str, str]:
+    return {name: str(Path(path).resolve()) for name, path in plugins.items()}
+
+
+def plugin_config(plugins: Mapping[str, str | Path], additional_config: Mapping | None = None) -> dict:
+    """An engine's ``additional_config`` that serves ``plugins`` (folders made absolute), merged
+    into ``additional_config`` (the caller's other keys are kept):
+    ``{"vllm_plugin": {"plugins": {"e2e": "/abs/ckpt"}}}``.
+
+    Raises:
+        ValueError: ``additional_config`` already names plugins (two tables: say which one).
+    """
+    merged = dict(additional_config or {})
+    if CONFIG_KEY in merged:
+        raise ValueError(f"additional_config already has a '{CONFIG_KEY}' entry ({merged[CONFIG_KEY]!r}); "
+                         "give the plugins in one place")
+    merged[CONFIG_KEY] = {CONFIG_PLUGINS: _resolved(plugins)}
+    return merged
+
+
 def set_plugins(plugins: Mapping[str, str | Path]) -> None:
-    """Name the checkpoints engines started from now on load (also in their child processes)."""
-    os.environ[ENV_VAR] = json.dumps({name: str(Path(path).resolve()) for name, path in plugins.items()})
+    """Name the checkpoints engines started from now on load, through ``$PLUGIN_LM_TABLE`` (also
+    in their child processes). An engine whose ``additional_config`` names plugins ignores it."""
+    os.environ[ENV_VAR] = json.dumps(_resolved(plugins))
+
+
+def check_plugins(model: str, plugins: Mapping[str, str | Path], source: str, trust_remote_code: bool = False,
+                  tokenizer: str | None = None) -> list[str]:
+    """Check ``plugins`` against base ``model`` before an engine starts (folders exist, configs and
+    weights readable and finite, vocabulary and tokenizer those of the base) and describe each
+    (one line per plugin: name, architecture, size, base view). A base whose config or tokenizer
+    cannot be read here (not an HF folder or hub id) skips that part; the engine checks it.
+
+    Raises:
+        PluginConfigError: a plugin cannot be served; the message names it, ``source``, the
+            file and the problem.
+    """
+    from .processor import describe, load_table
+
+    vocab, fingerprint = None, None
+    try:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from .base_model import tokenizer_fingerprint
+
+        vocab = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+        fingerprint = tokenizer_fingerprint(AutoTokenizer.from_pretrained(tokenizer or model,
+                                                                          trust_remote_code=trust_remote_code))
+    except Exception:  # noqa: BLE001 - only a pre-check; the engine's own load checks this base
+        pass
+    table = {name: str(path) for name, path in plugins.items()}
+    loaded = load_table(table, source, vocab, fingerprint)
+    return [describe(name, m, table[name]) for name, m in loaded.items()]
 
 
 def plugin_llm(model: str, plugins: Mapping[str, str | Path], **kwargs):
-    """``LLM(model, logits_processors=[PluginLogitsProcessor], ...)`` serving ``plugins`` by name.
+    """``LLM(model, logits_processors=[PluginLogitsProcessor], additional_config=...)`` serving
+    ``plugins`` by name (``plugin_config``; other ``additional_config`` keys are kept).
 
         llm = plugin_llm(base, {"e2e": "runs/e2e-gru-full/checkpoint"})
         llm.generate(prompt, plugin_params("e2e", max_tokens=64))
+
+    Raises:
+        PluginConfigError: a plugin cannot be served (checked before the engine starts, see
+            ``check_plugins``), naming it, the file and the problem.
+        ValueError: ``additional_config`` already names plugins.
     """
     from vllm import LLM
 
-    from .processor import PluginLogitsProcessor
+    from .processor import CONFIG_SOURCE, PluginLogitsProcessor
 
-    set_plugins(plugins)
+    kwargs["additional_config"] = plugin_config(plugins, kwargs.get("additional_config"))
+    check_plugins(model, plugins, f"plugin_llm(..., plugins) ({CONFIG_SOURCE})",
+                  trust_remote_code=kwargs.get("trust_remote_code", False), tokenizer=kwargs.get("tokenizer"))
     processors = list(kwargs.pop("logits_processors", None) or [])
     if PluginLogitsProcessor not in processors:
         processors.append(PluginLogitsProcessor)
@@ -73,14 +131,48 @@ def plugin_params(name: str | None, weight: float = 1.0, **sampling_kwargs):
     return SamplingParams(extra_args=extra or None, **sampling_kwargs)
 
 
+def _take_additional_config(vllm_args: tuple[str, ...]) -> tuple[dict | None, list[str]]:
+    """The ``--additional-config`` JSON among ``vllm_args`` (None: absent) and the other args.
+
+    Raises:
+        ValueError: it is not a JSON object.
+    """
+    rest, found = [], None
+    args = list(vllm_args)
+    while args:
+        a = args.pop(0)
+        if a == "--additional-config" and args:
+            found = args.pop(0)
+        elif a.startswith("--additional-config="):
+            found = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    if found is None:
+        return None, rest
+    try:
+        value = json.loads(found)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--additional-config is not valid JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"--additional-config must be a JSON object, got {found!r}")
+    return value, rest
+
+
 def serve_command(model: str, plugins: Mapping[str, str | Path], *vllm_args: str) -> tuple[list[str], dict]:
-    """The `vllm serve` command line and environment that serve ``plugins``, with the processor
-    and the middleware that refuses boolean plugin arguments (``MIDDLEWARE``)."""
+    """The `vllm serve` command line and environment that serve ``plugins``: the processor, the
+    table in ``--additional-config`` (merged with one given in ``vllm_args``), and the middleware
+    that refuses boolean plugin arguments (``MIDDLEWARE``).
+
+    Raises:
+        ValueError: a given ``--additional-config`` is not a JSON object or already names plugins.
+    """
     env = dict(os.environ)
-    env[ENV_VAR] = json.dumps({name: str(Path(path).resolve()) for name, path in plugins.items()})
+    given, vllm_args = _take_additional_config(vllm_args)
+    additional = plugin_config(plugins, given)
     dtype = fast_dtype()
     if dtype != "auto" and not any(a == "--dtype" or a.startswith("--dtype=") for a in vllm_args):
-        vllm_args = ("--dtype", dtype, *vllm_args)
+        vllm_args = ["--dtype", dtype, *vllm_args]
     if MIDDLEWARE not in vllm_args:
-        vllm_args = ("--middleware", MIDDLEWARE, *vllm_args)
-    return ["vllm", "serve", model, "--logits-processors", PROCESSOR, *vllm_args], env
+        vllm_args = ["--middleware", MIDDLEWARE, *vllm_args]
+    return ["vllm", "serve", model, "--logits-processors", PROCESSOR,
+            "--additional-config", json.dumps(additional), *vllm_args], env
