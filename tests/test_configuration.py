@@ -77,7 +77,8 @@ def test_vllms_own_plugin_variable_leaves_the_engine_untouched(tiny, tmp_path):
         r = httpx.post(url + "/v1/completions", timeout=120, json={
             "model": "tiny", "prompt": ids, "max_tokens": 2, "vllm_xargs": {"plugin": "a"}})
         assert r.status_code == 400 and "available: none (configure --additional-config" in r.text, r.text
-    log = (tmp_path / "serve.log").read_text()
+        # Read while serving: stopping the server may log the engine's shutdown as a traceback.
+        log = (tmp_path / "serve.log").read_text()
     assert "vllm_plugin: serving" not in log and "Traceback" not in log, log[-3000:]
 
 

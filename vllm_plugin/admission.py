@@ -106,16 +106,15 @@ def engine_refusal(vllm_config, prompt, params, plugin: str, max_len: int | None
     return None
 
 
-def check_admission(params, plugin: str, max_len: Callable[[], int | None]) -> None:
+def check_admission(params, plugin: str, max_len: Callable[[], int | None], processor, prompt) -> None:
     """Refuse, at admission, a plugin request this engine would decode without its plugin.
 
     ``max_len()``: the positions plugin ``plugin`` reads at most (None: unbounded), called only
-    when the admitting engine is found.
+    when the admitting engine is found; ``processor``, ``prompt``: ``admitting_engine()``'s.
 
     Raises:
         ValueError: the reason (see ``engine_refusal``), naming the plugin and the fix.
     """
-    processor, prompt = admitting_engine()
     if processor is None and prompt is None:
         return
     reason = engine_refusal(getattr(processor, "vllm_config", None), prompt, params, plugin, max_len())

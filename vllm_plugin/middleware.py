@@ -55,26 +55,28 @@ def beam_search_plugin_args(body: object) -> list[str]:
     return [k for k in body["vllm_xargs"] if isinstance(k, str) and k.startswith(ARG_PLUGIN)]
 
 
+def bad_request(message: str, param: str) -> dict:
+    """An HTTP 400 body in vLLM's ``ErrorResponse`` shape."""
+    return {"error": {"message": message, "type": "BadRequestError", "param": param, "code": 400}}
+
+
 def beam_search_refusal(names: list[str]) -> dict:
     """The HTTP 400 body for plugin arguments in a beam-search request."""
     listed = ", ".join(f"'{n}'" for n in names)
-    return {"error": {
-        "message": f"vllm_xargs {listed} with use_beam_search: vLLM's server beam search builds its requests "
-                   f"without vllm_xargs, so the beams would be chosen by the base alone. Beam search with a "
-                   f"plugin is available through the Python helper {BEAM_SEARCH_HELPER} (on an engine with "
-                   f"logprobs_mode='processed_logprobs'); over HTTP, drop use_beam_search or the plugin",
-        "type": "BadRequestError", "param": "use_beam_search", "code": 400}}
+    return bad_request(f"vllm_xargs {listed} with use_beam_search: vLLM's server beam search builds its requests "
+                       f"without vllm_xargs, so the beams would be chosen by the base alone. Beam search with a "
+                       f"plugin is available through the Python helper {BEAM_SEARCH_HELPER} (on an engine with "
+                       f"logprobs_mode='processed_logprobs'); over HTTP, drop use_beam_search or the plugin",
+                       "use_beam_search")
 
 
 def refusal(names: list[str]) -> dict:
-    """The HTTP 400 body (vLLM's ``ErrorResponse`` shape) for boolean plugin arguments."""
+    """The HTTP 400 body for boolean plugin arguments."""
     listed = ", ".join(f"'{n}'" for n in names)
-    return {"error": {
-        "message": f"vllm_xargs {listed}: a JSON boolean (true/false) is not a plugin argument value; "
-                   f"vLLM's request schema would turn it into 1/0. Give '{ARG_PLUGIN}' a plugin name, "
-                   f"'plugin_weight' a number (e.g. 1.0), 'plugin_base_top_k' an integer and "
-                   f"'plugin_mode' a mode name",
-        "type": "BadRequestError", "param": f"vllm_xargs.{names[0]}", "code": 400}}
+    return bad_request(f"vllm_xargs {listed}: a JSON boolean (true/false) is not a plugin argument value; "
+                       f"vLLM's request schema would turn it into 1/0. Give '{ARG_PLUGIN}' a plugin name, "
+                       f"'plugin_weight' a number (e.g. 1.0), 'plugin_base_top_k' an integer and "
+                       f"'plugin_mode' a mode name", f"vllm_xargs.{names[0]}")
 
 
 class PluginArgsMiddleware:

@@ -30,7 +30,6 @@ import logging
 import math
 import os
 import re
-import sys
 import weakref
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
@@ -169,32 +168,6 @@ def configured_plugins(environ=os.environ, vllm_config=None) -> dict[str, str]:
     return plugin_table(vllm_config, environ)[0]
 
 
-def frontend_config():
-    """The engine config of the vLLM frontend admitting the current request, or None.
-
-    vLLM calls ``validate_params(sampling_params)`` without any config, from its frontend's
-    ``InputProcessor._validate_params`` (``vllm/v1/engine/input_processor.py``, both runners).
-    The table in ``additional_config`` lives only in that config, so admission finds the
-    calling ``InputProcessor`` a few frames up and reads its ``vllm_config``. Called from
-    anywhere else (tests, other vLLM versions), None: admission then knows only
-    ``$PLUGIN_LM_TABLE``.
-    """
-    input_processor = sys.modules.get("vllm.v1.engine.input_processor")
-    cls = getattr(input_processor, "InputProcessor", None)
-    if cls is None:
-        return None
-    frame = sys._getframe(1)
-    for _ in range(16):
-        if frame is None:
-            return None
-        if frame.f_code.co_name == "_validate_params":
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, cls):
-                return owner.vllm_config
-        frame = frame.f_back
-    return None
-
-
 class RequestPlugin(NamedTuple):
     name: str | None
     weight: float = 0.0
@@ -282,20 +255,22 @@ def validate_request(params) -> None:
     """Admission check, run by vLLM's frontend (``validate_params``) before the engine sees the
     request, so nothing a request carries can fail inside the engine step.
 
-    The table is the admitting engine's (``frontend_config``: its ``additional_config``, else
-    ``$PLUGIN_LM_TABLE``). The vocabulary size comes from each configured plugin's checkpoint
+    The table is the admitting engine's: vLLM passes no config here, so ``admission.admitting_engine``
+    finds the frontend's ``InputProcessor`` on the call stack and its ``additional_config`` is read
+    (else ``$PLUGIN_LM_TABLE``). The vocabulary size comes from each configured plugin's checkpoint
     config (``load_plugin`` refuses a plugin whose vocabulary differs from the base's).
 
     Raises:
         ValueError: see ``request_plugin``; ``PluginConfigError`` (a ValueError) if the table
             itself is malformed.
     """
-    table = configured_plugins(vllm_config=frontend_config())
-    req = request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
-    if req.name is not None:  # engine facts: speculative decoding, prompt embeddings, max_len (admission.py)
-        from .admission import check_admission
+    from .admission import admitting_engine, check_admission
 
-        check_admission(params, req.name, lambda: _checkpoint_max_len(str(table[req.name])))
+    input_processor, prompt = admitting_engine()
+    table = configured_plugins(vllm_config=getattr(input_processor, "vllm_config", None))
+    req = request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
+    if req.name is not None:  # engine facts: speculative decoding, prompt embeddings, max_len
+        check_admission(params, req.name, lambda: _checkpoint_max_len(str(table[req.name])), input_processor, prompt)
 
 
 def _penalised(params) -> bool:
