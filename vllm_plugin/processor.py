@@ -180,7 +180,7 @@ def request_plugin(params, known: dict | None = None,
     """How a request uses a plugin (``name`` None: it does not).
 
     ``params.extra_args`` (``vllm_xargs`` over HTTP) is read; ``known``: the servable plugin
-    names (keys; default: ``$VLLM_PLUGINS``); ``vocab_size(name)``: the number of tokens that
+    names (keys; default: ``configured_plugins()``); ``vocab_size(name)``: the number of tokens that
     plugin (= the base) scores, bounding ``plugin_base_top_k`` (None: not checked here).
 
     Raises:
