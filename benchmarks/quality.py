@@ -302,6 +302,8 @@ def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
     """vLLM sampling parameters of one system at one decoding ``setting`` (greedy, stop at a newline)."""
     from vllm import SamplingParams
 
+    from vllm_plugin.processor import penalty_args
+
     extra = None
     plugin = plugin_of(name)
     if plugin:
@@ -314,6 +316,10 @@ def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
             extra["plugin_base_top_k"] = 0
         elif strength := STRENGTH_SYSTEM.fullmatch(name):
             extra["plugin_weight"] = float(strength.group(1))
+        # The same penalties for every system: on a plugin request the processor applies vLLM's
+        # formulas itself (vLLM's own arguments are refused there), so the rows stay comparable.
+        extra.update(penalty_args(**setting))
+        setting = {}
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra, **setting)
 
 

@@ -24,7 +24,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Inte
 
 from vllm_plugin.decode import reference_generate
 from vllm_plugin.processor import (PluginLogitsProcessor, PluginProcessorV1, PluginProcessorV2,
-                                   configured_plugins, request_plugin)
+                                   configured_plugins, penalty_args, request_plugin)
 
 MAX_LEN = 128
 SLOTS = 6
@@ -52,11 +52,18 @@ def base_logits(tiny, seqs):
         return torch.stack([tiny.base(torch.tensor([s])).logits[0, -1] for s in seqs])
 
 
-def params(plugin=None, weight=None):
+def params(plugin=None, weight=None, penalties=None):
     args = {"plugin": plugin} if plugin else {}
     if weight is not None:
         args["plugin_weight"] = weight
+    if plugin and penalties:
+        args.update(penalty_args(**penalties))
     return SamplingParams(max_tokens=8, extra_args=args or None)
+
+
+# Every penalty at once, on the plugin rows (the processor applies them; vLLM's own, on the rows
+# without a plugin, are its sampler's business, not driven here).
+PENALTIES = {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.3}
 
 
 REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
@@ -69,9 +76,10 @@ REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
 ]
 
 
-def expected_outputs(tiny):
+def expected_outputs(tiny, penalties=None):
     return [reference_generate(tiny.base, [tiny.encode(p)], tiny.plugins.get(plugin),
-                               weight=1.0 if w is None else w, max_new_tokens=n)[0]
+                               weight=1.0 if w is None else w, max_new_tokens=n,
+                               **(penalties if plugin and penalties else {}))[0]
             for p, plugin, w, n, _ in REQUESTS]
 
 
@@ -112,10 +120,10 @@ def test_configuration_parsing(monkeypatch, tmp_path):
                      ('{"a": 3}', "must map plugin names")]:
         with pytest.raises(ValueError, match=msg):
             configured_plugins({"PLUGIN_LM_TABLE": bad})
-    assert request_plugin(params(), {}) == (None, 0.0, 0, None)
-    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None)
+    assert request_plugin(params(), {})[:4] == (None, 0.0, 0, None)
+    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None, (1.0, 0.0, 0.0))
     mixture = SamplingParams(extra_args={"plugin": "a", "plugin_weight": 0.3, "plugin_mode": "mixture"})
-    assert request_plugin(mixture, {"a": "/x"}) == ("a", 0.3, 1, None)
+    assert request_plugin(mixture, {"a": "/x"})[:4] == ("a", 0.3, 1, None)
     top = SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 20})
     assert request_plugin(top, {"a": "/x"}).top_k == 20
     for bad in ({"plugin": "a", "plugin_mode": "sum"}, {"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 2},
@@ -176,8 +184,8 @@ def test_apply_clamps_a_top_k_past_the_vocabulary(tiny, plugins_env):
     proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
     ids = tiny.encode("Aromi is a")
     logits = base_logits(tiny, [ids, ids])
-    proc.bank.assign(0, "a", 1.0, 0, True, 500)  # what admission refuses, assigned directly
-    proc.bank.assign(1, "a", 1.0, 0, True, tiny.vocab_size)
+    proc.bank.assign(0, "a", 1.0, 0, 500)  # what admission refuses, assigned directly
+    proc.bank.assign(1, "a", 1.0, 0, tiny.vocab_size)
     proc.row_slot[:2] = [0, 1]
     proc.row_tokens[0], proc.row_tokens[1] = (ids, []), (ids, [])
     proc.active_rows = np.array([0, 1])
@@ -194,13 +202,15 @@ def test_wrong_vocabulary_refused_at_start(tiny, plugins_env):
 
 
 # ----- Model Runner V2 ---------------------------------------------------------------------------
+@pytest.mark.parametrize("penalties", [None, PENALTIES])
 @pytest.mark.parametrize("chunk", [None, 4])
-def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk):
+def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk, penalties):
     rng = random.Random(0)
     all_token_ids = torch.zeros(SLOTS, MAX_LEN, dtype=torch.int32)
+    prompt_len = SimpleNamespace(np=np.zeros(SLOTS, dtype=np.int32))
     req_states = LogitsProcRequestState(
         device=torch.device("cpu"), max_num_reqs=SLOTS, vocab_size=tiny.vocab_size,
-        all_token_ids=SimpleNamespace(gpu=all_token_ids), prompt_len=None, prefill_len=None, total_len=None)
+        all_token_ids=SimpleNamespace(gpu=all_token_ids), prompt_len=prompt_len, prefill_len=None, total_len=None)
     proc = PluginLogitsProcessor(vllm_config(tiny), req_states)
     free = list(range(SLOTS))
     rng.shuffle(free)
@@ -214,7 +224,8 @@ def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk):
                 prompt = tiny.encode(text)
                 all_token_ids[slot, :len(prompt)] = torch.tensor(prompt)
                 all_token_ids[slot, len(prompt):] = -7  # stale data of a previous occupant
-                assert proc.add_request(slot, params(plugin, weight)) == (plugin is not None)
+                prompt_len.np[slot] = len(prompt)  # the runner's req_states.add_request comes first
+                assert proc.add_request(slot, params(plugin, weight, penalties)) == (plugin is not None)
                 live[slot] = {"i": i, "tokens": prompt, "prompt_len": len(prompt), "computed": 0, "out": [], "n": n}
         rows = list(live.items())
         rng.shuffle(rows)  # rows are reordered every step
@@ -254,11 +265,14 @@ def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk):
                 del live[slot]
                 free.append(slot)  # MRV2 recycles slots without telling processors
         step += 1
-    assert outputs == expected_outputs(tiny)
+    assert outputs == expected_outputs(tiny, penalties)
+    if penalties:  # not vacuous: the penalties change the plugin rows
+        assert outputs != expected_outputs(tiny)
 
 
 # ----- V1, async scheduling ----------------------------------------------------------------------
-def test_v1_async_placeholders_and_moves(tiny, plugins_env):
+@pytest.mark.parametrize("penalties", [None, PENALTIES])
+def test_v1_async_placeholders_and_moves(tiny, plugins_env, penalties):
     """A small V1 runner with async scheduling: removals, SWAP and UNIDIRECTIONAL moves, and the
     newest token a -1 placeholder until just before ``apply`` (processor passed explicitly)."""
     proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
@@ -279,7 +293,7 @@ def test_v1_async_placeholders_and_moves(tiny, plugins_env):
                 rec = {"i": i, "prompt": tiny.encode(text), "out": [], "n": n, "plugin": plugin}
                 row = batch.index(None) if None in batch else len(batch)
                 batch[row:row + 1] = [rec]
-                added.append((row, params(plugin, weight), rec["prompt"], rec["out"]))
+                added.append((row, params(plugin, weight, penalties), rec["prompt"], rec["out"]))
         while None in batch:  # condense: the last row moves into the first hole
             hole = batch.index(None)
             last = len(batch) - 1
@@ -309,7 +323,7 @@ def test_v1_async_placeholders_and_moves(tiny, plugins_env):
                 rec["out"].append(-1)  # async: a placeholder now, the token later
                 pending.append((rec, int(out[row].argmax())))
         step += 1
-    assert outputs == expected_outputs(tiny)
+    assert outputs == expected_outputs(tiny, penalties)
 
 
 def test_v1_placeholder_during_apply_skips_row_then_catches_up(tiny, plugins_env):
@@ -337,21 +351,28 @@ def test_v1_placeholder_during_apply_skips_row_then_catches_up(tiny, plugins_env
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
 def test_plugin_log_probs_normalised_only_where_a_penalty_needs_them(tiny, plugins_env, penalty):
     """Without a repetition penalty the added scores may differ from the plugin's log-probs by a
-    per-row constant (the sampler's softmax cancels it); with one they are the log-probs exactly."""
+    per-row constant (the sampler's softmax cancels it); with one they are the log-probs exactly,
+    and the penalty (vLLM's formula) acts on the sum."""
     proc = PluginLogitsProcessor(vllm_config(tiny), torch.device("cpu"), False)
     prompts = [tiny.encode("Aromi is a"), tiny.encode("The Eagle")]
-    added = [(row, SamplingParams(extra_args={"plugin": "a"}, repetition_penalty=penalty), prompt, [])
-             for row, prompt in enumerate(prompts)]
+    args = {"plugin": "a", **penalty_args(penalty)}
+    added = [(row, SamplingParams(extra_args=args), prompt, []) for row, prompt in enumerate(prompts)]
     proc.update_state(BatchUpdate(batch_size=2, removed=[], added=added, moved=[]))
     logits = base_logits(tiny, prompts)
-    delta = proc.apply(logits.clone()) - logits
+    out = proc.apply(logits.clone())
     plugin = tiny.plugins["a"]
     for row, prompt in enumerate(prompts):
         with torch.no_grad():
-            want = torch.log_softmax(plugin.head(plugin(torch.tensor([prompt])))[0, -1], -1)
-        offset = (delta[row] - want).mean() if penalty == 1.0 else 0.0
-        assert penalty != 1.0 or abs(offset) > 1e-3  # the normalising pass really was skipped
-        torch.testing.assert_close(delta[row] - offset, want, atol=1e-4, rtol=1e-4)
+            want = logits[row] + torch.log_softmax(plugin.head(plugin(torch.tensor([prompt])))[0, -1], -1)
+        if penalty == 1.0:
+            offset = (out[row] - want).mean()
+            assert abs(offset) > 1e-3  # the normalising pass really was skipped
+            want = want + offset
+        else:
+            seen = torch.zeros_like(want, dtype=torch.bool)
+            seen[prompt] = True
+            want = torch.where(seen, torch.where(want > 0, want / penalty, want * penalty), want)
+        torch.testing.assert_close(out[row], want, atol=1e-4, rtol=1e-4)
 
 
 def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):

@@ -14,6 +14,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
 from vllm_plugin.decode import combine, reference_generate
+from vllm_plugin.processor import penalty_args
 
 PROMPTS = [
     "Aromi is a",
@@ -81,24 +82,60 @@ def test_mixed_batch_equals_reference(tiny, engine):
     assert all(zero_weight)
 
 
-def test_repetition_penalty_acts_on_the_combined_logits(tiny, engine):
-    """vLLM applies its penalties after our processor; the reference does the same.
+def penalised(max_tokens, plugin=None, weight=None, mode=None, **penalties):
+    """Greedy params with vLLM's penalties: as vLLM's own arguments without a plugin, as the
+    processor's ``plugin_*_penalty`` arguments with one (vLLM's are refused there)."""
+    if plugin is None:
+        return greedy(max_tokens, **penalties)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                          extra_args={**xargs(plugin, weight, mode), **penalty_args(**penalties)})
+
+
+@pytest.mark.parametrize("penalties", [{"repetition_penalty": 1.5},
+                                       {"frequency_penalty": 0.9, "presence_penalty": 0.6},
+                                       {"repetition_penalty": 1.2, "frequency_penalty": -0.4}])
+def test_penalties_act_on_the_combined_logits(tiny, engine, penalties):
+    """A plugin request's penalties are vLLM's formulas on the combined logits, applied by the
+    processor (so identically on V1 and Model Runner V2); the reference does the same.
 
     Plugin a serves a product row and a mixture row in one batch: each must leave the numbers
-    the reference computes, since the penalty is not shift-invariant.
+    the reference computes, since the repetition penalty is not shift-invariant. The row
+    without a plugin gets vLLM's own penalties: the same numbers.
     """
-    cases = [(None, None, 0), ("a", None, 1), ("t", None, 2), ("b", None, 4), ("a", "mixture", 3)]
+    cases = [(None, None, 0), ("a", None, 1), ("t", None, 2), ("b", None, 4), ("a", "mixture", 3), ("k", None, 0)]
     prompts = [tiny.encode(PROMPTS[p]) for _, _, p in cases]
-    params = [greedy(14, plugin, 0.4 if mode else None, mode, repetition_penalty=1.5) for plugin, mode, _ in cases]
+    params = [penalised(14, plugin, 0.4 if mode else None, mode, **penalties) for plugin, mode, _ in cases]
     outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     changed = 0
     for (plugin, mode, _), ids, out in zip(cases, prompts, outs):
         weight = 0.4 if mode else 1.0
-        want = reference_generate(tiny.base, [ids], tiny.plugins.get(plugin), weight=weight, max_new_tokens=14,
-                                  mode=mode or "product", repetition_penalty=1.5)[0]
+        model = tiny.plugins.get(plugin)
+        top_k = model.config.training.get("top_k") if model is not None else None
+        want = reference_generate(tiny.base, [ids], model, weight=weight, max_new_tokens=14,
+                                  mode=mode or "product", top_k=top_k, **penalties)[0]
         assert list(out.outputs[0].token_ids) == want, (plugin, mode)
-        changed += want != reference(tiny, ids, plugin, weight if mode else None, 14, mode)
-    assert changed >= 2  # the penalty matters, so the equality above tests it
+        changed += want != reference_generate(tiny.base, [ids], model, weight=weight, max_new_tokens=14,
+                                              mode=mode or "product", top_k=top_k)[0]
+    assert changed >= 2  # the penalties matter, so the equality above tests them
+
+
+def test_vllm_penalties_on_a_plugin_request_are_refused(tiny, engine):
+    """vLLM's own penalties act after the plugin on V1 and before it on Model Runner V2: a plugin
+    request that names them is refused with the arguments to use instead; none is served."""
+    ids = TokensPrompt(prompt_token_ids=tiny.encode("Aromi is a"))
+    for penalty in ({"repetition_penalty": 1.1}, {"frequency_penalty": 0.5}, {"presence_penalty": -1.0}):
+        (name, _), = penalty.items()
+        with pytest.raises(VLLMValidationError, match=rf"{name}=.*with a plugin.*differently by runner.*plugin_{name}"):
+            engine.generate([ids], [greedy(3, "a", **penalty)], use_tqdm=False)
+    for bad in ({"plugin_repetition_penalty": 0}, {"plugin_frequency_penalty": 2.5},
+                {"plugin_presence_penalty": True}, {"plugin_repetition_penalty": float("nan")}):
+        with pytest.raises(VLLMValidationError, match=next(iter(bad))):
+            engine.generate([ids], [SamplingParams(max_tokens=3, extra_args={"plugin": "a", **bad})], use_tqdm=False)
+    with pytest.raises(VLLMValidationError, match="given without 'plugin'"):
+        engine.generate([ids], [SamplingParams(max_tokens=3, extra_args={"plugin_frequency_penalty": 0.5})],
+                        use_tqdm=False)
+    out = engine.generate([ids], [greedy(3, "a")], use_tqdm=False)[0]  # the engine still serves
+    assert list(out.outputs[0].token_ids) == reference(tiny, ids["prompt_token_ids"], "a", None, 3)
 
 
 def test_top_k_plugin_decodes_against_the_base_top_k(tiny, engine):
@@ -108,8 +145,9 @@ def test_top_k_plugin_decodes_against_the_base_top_k(tiny, engine):
     cases = [("k", None, trained, 1.0), ("k", 0, None, 1.0), ("a", 3, 3, 1.0), ("a", None, None, 1.0),
              ("k", None, trained, 1.3), ("k", 2, 2, 1.3)]
     prompts = [tiny.encode(PROMPTS[i % len(PROMPTS)]) for i in range(len(cases))]
-    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, repetition_penalty=rp,
-                             extra_args={"plugin": p, **({} if k is None else {"plugin_base_top_k": k})})
+    params = [SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True,
+                             extra_args={"plugin": p, **({} if k is None else {"plugin_base_top_k": k}),
+                                         **penalty_args(rp)})
               for p, k, _, rp in cases]
     outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     differs = 0

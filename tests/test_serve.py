@@ -109,12 +109,17 @@ def test_beam_search_with_a_plugin_is_400(server, endpoint, xargs):
 
 
 # ----- fuzzing the request arguments -----------------------------------------------------------
-FUZZ_REQUESTS = 40
+FUZZ_REQUESTS = 60
 # (valid-looking, invalid) values of each argument; 384 is the tiny vocabulary.
 NAMES = (["a", "t", "k"], ["nope", "", "../a", "A", 1, True, ["a"]])
 WEIGHTS = ([0, 0.5, 1, 1.0, 2.5, 100, -0.0], [True, False, 100.5, -1, 1e308, 10**30, "1.0", "NaN", "inf", [1.0]])
 MODES = (["product", "mixture", "alone"], ["sum", "", "PRODUCT", True, 0, ["alone"]])
 TOP_KS = ([0, 1, 5, 383, 384], [385, 500, 1000, True, False, 1001, -1, 2.5, 5.0, "5", [5]])
+REPETITION = ([1.0, 1.1, 0.5, 100], [0, -1.1, 100.5, True, "1.1", "nan", [1.1]])
+FREQUENCY = ([0.0, 0.5, -2, 2.0], [2.5, -2.01, False, "0.5", 1e308, [0.5]])
+# vLLM's own penalties beside a plugin: refused (they would act before the plugin on Model
+# Runner V2, after it on V1); without a plugin they are vLLM's business and served.
+VLLM_PENALTY = [{"repetition_penalty": 1.1}, {"frequency_penalty": 0.5}, {"presence_penalty": -0.5}]
 STRAYS = [("plugin_strength", 2), ("plugin_Weight", 1.0), ("plugin_top_k", 5), ("foo", "bar"), ("seed_x", 3)]
 
 
@@ -122,9 +127,13 @@ def fuzz_xargs(rng):
     """Plugin arguments as a client might send them: names, weights, modes, top-k values and
     stray keys in random combinations; in three of five one value is invalid, so that no other
     mistake can hide it."""
-    fields = {"plugin": NAMES, "plugin_weight": WEIGHTS, "plugin_mode": MODES, "plugin_base_top_k": TOP_KS}
+    fields = {"plugin": NAMES, "plugin_weight": WEIGHTS, "plugin_mode": MODES, "plugin_base_top_k": TOP_KS,
+              "plugin_repetition_penalty": REPETITION, "plugin_frequency_penalty": FREQUENCY,
+              "plugin_presence_penalty": FREQUENCY}
     present = [k for k, p in [("plugin", 0.9), ("plugin_weight", 0.5), ("plugin_mode", 0.4),
-                              ("plugin_base_top_k", 0.5)] if rng.random() < p]
+                              ("plugin_base_top_k", 0.5), ("plugin_repetition_penalty", 0.2),
+                              ("plugin_frequency_penalty", 0.2), ("plugin_presence_penalty", 0.15)]
+               if rng.random() < p]
     bad = rng.choice(present + ["stray"]) if rng.random() < 0.6 else None
     args = {k: rng.choice(fields[k][1] if k == bad else fields[k][0]) for k in present}
     if bad == "stray":
@@ -133,23 +142,29 @@ def fuzz_xargs(rng):
     return args
 
 
-def servable(args, vocab_size):
+def servable(args, vocab_size, vllm_penalty=None):
     """The contract, written independently of the processor: what a request may carry."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
-    if any(k.startswith("plugin") and k not in ("plugin", "plugin_weight", "plugin_mode", "plugin_base_top_k")
-           for k in args):
+    known = ("plugin", "plugin_weight", "plugin_mode", "plugin_base_top_k", "plugin_repetition_penalty",
+             "plugin_frequency_penalty", "plugin_presence_penalty")
+    if any(k.startswith("plugin") and k not in known for k in args):
         return False
     if "plugin" not in args:
         return not any(k.startswith("plugin") for k in args)
+    if vllm_penalty:
+        return False
     mode = args.get("plugin_mode", "product")
     weight = args.get("plugin_weight", 1.0)
     top_k = args.get("plugin_base_top_k", 0)
+    repetition = args.get("plugin_repetition_penalty", 1.0)
+    others = [args.get("plugin_frequency_penalty", 0.0), args.get("plugin_presence_penalty", 0.0)]
     return (args["plugin"] in ("a", "t", "k") and isinstance(args["plugin"], str)
             and isinstance(mode, str) and mode in ("product", "mixture", "alone")
             and number(weight) and 0 <= weight <= (1.0 if mode == "mixture" else 100.0)
-            and isinstance(top_k, int) and not isinstance(top_k, bool) and 0 <= top_k <= min(1000, vocab_size))
+            and isinstance(top_k, int) and not isinstance(top_k, bool) and 0 <= top_k <= min(1000, vocab_size)
+            and number(repetition) and 0 < repetition <= 100 and all(number(v) and -2 <= v <= 2 for v in others))
 
 
 def test_fuzzed_plugin_arguments_never_hurt_the_server(server, tiny):
@@ -173,22 +188,23 @@ def test_fuzzed_plugin_arguments_never_hurt_the_server(server, tiny):
         args = fuzz_xargs(rng)
         prompt = tiny.encode(rng.choice(["Aromi is a", "the pub near", "Cotto serves", "name -- Zizzi\n"]))
         chat = rng.random() < 0.2
-        cases.append((args, prompt, chat))
+        vllm_penalty = rng.choice(VLLM_PENALTY) if rng.random() < 0.15 else {}
+        cases.append((args, prompt, chat, vllm_penalty))
 
     def send(case):
-        args, prompt, chat = case
+        args, prompt, chat, vllm_penalty = case
         if chat:
             return httpx.post(server + "/v1/chat/completions", timeout=120, json={
                 "model": "tiny", "messages": [{"role": "user", "content": "Aromi"}], "max_tokens": 3,
-                "temperature": 0.0, "vllm_xargs": args})
+                "temperature": 0.0, "vllm_xargs": args, **vllm_penalty})
         return complete(server, prompt=prompt, max_tokens=3, ignore_eos=True, return_token_ids=True,
-                        vllm_xargs=args)
+                        vllm_xargs=args, **vllm_penalty)
 
     with ThreadPoolExecutor(4) as pool:
         responses = list(pool.map(send, cases))
     served = 0
-    for (args, prompt, chat), r in zip(cases, responses):
-        ok = servable(args, tiny.vocab_size)
+    for (args, prompt, chat, vllm_penalty), r in zip(cases, responses):
+        ok = servable(args, tiny.vocab_size, vllm_penalty)
         assert r.status_code == (200 if ok else 400), (args, r.status_code, r.text)
         if not ok:
             assert r.json()["error"]["message"], args
@@ -198,16 +214,20 @@ def test_fuzzed_plugin_arguments_never_hurt_the_server(server, tiny):
             continue
         plugin = tiny.plugins[args["plugin"]]
         top_k = args.get("plugin_base_top_k", plugin.config.training.get("top_k"))
+        penalties = {k[len("plugin_"):]: float(v) for k, v in args.items() if k.endswith("_penalty")}
         want = reference_generate(tiny.base, [prompt], plugin, weight=float(args.get("plugin_weight", 1.0)),
-                                  mode=args.get("plugin_mode", "product"), max_new_tokens=3, top_k=top_k)[0]
+                                  mode=args.get("plugin_mode", "product"), max_new_tokens=3, top_k=top_k,
+                                  **penalties)[0]
         assert r.json()["choices"][0]["token_ids"] == want, args
     # Both outcomes exercised, and the inputs that once passed validation and then broke the
     # engine (a top-k past the vocabulary) or silently changed the request (JSON booleans).
     assert 8 <= served <= FUZZ_REQUESTS - 8
-    args_seen = [args for args, _, _ in cases]
+    args_seen = [args for args, _, _, _ in cases]
     assert any(type(a.get("plugin_base_top_k")) is int and a["plugin_base_top_k"] > tiny.vocab_size
                and servable({**a, "plugin_base_top_k": 0}, tiny.vocab_size) for a in args_seen)
     assert any(isinstance(v, bool) and servable({**a, k: 1}, tiny.vocab_size)
                for a in args_seen for k, v in a.items())
+    assert any(p and servable(a, tiny.vocab_size) for a, _, _, p in cases)  # vLLM's penalty the only fault
+    assert sum(any(k.endswith("_penalty") for k in a) and servable(a, tiny.vocab_size) for a in args_seen) >= 3
     assert httpx.get(server + "/health", timeout=10).status_code == 200
     assert good() == before

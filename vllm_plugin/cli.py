@@ -185,14 +185,14 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--weight", type=float, default=1.0, help="plugin strength (1.0 = product of experts)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's, on the combined logits (paper: 1.1)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's formula (prompt tokens count too), on the combined logits")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="main job: prepare base, train the E2E plugin, show generations")
     _add_train_args(p)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's, on the combined logits (paper: 1.1)")
+    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's formula (prompt tokens count too), on the combined logits")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("quality", help="the paper's comparison through vLLM (benchmarks/quality.py)",

@@ -102,7 +102,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
                        use_cache: bool = True, mode: str = "product",
                        repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                       top_k: int | None = None, allowed_token_ids: Sequence[int] | None = None,
+                       presence_penalty: float = 0.0, top_k: int | None = None, allowed_token_ids: Sequence[int] | None = None,
                        bad_words: Sequence[Sequence[int]] = (), min_tokens: int = 0,
                        logit_bias: dict[int, float] | None = None,
                        grammar: Callable[[list[int]], torch.Tensor] | None = None) -> list[list[int]]:
@@ -112,8 +112,10 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     ends the sequence and is kept in its output, as vLLM keeps it in ``token_ids``.
     ``repetition_penalty`` is vLLM's: on the combined scores, for tokens of the prompt or the
     output so far, positive scores are divided by it and negative ones multiplied.
-    ``frequency_penalty`` is vLLM's (OpenAI's) too, applied after it: each token's score drops
-    by the penalty times its count in the output so far (prompt tokens do not count).
+    ``frequency_penalty`` and ``presence_penalty`` are vLLM's (OpenAI's) too, applied after it:
+    each token's score drops by the first times its count in the output so far, and by the second
+    if it occurs there at all (prompt tokens do not count). A plugin request takes all three as
+    ``plugin_*_penalty`` arguments, which the processor applies exactly so on every model runner.
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``).
 
     Constraints act on the base's logits before the plugin, as vLLM applies them before logits
@@ -155,8 +157,9 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                 seen[torch.tensor(ids)] = True
                 penalty = torch.where(seen, torch.tensor(repetition_penalty), torch.tensor(1.0))
                 scores = scores * torch.where(scores > 0, 1.0 / penalty, penalty)
-            if frequency_penalty and out:
-                scores = scores - frequency_penalty * torch.bincount(torch.tensor(out), minlength=scores.shape[-1])
+            if (frequency_penalty or presence_penalty) and out:
+                counts = torch.bincount(torch.tensor(out), minlength=scores.shape[-1])
+                scores = scores - frequency_penalty * counts - presence_penalty * (counts > 0)
             if temperature == 0.0:
                 tok = int(torch.argmax(scores))
             else:

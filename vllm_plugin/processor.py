@@ -62,6 +62,12 @@ ARG_PLUGIN = "plugin"
 ARG_WEIGHT = "plugin_weight"
 ARG_MODE = "plugin_mode"
 ARG_TOP_K = "plugin_base_top_k"
+# vLLM's three penalties, applied by the processor to the combined logits with vLLM's formulas:
+# vLLM's own act after custom processors on V1 and before them on Model Runner V2, so on a
+# plugin request they would decode differently by runner (admission refuses them there).
+ARG_PENALTIES = ("plugin_repetition_penalty", "plugin_frequency_penalty", "plugin_presence_penalty")
+VLLM_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+NO_PENALTY = (1.0, 0.0, 0.0)
 MODES = ("product", "mixture", "alone")
 MAX_WEIGHT = 100.0
 MAX_TOP_K = 1000
@@ -173,6 +179,22 @@ class RequestPlugin(NamedTuple):
     weight: float = 0.0
     mode: int = 0  # index into MODES
     top_k: int | None = None  # the base's top-k view; None: the plugin's own (its training's)
+    penalties: tuple[float, float, float] = NO_PENALTY  # repetition, frequency, presence
+
+
+def penalty_args(repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                 presence_penalty: float = 0.0) -> dict:
+    """vLLM's penalties as a plugin request's ``extra_args`` (the defaults left out)."""
+    values = (repetition_penalty, frequency_penalty, presence_penalty)
+    return {arg: v for arg, v, default in zip(ARG_PENALTIES, values, NO_PENALTY) if v != default}
+
+
+def _check_penalty(arg: str, value, low: float, high: float, low_open: bool) -> float:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (low < value if low_open else low <= value) and value <= high)
+    if not ok:
+        raise ValueError(f"'{arg}' must be a number in {'(' if low_open else '['}{low:g}, {high:g}], got {value!r}")
+    return float(value)
 
 
 def request_plugin(params, known: dict | None = None,
@@ -197,7 +219,7 @@ def request_plugin(params, known: dict | None = None,
     weight = args.get(ARG_WEIGHT, 1.0)
     mode = args.get(ARG_MODE, "product")
     top_k = args.get(ARG_TOP_K)
-    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K)
+    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K, *ARG_PENALTIES)
     stray = [k for k in args if isinstance(k, str) and k.startswith("plugin") and k not in ours]
     if stray:
         raise ValueError(f"unknown plugin argument(s) {stray}; expected {', '.join(map(repr, ours))}")
@@ -223,7 +245,18 @@ def request_plugin(params, known: dict | None = None,
             scope = "" if vocab is None else f"; plugin '{name}' and the base score {vocab} tokens"
             raise ValueError(f"'{ARG_TOP_K}' must be an integer in [0, {limit}] (0: the full base{scope}), "
                              f"got {top_k!r}")
-    return RequestPlugin(name, float(weight), MODES.index(mode), top_k)
+    vllm_set = [p for p, default in zip(VLLM_PENALTIES, NO_PENALTY) if getattr(params, p, default) != default]
+    if vllm_set:
+        given = ", ".join(f"{p}={getattr(params, p)!r}" for p in vllm_set)
+        raise ValueError(
+            f"{given} with a plugin: vLLM applies its penalties after the plugin on the V1 model runner and "
+            f"before it on Model Runner V2, so the request would decode differently by runner. Pass "
+            f"{', '.join('plugin_' + p for p in vllm_set)} in extra_args (vllm_xargs over HTTP) instead: "
+            f"vLLM's formulas, applied to the combined logits on every runner")
+    penalties = (_check_penalty(ARG_PENALTIES[0], args.get(ARG_PENALTIES[0], 1.0), 0.0, MAX_WEIGHT, True),
+                 _check_penalty(ARG_PENALTIES[1], args.get(ARG_PENALTIES[1], 0.0), -2.0, 2.0, False),
+                 _check_penalty(ARG_PENALTIES[2], args.get(ARG_PENALTIES[2], 0.0), -2.0, 2.0, False))
+    return RequestPlugin(name, float(weight), MODES.index(mode), top_k, penalties)
 
 
 @functools.lru_cache(maxsize=64)
@@ -273,10 +306,6 @@ def validate_request(params) -> None:
         check_admission(params, req.name, lambda: _checkpoint_max_len(str(table[req.name])), input_processor, prompt)
 
 
-def _penalised(params) -> bool:
-    return getattr(params, "repetition_penalty", 1.0) != 1.0
-
-
 # ----- the batched core, shared by both runners ---------------------------------------------
 class PluginBank:
     """Named plugins with state for ``num_slots`` sequences each, in preallocated tensors.
@@ -307,22 +336,37 @@ class PluginBank:
         # see it apart from the logits (the top-k view, mixture, alone): see decode.combine.
         self.has_bias = np.zeros(num_slots, dtype=bool)
         self.bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
+        # Penalties (repetition, frequency, presence) per slot, and for penalised slots the
+        # tokens seen so far: [slots, V] prompt mask and output counts, allocated on first use
+        # and updated by one scatter per step; ``counted``: how many of a slot's tokens they hold.
+        self.penalties = np.tile(np.array(NO_PENALTY, dtype=np.float32), (num_slots, 1))
+        self.penalised = np.zeros(num_slots, dtype=bool)
+        self.prompt_len = np.zeros(num_slots, dtype=np.int64)
+        self.counted = np.zeros(num_slots, dtype=np.int64)
+        self.in_prompt: torch.Tensor | None = None
+        self.output_counts: torch.Tensor | None = None
         self._warned: set[str] = set()
 
     def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0,
-               normalise: bool = True, top_k: int | None = None, logit_bias: dict[int, float] | None = None) -> bool:
+               top_k: int | None = None, logit_bias: dict[int, float] | None = None,
+               penalties: tuple[float, float, float] = NO_PENALTY, prompt_len: int = 0) -> bool:
         """Give ``slot`` to a sequence that uses plugin ``name`` (None: none); True if it does.
 
-        ``normalise=False``: nothing after the processor depends on the logits' per-row offset
-        (no repetition penalty), so the plugin's log-softmax may be left to the sampler's softmax.
         ``top_k``: decode against the base's top-k view (None: as the plugin was trained; 0: full).
         ``logit_bias``: the request's (token id -> bias), which vLLM has already added to the
-        logits; kept so that the top-k view, mixture and alone keep it too."""
+        logits; kept so that the top-k view, mixture and alone keep it too.
+        ``penalties``: (repetition, frequency, presence), vLLM's formulas on the combined logits;
+        ``prompt_len`` tells prompt tokens (repetition only) from output tokens (all three)."""
         g = -1 if name is None else self.index[name]
         self.plugin_of[slot] = g
         self.weight[slot] = weight
         self.mode[slot] = mode
-        self.normalise[slot] = normalise
+        self.penalties[slot] = penalties if g >= 0 else NO_PENALTY
+        self.penalised[slot] = g >= 0 and tuple(penalties) != NO_PENALTY
+        # The repetition penalty is not shift-invariant: it needs the plugin's true log-probs.
+        self.normalise[slot] = self.penalised[slot] and penalties[0] != 1.0
+        self.prompt_len[slot] = prompt_len
+        self.counted[slot] = 0
         self.top_k[slot] = (self.trained_top_k[g] if top_k is None else top_k) if g >= 0 else 0
         self.consumed[slot] = 0
         self.has_bias[slot] = bool(logit_bias) and g >= 0
@@ -360,6 +404,9 @@ class PluginBank:
         sequence holds now. ``last_tokens(sel)`` gives the newest token of rows ``sel``;
         ``token_range(sel, start, length)`` their tokens ``[start, start + length)``, padded.
         """
+        penalised = self.penalised[slots]
+        if penalised.any():
+            self._count_tokens(np.nonzero(penalised)[0], slots, seq_lens, logits.shape[-1], last_tokens, token_range)
         plugin_ids = self.plugin_of[slots]
         for g in np.unique(plugin_ids):
             sel = np.nonzero(plugin_ids == g)[0]
@@ -421,7 +468,58 @@ class PluginBank:
                 bias = self._bias_rows(s[in_mode], logits.shape[-1])
                 combined = combine(logits[r], plugin_logits[idx], w[idx], MODES[m], bias=bias)
                 logits.index_copy_(0, r, combined.to(logits.dtype))
+        if penalised.any():
+            self._penalise(logits, rows[penalised], slots[penalised])
         return logits
+
+    def _count_tokens(self, sel: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray, vocab_size: int,
+                      last_tokens: Callable, token_range: Callable) -> None:
+        """Bring the penalty tables of rows ``sel`` up to ``seq_lens``: tokens before the slot's
+        prompt length mark ``in_prompt``, later ones add to ``output_counts``."""
+        if self.in_prompt is None or self.in_prompt.shape[1] != vocab_size:
+            shape = (len(self.plugin_of), vocab_size)
+            self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+        s = slots[sel]
+        done = self.counted[s]
+        if (done == 0).any():  # a new sequence in a recycled slot
+            fresh = self._t(s[done == 0])
+            self.in_prompt[fresh] = False
+            self.output_counts[fresh] = 0
+        delta = seq_lens[sel] - done
+        step = (delta == 1) & (done >= self.prompt_len[s])
+        if step.any():  # decode: one new output token per row
+            tokens = last_tokens(sel[step])
+            self.output_counts.index_put_((self._t(s[step]), tokens.long()),
+                                          torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        catch_up = (delta > 0) & ~step
+        if catch_up.any():  # the prompt, a prefill chunk, or a resumed sequence's tokens
+            c = np.nonzero(catch_up)[0]
+            tokens = token_range(sel[c], done[c], delta[c])
+            pos = self._t(done[c])[:, None] + torch.arange(tokens.shape[1], device=self.device)[None, :]
+            valid = pos < self._t(done[c] + delta[c])[:, None]
+            prompt = pos < self._t(self.prompt_len[s[c]])[:, None]
+            rows = self._t(s[c])[:, None].expand_as(tokens)
+            self.in_prompt[rows[valid & prompt], tokens[valid & prompt]] = True
+            out = valid & ~prompt
+            self.output_counts.index_put_((rows[out], tokens[out]), torch.ones_like(tokens[out], dtype=torch.int32),
+                                          accumulate=True)
+        self.counted[s] = np.maximum(done, seq_lens[sel])
+
+    def _penalise(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray) -> None:
+        """vLLM's penalties on ``logits[rows]`` (``vllm.model_executor.layers.utils.apply_penalties``
+        with the tables kept here), after the plugin, as V1 applies them: identical on both runners."""
+        from vllm._custom_ops import apply_repetition_penalties
+
+        r, s = self._t(rows), self._t(slots)
+        x = logits[r]
+        counts = self.output_counts[s]
+        seen = counts > 0
+        rep, freq, pres = self._t(self.penalties[slots]).to(x.dtype).unbind(-1)
+        apply_repetition_penalties(x, self.in_prompt[s], seen, rep)
+        x -= freq.unsqueeze(1) * counts
+        x -= pres.unsqueeze(1) * seen
+        logits.index_copy_(0, r, x)
 
 
 def _fast_head(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -581,7 +679,8 @@ class PluginProcessorV1(V1LogitsProcessor):
                                               "(prompt embeddings) run without their plugin")
                 continue
             slot = self.free_slots.pop()
-            self.bank.assign(slot, req.name, req.weight, req.mode, _penalised(params), req.top_k, params.logit_bias)
+            self.bank.assign(slot, req.name, req.weight, req.mode, req.top_k, params.logit_bias, req.penalties,
+                             len(prompt_ids))
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -646,8 +745,9 @@ class PluginProcessorV2(V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)
-        return self.bank.assign(req_idx, req.name, req.weight, req.mode, _penalised(sampling_params), req.top_k,
-                                getattr(sampling_params, "logit_bias", None))
+        prompt_len = self.req_states.prompt_len.np[req_idx] if req.penalties != NO_PENALTY else 0
+        return self.bank.assign(req_idx, req.name, req.weight, req.mode, req.top_k,
+                                getattr(sampling_params, "logit_bias", None), req.penalties, int(prompt_len))
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         if self.bank is None:

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .processor import ARG_PLUGIN, ARG_WEIGHT, CONFIG_KEY, CONFIG_PLUGINS, ENV_VAR
+from .processor import ARG_PLUGIN, ARG_WEIGHT, CONFIG_KEY, CONFIG_PLUGINS, ENV_VAR, VLLM_PENALTIES, penalty_args
 
 PROCESSOR = "vllm_plugin.processor:PluginLogitsProcessor"
 # Refuses JSON booleans as plugin arguments, which vLLM's schema would read as 1/0 (middleware.py).
@@ -122,12 +122,17 @@ def plugin_args(name: str, weight: float = 1.0) -> dict:
 
 
 def plugin_params(name: str | None, weight: float = 1.0, **sampling_kwargs):
-    """``SamplingParams`` that decode with plugin ``name`` (``None``: the base alone)."""
+    """``SamplingParams`` that decode with plugin ``name`` (``None``: the base alone).
+
+    With a plugin, vLLM's ``repetition_penalty``, ``frequency_penalty`` and ``presence_penalty``
+    become the processor's ``plugin_*_penalty`` arguments (same formulas, on the combined logits,
+    identical on every model runner; vLLM's own are refused on plugin requests)."""
     from vllm import SamplingParams
 
     extra = dict(sampling_kwargs.pop("extra_args", None) or {})
     if name is not None:
         extra.update(plugin_args(name, weight))
+        extra.update(penalty_args(**{p: sampling_kwargs.pop(p) for p in VLLM_PENALTIES if p in sampling_kwargs}))
     return SamplingParams(extra_args=extra or None, **sampling_kwargs)
 
 
