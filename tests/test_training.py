@@ -1,5 +1,6 @@
 """Base-logit extraction, its cache, and a short real training run on the tiny base."""
 import json
+import re
 
 import pytest
 import torch
@@ -209,3 +210,38 @@ def test_strength_sweep_ends_at_base_alone_and_training_loss(tiny, e2e_file):
     targets = ts.flat_targets()
     view = torch.log_softmax(base_top_k(data.base.scores(torch.arange(len(data.base))), 5), -1)
     assert top_k_base == pytest.approx(-view.gather(1, targets[:, None]).mean().item(), rel=1e-5)
+
+
+def test_resume_point_is_atomic_and_a_corrupt_one_names_the_fix(tiny, e2e_file, tmp_path, monkeypatch):
+    """The resume point is one folder renamed into place: a kill while writing it (here, the
+    optimizer file failing) leaves the previous point whole, and the re-run trains each epoch
+    once. A corrupt ``state.json`` is an error naming the file and ``--no-resume``."""
+    import training.train as train_mod
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=1))
+    first = run(spec, progress=False, log=lambda *_: None)
+    resume = tmp_path / "run" / "resume"
+    before = {p.relative_to(resume): p.read_bytes() for p in sorted(resume.rglob("*")) if p.is_file()}
+
+    real_save_file = train_mod.save_file
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing the resume point")
+
+    spec.train.epochs = 2
+    monkeypatch.setattr(train_mod, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, progress=False, log=lambda *_: None)
+    after = {p.relative_to(resume): p.read_bytes() for p in sorted(resume.rglob("*")) if p.is_file()}
+    assert after == before  # the epoch-1 point, whole; no half-written sibling left
+    assert sorted(p.name for p in resume.parent.iterdir() if p.name.startswith(".resume")) == []
+    monkeypatch.setattr(train_mod, "save_file", real_save_file)
+    resumed = run(spec, progress=False, log=lambda *_: None)
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]  # epoch 2 trained once, epoch 1 not again
+    assert resumed["history"][0] == first["history"][0]
+
+    (resume / "state.json").write_text('{"epoch": 2, "step":')
+    spec.train.epochs = 3
+    with pytest.raises(ValueError, match=rf"cannot resume from {re.escape(str(resume / 'state.json'))}.*--no-resume"):
+        run(spec, progress=False, log=lambda *_: None)

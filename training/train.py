@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from vllm_plugin.checkpoint import load_plugin, save_plugin
 from vllm_plugin.model import PluginLM
+from vllm_plugin.paths import atomic_folder
 
 from .base_logits import BaseLogits, TokenizedSet
 
@@ -114,26 +115,47 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+class ResumeError(ValueError):
+    """A resume point that cannot be read (corrupt or incomplete)."""
+
+
 def _save_resume(folder: Path, plugin, opt, state: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_plugin(plugin, folder / "model")
+    """The resume point (plugin weights, optimizer state, counters) as one folder, written beside
+    ``folder`` and renamed into place: a kill at any moment leaves the previous point or this one."""
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
                for i, s in sd["state"].items() for k, v in s.items()}
-    save_file(tensors, str(folder / "optimizer.tmp"))
-    Path(folder / "optimizer.tmp").replace(folder / "optimizer.safetensors")
-    (folder / "state.json").write_text(json.dumps({**state, "param_groups": sd["param_groups"]}))
+    with atomic_folder(folder) as tmp:
+        save_plugin(plugin, tmp / "model")
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": sd["param_groups"]}))
 
 
 def _load_resume(folder: Path, plugin, opt) -> dict:
-    state = json.loads((folder / "state.json").read_text())
-    plugin.load_state_dict(load_plugin(folder / "model").state_dict())
-    flat = load_file(str(folder / "optimizer.safetensors"))
-    per_param: dict[int, dict] = {}
-    for key, value in flat.items():
-        i, name = key.split(".", 1)
-        per_param.setdefault(int(i), {})[name] = value
-    opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    """Restore ``plugin`` and ``opt`` from ``folder``; returns the training counters.
+
+    Raises:
+        ResumeError: ``state.json``, the weights or the optimizer state are missing or corrupt;
+            the message names the file and says to start over with ``--no-resume``.
+    """
+    fix = f"delete {folder} or train again with --no-resume to start over"
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not {"epoch", "step", "param_groups"} <= set(state):
+            raise ValueError("not a resume state (needs epoch, step, param_groups)")
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"cannot resume from {path}: {e}; {fix}") from e
+    try:
+        plugin.load_state_dict(load_plugin(folder / "model").state_dict())
+        flat = load_file(str(folder / "optimizer.safetensors"))
+        per_param: dict[int, dict] = {}
+        for key, value in flat.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = value
+        opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    except Exception as e:  # noqa: BLE001 - any unreadable part of the point gets the same advice
+        raise ResumeError(f"cannot resume from {folder}: {e}; {fix}") from e
     return state
 
 
