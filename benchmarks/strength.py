@@ -33,7 +33,7 @@ def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
     import torch
     import torch.nn.functional as F
 
-    from vllm_plugin.decode import combine
+    from vllm_plugin.experts import combine
 
     totals, count = torch.zeros(len(weights), dtype=torch.float64), 0
     plugin.eval()

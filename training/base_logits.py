@@ -126,7 +126,7 @@ class BaseLogits:
         return self._topk_log_probs(rows)
 
     def _topk_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
-        from vllm_plugin.decode import top_k_with_flat_tail
+        from vllm_plugin.experts import top_k_with_flat_tail
 
         return top_k_with_flat_tail(self.topk_ids[rows].long(), self.topk_logprobs[rows], self.vocab_size)
 

@@ -37,7 +37,7 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
     most of the recomputation), so the plugin sees exactly what the beam holds.
 
     Scores: ``cum_logprob`` sums, in nats, ``log_softmax`` of the logits vLLM's sampler holds
-    after the processor (``decode.combine``). With ``params.temperature`` 0 (the default) that
+    after the processor (``experts.combine``). With ``params.temperature`` 0 (the default) that
     is the combined distribution; with ``T > 0`` it is ``log_softmax(combined / T)``, and vLLM
     also adds the token each step samples as one more candidate, so beams vary between runs.
     No penalties apply (``BeamSearchParams`` has none).

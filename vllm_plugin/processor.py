@@ -10,7 +10,7 @@ has the ``vllm_plugin`` key (see ``plugin_table``). Per request,
 ``plugin_mode`` picks how the experts combine: ``product`` (default, the paper),
 ``mixture`` (``w * p_plugin + (1 - w) * p_base``, a baseline) or ``alone`` (the plugin only).
 A plugin trained from the base's top-k log-probs (a closed API's view) decodes against the
-same view of the base: its top-k log-probs and a flat tail (``decode.base_top_k``);
+same view of the base: its top-k log-probs and a flat tail (``experts.base_top_k``);
 ``plugin_base_top_k`` overrides that per request (0: the full base).
 
 Every step, each row that uses a plugin advances that plugin's state by the tokens it has not
@@ -41,7 +41,7 @@ from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirection
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
-from .decode import base_top_k, combine
+from .experts import Mode, base_top_k, combine
 
 # A child of vLLM's "vllm" logger: vLLM configures only that one (its handler, format and
 # VLLM_LOGGING_LEVEL, with propagate=False), so a logger outside it ("vllm_plugin") reaches only
@@ -68,7 +68,7 @@ ARG_TOP_K = "plugin_base_top_k"
 ARG_PENALTIES = ("plugin_repetition_penalty", "plugin_frequency_penalty", "plugin_presence_penalty")
 VLLM_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
 NO_PENALTY = (1.0, 0.0, 0.0)
-MODES = ("product", "mixture", "alone")
+MODES = tuple(m.label for m in Mode)
 MAX_WEIGHT = 100.0
 MAX_TOP_K = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -177,7 +177,7 @@ def configured_plugins(environ=os.environ, vllm_config=None) -> dict[str, str]:
 class RequestPlugin(NamedTuple):
     name: str | None
     weight: float = 0.0
-    mode: int = 0  # index into MODES
+    mode: Mode = Mode.PRODUCT
     top_k: int | None = None  # the base's top-k view; None: the plugin's own (its training's)
     penalties: tuple[float, float, float] = NO_PENALTY  # repetition, frequency, presence
 
@@ -256,7 +256,7 @@ def request_plugin(params, known: dict | None = None,
     penalties = (_check_penalty(ARG_PENALTIES[0], args.get(ARG_PENALTIES[0], 1.0), 0.0, MAX_WEIGHT, True),
                  _check_penalty(ARG_PENALTIES[1], args.get(ARG_PENALTIES[1], 0.0), -2.0, 2.0, False),
                  _check_penalty(ARG_PENALTIES[2], args.get(ARG_PENALTIES[2], 0.0), -2.0, 2.0, False))
-    return RequestPlugin(name, float(weight), MODES.index(mode), top_k, penalties)
+    return RequestPlugin(name, float(weight), Mode.parse(mode), top_k, penalties)
 
 
 @functools.lru_cache(maxsize=64)
@@ -328,12 +328,12 @@ class PluginBank:
         self.device = torch.device(device)
         self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
         self.weight = np.zeros(num_slots, dtype=np.float32)
-        self.mode = np.zeros(num_slots, dtype=np.int8)  # index into MODES
+        self.mode = np.zeros(num_slots, dtype=np.int8)  # a Mode
         self.consumed = np.zeros(num_slots, dtype=np.int64)
         self.normalise = np.ones(num_slots, dtype=bool)
         self.top_k = np.zeros(num_slots, dtype=np.int64)  # 0: the full base
         # A request's logit_bias as (token ids, biases) on the device, for the paths that must
-        # see it apart from the logits (the top-k view, mixture, alone): see decode.combine.
+        # see it apart from the logits (the top-k view, mixture, alone): see experts.combine.
         self.has_bias = np.zeros(num_slots, dtype=bool)
         self.bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
         # Penalties (repetition, frequency, presence) per slot, and for penalised slots the
@@ -347,7 +347,7 @@ class PluginBank:
         self.output_counts: torch.Tensor | None = None
         self._warned: set[str] = set()
 
-    def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: int = 0,
+    def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: Mode = Mode.PRODUCT,
                top_k: int | None = None, logit_bias: dict[int, float] | None = None,
                penalties: tuple[float, float, float] = NO_PENALTY, prompt_len: int = 0) -> bool:
         """Give ``slot`` to a sequence that uses plugin ``name`` (None: none); True if it does.
@@ -466,7 +466,7 @@ class PluginBank:
                 r = self._t(rows[sel][in_mode])
                 idx = self._t(np.nonzero(in_mode)[0])
                 bias = self._bias_rows(s[in_mode], logits.shape[-1])
-                combined = combine(logits[r], plugin_logits[idx], w[idx], MODES[m], bias=bias)
+                combined = combine(logits[r], plugin_logits[idx], w[idx], Mode(int(m)), bias=bias)
                 logits.index_copy_(0, r, combined.to(logits.dtype))
         if penalised.any():
             self._penalise(logits, rows[penalised], slots[penalised])
@@ -633,13 +633,22 @@ def load_bank(vllm_config, device, num_slots: int, processor) -> PluginBank | No
     return PluginBank(plugins, num_slots, device)
 
 
-# ----- V1 model runner ------------------------------------------------------------------------
-class PluginProcessorV1(V1LogitsProcessor):
-    """V1 interface: rows are batch positions; they map to state slots that never move."""
+class _Admission:
+    """The one ``validate_params`` of every runner's class (vLLM calls it in the frontend)."""
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
+        """Refuse, before the engine sees it, a request the plugins cannot serve exactly as asked.
+
+        Raises:
+            ValueError: see ``validate_request``; vLLM answers it as HTTP 400.
+        """
         validate_request(sampling_params)
+
+
+# ----- V1 model runner ------------------------------------------------------------------------
+class PluginProcessorV1(_Admission, V1LogitsProcessor):
+    """V1 interface: rows are batch positions; they map to state slots that never move."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         num_slots = vllm_config.scheduler_config.max_num_seqs
@@ -650,6 +659,7 @@ class PluginProcessorV1(V1LogitsProcessor):
         self.active_rows = np.zeros(0, dtype=np.int64)
 
     def is_argmax_invariant(self) -> bool:
+        """False when plugins are loaded: adding their log-probs changes which token is greedy."""
         return self.bank is None
 
     def _release(self, row: int) -> None:
@@ -661,6 +671,9 @@ class PluginProcessorV1(V1LogitsProcessor):
         self.row_tokens[row] = None
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        """Follow the persistent batch: removed rows free their slot, added rows that name a plugin
+        take one (with their prompt ids and vLLM's live output-id list), moves and swaps remap
+        rows to slots. No tensor is touched; the state stays in its slot."""
         if self.bank is None or not batch_update:
             return
         for row in batch_update.removed:
@@ -694,6 +707,8 @@ class PluginProcessorV1(V1LogitsProcessor):
         self.active_rows = np.nonzero(self.row_slot >= 0)[0]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` [batch rows, V] (float32, after vLLM's constraints) with each plugin row's
+        combination written in place (``PluginBank.apply``); rows without a plugin untouched."""
         if self.bank is None or not len(self.active_rows):
             return logits
         rows = self.active_rows
@@ -726,18 +741,16 @@ class PluginProcessorV1(V1LogitsProcessor):
 
 
 # ----- Model Runner V2 ------------------------------------------------------------------------
-class PluginProcessorV2(V2LogitsProcessor):
+class PluginProcessorV2(_Admission, V2LogitsProcessor):
     """MRV2 interface: per-slot state keyed by the runner's request slots; tokens read on device."""
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        validate_request(sampling_params)
 
     def __init__(self, vllm_config, req_states):
         self.req_states = req_states
         self.bank = load_bank(vllm_config, req_states.device, req_states.max_num_reqs, self)
 
     def add_request(self, req_idx: int, sampling_params) -> bool:
+        """Give slot ``req_idx`` (recycled by the runner without notice) to a new request; True if
+        it uses a plugin, so the sampler runs ``apply`` for it."""
         if self.bank is None:
             return False
         try:
@@ -750,6 +763,8 @@ class PluginProcessorV2(V2LogitsProcessor):
                                 getattr(sampling_params, "logit_bias", None), req.penalties, int(prompt_len))
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
+        """``logits`` [rows, V] (rows in ``ctx.idx_mapping`` order, after vLLM's bias, penalties,
+        bad words and grammar) with each plugin row's combination written in place."""
         if self.bank is None:
             return logits
         slots_all = np.asarray(ctx.idx_mapping_np)
@@ -781,18 +796,16 @@ class PluginProcessorV2(V2LogitsProcessor):
 
 # ----- one class for both runners (the entry point) ------------------------------------------
 class PluginLogitsProcessor(PluginProcessorV1, PluginProcessorV2):
-    """Pick the implementation by the runner's constructor signature.
+    """Pick the implementation by what the runner hands the constructor.
 
-    V1 builds processors with ``(vllm_config, device, is_pin_memory)``, MRV2 with
-    ``(vllm_config, req_states)``; both loaders accept this class (it subclasses both
-    interfaces), so one entry point and one ``--logits-processors`` name serve either runner.
+    V1 builds processors with ``(vllm_config, device: torch.device, is_pin_memory)``, MRV2 with
+    ``(vllm_config, req_states: LogitsProcRequestState)``; both loaders accept this class (it
+    subclasses both interfaces), so one entry point and one ``--logits-processors`` name serve
+    either runner.
     """
 
     def __new__(cls, vllm_config, *args, **kwargs):
-        if len(args) + len(kwargs) >= 2:
+        second = args[0] if args else kwargs.get("device", kwargs.get("req_states"))
+        if isinstance(second, torch.device):
             return PluginProcessorV1(vllm_config, *args, **kwargs)
         return PluginProcessorV2(vllm_config, *args, **kwargs)
-
-    @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        validate_request(sampling_params)

@@ -1,0 +1,100 @@
+"""The product of experts (Logits are All We Need to Adapt Closed Models, ICML 2025), in one place.
+
+``p(x) ∝ p_base(x) · p_plugin(x)^w``: the processor, the reference decoder, training (the base's
+top-k view) and the benchmarks all import it from here, so the equation cannot drift between
+them. Two baselines share the signature: a mixture ``w · p_plugin + (1 - w) · p_base`` and the
+plugin alone.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+
+class Mode(IntEnum):
+    """How the experts combine (request argument ``plugin_mode``, by name)."""
+
+    PRODUCT = 0  # p_base · p_plugin^w, the paper
+    MIXTURE = 1  # w · p_plugin + (1 - w) · p_base, a baseline
+    ALONE = 2  # p_plugin, a baseline
+
+    @classmethod
+    def parse(cls, mode: str | Mode) -> Mode:
+        """``"product"``, ``"mixture"``, ``"alone"`` (or a ``Mode``) -> ``Mode``.
+
+        Raises:
+            ValueError: any other value, naming the allowed ones.
+        """
+        if isinstance(mode, cls):
+            return mode
+        by_label = {m.label: m for m in cls}
+        if isinstance(mode, str) and mode in by_label:
+            return by_label[mode]
+        raise ValueError(f"unknown combination mode {mode!r}; use one of {', '.join(by_label)}")
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The base as a closed API shows it: its top-``k`` log-probs, the remaining probability
+    spread evenly over every other token. A plugin trained from top-k log-probs
+    (``training.base_logits``, the same approximation) decodes against this, not the full base:
+    against the full one, the tail tokens it learned to lift from a flat floor are lifted from
+    wherever the full base has them.
+
+    ``base_logits`` [n, V] are the logits as vLLM hands them to logits processors, after its
+    constraints. Every token a constraint touched keeps its exact constrained log-prob instead
+    of the flat tail: those at -inf (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a
+    structured-output grammar) and those with a nonzero ``bias`` ([n, V], the request's
+    ``logit_bias``). So the view never lifts a token above what vLLM gave it, and a request keeps
+    its constraints. Unconstrained logits give exactly the plain top-k view.
+    """
+    log_probs = torch.log_softmax(base_logits.float(), -1)
+    top, ids = log_probs.topk(k, dim=-1)
+    view = top_k_with_flat_tail(ids, top, base_logits.shape[-1])
+    touched = torch.isneginf(base_logits)
+    if bias is not None:
+        touched |= bias != 0
+    return torch.where(touched, log_probs, view)
+
+
+def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, V] log-probs from [n, k] top log-probs ``top`` at token ids ``ids``: the mass they
+    leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
+    both build the base's top-k view here, so they cannot drift apart."""
+    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (vocab_size - ids.shape[-1])
+    return tail.log().expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
+
+
+def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float | torch.Tensor = 1.0,
+            mode: str | Mode = Mode.PRODUCT, top_k: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Scores whose softmax is the combined next-token distribution, exactly as the processor
+    leaves vLLM's logits (so penalties applied after it act on the same numbers).
+
+    product: p_base * p_plugin^w (the paper); mixture: w p_plugin + (1 - w) p_base; alone: p_plugin.
+    Batched use (the processor): logits [n, V] and a weight column [n, 1]. ``top_k``: see
+    ``base_top_k`` (a plugin trained from top-k log-probs).
+
+    ``base_logits`` come after vLLM's constraints (-inf where masked, ``logit_bias`` added;
+    ``bias`` [n, V] is that bias, or None). The combination keeps them in every mode: in the
+    product the base carries them (a masked token stays -inf, a bias counts once); in the
+    mixture and alone, the plugin gets the same masks and bias before its softmax.
+
+    Raises:
+        ValueError: an unknown ``mode``.
+    """
+    if top_k:
+        base_logits = base_top_k(base_logits, top_k, bias)
+    mode = Mode.parse(mode)
+    if mode == Mode.PRODUCT:  # raw base logits: the softmax that follows renormalises
+        return base_logits.float() + weight * torch.log_softmax(plugin_logits.float(), -1)
+    plugin_logits = plugin_logits.float() if bias is None else plugin_logits.float() + bias
+    plugin = torch.log_softmax(plugin_logits.masked_fill(torch.isneginf(base_logits), float("-inf")), -1)
+    base = torch.log_softmax(base_logits.float(), -1)
+    if mode == Mode.MIXTURE:
+        w = torch.as_tensor(weight, dtype=torch.float32, device=plugin.device)
+        return torch.logaddexp(plugin + w.log(), base + (1 - w).log())
+    return plugin  # Mode.ALONE
