@@ -155,7 +155,7 @@ def load_protocol(dataset: str, split: str | None = None) -> Protocol:
         split = split or "input"
         if split != "input":
             raise DataError(f"split {split!r} is for E2E; WebNLG splits by entry within its seen categories")
-        train_examples, held_out = split_webnlg_train(data_dir())
+        train_examples, held_out = split_webnlg_train(data_dir("webnlg"))
         name = "webnlg"
         description = (f"category shift: fit/select 60/40 by entry on train entries of the 7 other categories "
                        f"(first reference of each); score on dev entries of held-out categories {held_out}, "
@@ -185,8 +185,8 @@ def load_test(dataset: str) -> list:
         return load_examples("e2e", default_data_file("e2e", "test"))
     from training.data import load_webnlg
 
-    held_out = webnlg_held_out(data_dir())
-    return [e for e in load_webnlg(data_dir() / "webnlg" / "dev.jsonl") if dict(e.meta)["category"] in held_out]
+    held_out = webnlg_held_out(data_dir("webnlg"))
+    return [e for e in load_webnlg(data_dir("webnlg") / "webnlg" / "dev.jsonl") if dict(e.meta)["category"] in held_out]
 
 
 def venue_slices(examples, known) -> dict[str, set[str]]:
