@@ -22,7 +22,7 @@ PLUGINS = ("recurrent", "transformer", "top20")
 
 def evaluation_sets(dataset: str, split: str | None = None) -> tuple[str, dict]:
     """(protocol name, {set name: (examples, what they are)})."""
-    from benchmarks.quality import load_protocol
+    from benchmarks.protocols import load_protocol
 
     protocol = load_protocol(dataset, split)
     return protocol.name, {"select": (protocol.select, f"the select split ({protocol.description})")}
@@ -61,7 +61,7 @@ def main(argv=None) -> None:
 
     from transformers import AutoTokenizer
 
-    from benchmarks.quality import SHORT_BASE_NAMES
+    from benchmarks.protocols import base_name
     from training.base_logits import tokenize_examples
     from training.pipeline import LazyBase, RunSpec, base_logits_for
     from training.train import PairSet
@@ -69,9 +69,9 @@ def main(argv=None) -> None:
     from vllm_plugin.checkpoint import load_plugin, read_config
 
     weights = [float(w) for w in args.weights.split(",")]
-    base_name = SHORT_BASE_NAMES.get(args.base, Path(args.base).name.lower())
+    short = base_name(args.base)
     protocol_name, sets = evaluation_sets(args.dataset, args.split)
-    root = Path(args.runs) / f"{protocol_name}-{base_name}"
+    root = Path(args.runs) / f"{protocol_name}-{short}"
     plugins = {n: root / n / "checkpoint" for n in PLUGINS if (root / n / "checkpoint").is_dir()}
     if not plugins:
         raise SystemExit(f"no trained plugins under {root}: run python -m benchmarks.quality "
@@ -81,7 +81,7 @@ def main(argv=None) -> None:
     fingerprint = tokenizer_fingerprint(tokenizer)
     load_base = LazyBase(base_path)
 
-    result = {"dataset": args.dataset, "base_model": base_name, "weights": weights, "sets": {},
+    result = {"dataset": args.dataset, "base_model": short, "weights": weights, "sets": {},
               "cross_entropy": {n: {} for n in plugins}, "best_weight": {n: {} for n in plugins}}
     for set_name, (examples, description) in sets.items():
         ts = tokenize_examples(examples, tokenizer)
@@ -95,9 +95,9 @@ def main(argv=None) -> None:
             result["best_weight"][name][set_name] = weights[min(range(len(ce)), key=ce.__getitem__)]
             print(set_name, name, {w: round(c, 3) for w, c in zip(weights, ce)})
 
-    out = Path(args.results) / f"{protocol_name}_{base_name}_strength"
+    out = Path(args.results) / f"{protocol_name}_{short}_strength"
     out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"**{args.dataset}**, base `{base_name}`: teacher-forced cross-entropy (nats per target token) of "
+    lines = [f"**{args.dataset}**, base `{short}`: teacher-forced cross-entropy (nats per target token) of "
              f"base x plugin^w; w = 0 is the base alone (for top20: the base's top-20 view).", ""]
     for set_name, info in result["sets"].items():
         lines += [f"`{set_name}`: {info['description']}; {info['examples']} examples, "

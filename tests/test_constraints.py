@@ -126,7 +126,7 @@ def test_json_schema_holds(tiny, engine, use):
 def test_top_k_view_keeps_masked_and_biased_tokens_exact():
     """The top-k view of constrained logits: a masked token stays -inf, a biased one keeps its
     biased log-prob (never the flat tail), and unconstrained logits give the plain view."""
-    from vllm_plugin.decode import base_top_k, combine, top_k_with_flat_tail
+    from vllm_plugin.experts import base_top_k, combine, top_k_with_flat_tail
 
     logits = torch.randn(2, 50)
     lp = torch.log_softmax(logits, -1)

@@ -1,7 +1,8 @@
 """The reference decoder: cache or no cache, seeded sampling, plugin alone."""
 import torch
 
-from vllm_plugin.decode import combine, reference_generate
+from vllm_plugin.decode import reference_generate
+from vllm_plugin.experts import combine
 
 
 def test_kv_cache_does_not_change_greedy_output(tiny):

@@ -13,7 +13,8 @@ from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.inputs import TokensPrompt
 
-from vllm_plugin.decode import combine, reference_generate
+from vllm_plugin.decode import reference_generate
+from vllm_plugin.experts import combine
 from vllm_plugin.processor import penalty_args
 
 PROMPTS = [

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .experts import base_top_k, combine, top_k_with_flat_tail  # noqa: F401 - the oracle's equation
+from .experts import combine
 from .model import PluginLM
 
 

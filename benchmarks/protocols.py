@@ -1,0 +1,144 @@
+"""What a quality run fits, selects and scores on: the protocols shared by ``benchmarks.quality``
+and ``benchmarks.strength``.
+
+- e2e (``split="venue"``, default): fit 60% / select 40% of the distinct MRs of E2E-cleaned
+  ``devel``, about a third of the select MRs naming venues the fit split never saw
+  (``training.data.split_by_venue``), as test does; scored on all ``test`` MRs.
+- e2e_by_mr (``split="input"``): the paper's split, 60/40 by distinct MR.
+- webnlg: category shift: fit/select on ``train`` entries of seven categories (first reference
+  each), scored on ``dev`` entries of the three others (every third by sorted name).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_plugin.base_model import PACKAGED_BASES
+
+
+def base_name(base: str) -> str:
+    """A base's short name for results and run folders: a packaged base's own name, else the
+    folder's name, lower-cased."""
+    return base if base in PACKAGED_BASES else Path(base).name.lower()
+
+
+# WebNLG's held-out references run longer (95th percentile 66 SmolLM2 tokens, E2E's well under 64).
+DEFAULT_MAX_TOKENS = {"e2e": 64, "webnlg": 96}
+
+
+def first_reference_each(examples, categories) -> list:
+    """One example per WebNLG entry of ``categories``: its first reference, in file order."""
+    entries, out = set(), []
+    for e in examples:
+        if dict(e.meta)["category"] in categories and e.group not in entries:
+            entries.add(e.group)
+            out.append(e)
+    return out
+
+
+def webnlg_held_out(data_dir: Path) -> list[str]:
+    """The held-out categories: of the ten, sorted by name, every third (index 2, 5, 8)."""
+    from training.data import load_webnlg
+
+    categories = sorted({dict(e.meta)["category"] for e in load_webnlg(data_dir / "webnlg" / "train.jsonl")})
+    return categories[2::3]
+
+
+def split_webnlg_train(data_dir: Path):
+    """(fit+select examples: ``train`` entries of the seen categories, first reference each;
+    the held-out categories)."""
+    from training.data import load_webnlg
+
+    train = load_webnlg(data_dir / "webnlg" / "train.jsonl")
+    held_out = webnlg_held_out(data_dir)
+    seen = {dict(e.meta)["category"] for e in train} - set(held_out)
+    # One reference per training entry (the first): fitting then costs about what E2E's does
+    # (2,483 fit / 1,655 select examples instead of 6,579 / 4,387 with every reference) on two CPU cores.
+    return first_reference_each(train, seen), held_out
+
+
+@dataclass
+class Protocol:
+    """What a quality run fits, selects and scores on."""
+
+    name: str  # results and run folders: e2e, e2e_by_mr, webnlg
+    dataset: str
+    split: str  # training.data.split_examples kind the plugins (and LoRA) train with
+    train_examples: list  # fit + select
+    fit: list
+    select: list
+    description: str
+
+
+def load_protocol(dataset: str, split: str | None = None) -> Protocol:
+    """The fitting side of a protocol (see the module docstring); the test set is ``load_test``'s.
+
+    Raises:
+        training.data.DataError: missing or malformed data; ``venue`` split for WebNLG.
+        ValueError: an unknown dataset.
+    """
+    from training.data import DataError, load_examples, split_examples
+    from training.pipeline import data_dir, default_data_file
+
+    if dataset == "e2e":
+        split = split or "venue"
+        train_examples = load_examples("e2e", default_data_file("e2e"))
+        name = "e2e" if split == "venue" else f"e2e_by_{'mr' if split == 'input' else split}"
+        how = ("about a third of the select MRs name venues absent from the fit split"
+               if split == "venue" else "by distinct MR, the paper's")
+        description = (f"fit 60% / select 40% of devel MRs (seed 0; {how}); score on all test MRs, "
+                       f"grouped references")
+    elif dataset == "webnlg":
+        split = split or "input"
+        if split != "input":
+            raise DataError(f"split {split!r} is for E2E; WebNLG splits by entry within its seen categories")
+        train_examples, held_out = split_webnlg_train(data_dir("webnlg"))
+        name = "webnlg"
+        description = (f"category shift: fit/select 60/40 by entry on train entries of the 7 other categories "
+                       f"(first reference of each); score on dev entries of held-out categories {held_out}, "
+                       f"all references")
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}; expected e2e or webnlg")
+    fit, select = split_examples(train_examples, split)
+    return Protocol(name, dataset, split, train_examples, fit, select, description)
+
+
+def split_sizes(protocol: Protocol) -> dict:
+    """Distinct inputs in fit and select, and (E2E) select inputs whose venue fit never saw."""
+    out = {"fit_inputs": len({e.group for e in protocol.fit}), "select_inputs": len({e.group for e in protocol.select})}
+    if protocol.dataset == "e2e":
+        fit_venues = {dict(e.meta)["venue"] for e in protocol.fit}
+        out["select_inputs_venue_unseen"] = len({e.group for e in protocol.select
+                                                 if dict(e.meta)["venue"] not in fit_venues})
+    return out
+
+
+def load_test(dataset: str) -> list:
+    """The scored examples: E2E ``test``, or WebNLG ``dev`` entries of the held-out categories."""
+    from training.data import load_examples
+    from training.pipeline import data_dir, default_data_file
+
+    if dataset == "e2e":
+        return load_examples("e2e", default_data_file("e2e", "test"))
+    from training.data import load_webnlg
+
+    held_out = webnlg_held_out(data_dir("webnlg"))
+    return [e for e in load_webnlg(data_dir("webnlg") / "webnlg" / "dev.jsonl") if dict(e.meta)["category"] in held_out]
+
+
+def venue_slices(examples, known) -> dict[str, set[str]]:
+    """E2E inputs by whether their venue is among ``known`` venues: {slice name: prompts}."""
+    inside = {e.prompt for e in examples if dict(e.meta).get("venue") in known}
+    return {"venue_seen": inside, "venue_unseen": {e.prompt for e in examples} - inside}
+
+
+def grouped_test(test, subset: int | None, seed: int = 0):
+    """(distinct prompts in file order, or a fixed random ``subset`` of them; their references)."""
+    from training.data import group_references
+
+    refs = group_references(test)
+    prompts = list(refs)
+    if subset and subset < len(prompts):
+        prompts = sorted(random.Random(seed).sample(prompts, subset), key=prompts.index)
+    return prompts, [refs[p] for p in prompts]
