@@ -65,6 +65,12 @@ def save_plugin(model: PluginLM, folder: str | Path) -> Path:
 
 
 def read_config(folder: str | Path) -> PluginConfig:
+    """The ``PluginConfig`` in a checkpoint folder's ``config.json`` (no weights read).
+
+    Raises:
+        CheckpointError: the folder or its config is missing, not JSON, not ours, or has
+            unknown or invalid fields; the message names the file.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"plugin checkpoint {folder} does not exist or is not a folder")

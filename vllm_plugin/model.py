@@ -56,7 +56,17 @@ class PluginConfig:
 
 
 class PluginLM(nn.Module):
-    """Shared embedding and tied head; subclasses supply the sequence core."""
+    """Shared embedding and tied head; subclasses supply the sequence core.
+
+    Two ways to run one: ``forward(ids)`` for teacher forcing (training, the reference), and a
+    per-sequence state for decoding (the processor, the reference decoder):
+    ``state = new_state(num_slots)``, ``reset(state, slots)`` for a new sequence in a slot,
+    ``advance(state, slots, tokens, lengths, start)`` to feed each slot its unseen tokens, then
+    ``logits(state, slots)``. The state is a dict of tensors whose first dimension is the slot:
+    ``out`` [num_slots, d_model], the last hidden state after ``ln_f``, and the core's own
+    (GRU: ``h`` [num_slots, n_layers, d_model]; transformer: ``k``/``v`` [num_slots, n_layers,
+    n_heads, max_len, d_model / n_heads]).
+    """
 
     def __init__(self, config: PluginConfig):
         super().__init__()
@@ -69,12 +79,15 @@ class PluginLM(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
 
     def head_weight(self) -> torch.Tensor:
+        """[V, d_model]: the embedding (tied) or the output projection."""
         return self.embed.weight if self.out_proj is None else self.out_proj.weight
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d_model] hidden states -> [..., V] logits over the base's vocabulary."""
         return F.linear(hidden, self.head_weight(), self.out_bias)
 
     def logits(self, state: dict, slots: torch.Tensor) -> torch.Tensor:
+        """[len(slots), V] next-token logits of the sequences in ``slots`` (int64 [n])."""
         return self.head(state["out"][slots])
 
     def flops_per_token(self) -> int:
@@ -83,6 +96,9 @@ class PluginLM(nn.Module):
 
 
 class GRUPlugin(PluginLM):
+    """The default plugin: embedding -> GRU (``n_layers``) -> LayerNorm -> head. Its decode state
+    is ``n_layers x d_model`` floats per sequence, whatever the length."""
+
     def __init__(self, config: PluginConfig):
         super().__init__(config)
         d = config.d_model
@@ -90,10 +106,13 @@ class GRUPlugin(PluginLM):
                           dropout=config.dropout if config.n_layers > 1 else 0.0)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, d_model] hidden states (position t has read ids[:, :t + 1])."""
         out, _ = self.rnn(self.drop(self.embed(ids)))
         return self.ln_f(self.drop(out))
 
     def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
+        """Zeroed decode state for ``num_slots`` sequences: ``h`` [num_slots, n_layers, d_model],
+        ``out`` [num_slots, d_model]."""
         c = self.config
         return {
             "h": torch.zeros(num_slots, c.n_layers, c.d_model, device=device, dtype=dtype),
@@ -101,15 +120,15 @@ class GRUPlugin(PluginLM):
         }
 
     def reset(self, state: dict, slots: torch.Tensor) -> None:
+        """Start a new sequence in each of ``slots`` (int64 [n])."""
         state["h"][slots] = 0.0
         state["out"][slots] = 0.0
 
     def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
                 lengths: list[int] | None, start: list[int]) -> None:
-        """Feed ``tokens[r, :lengths[r]]`` (all of them if None) to slot ``slots[r]``.
-
-        ``start[r]``: how many tokens the slot has seen (the GRU does not need it).
-        """
+        """Feed ``tokens[r, :lengths[r]]`` (int64 [n, T]; all T if ``lengths`` is None) to slot
+        ``slots[r]`` (int64 [n]), updating ``h`` and ``out``. ``start[r]``: how many tokens the
+        slot has seen (the GRU does not need it)."""
         if tokens.shape[1] == 1 and not self.training:  # the decode step: the fused cell, a few times cheaper
             x, h = self.embed(tokens[:, 0]), state["h"][slots]
             layers = []
@@ -137,6 +156,8 @@ class GRUPlugin(PluginLM):
 
 
 class Block(nn.Module):
+    """A pre-LayerNorm GPT-2 block (causal self-attention, then a 4x GELU MLP)."""
+
     def __init__(self, d: int, n_heads: int, dropout: float):
         super().__init__()
         self.n_heads = n_heads
@@ -148,23 +169,17 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] -> [B, n_heads, T, d / n_heads]."""
         b, t, d = x.shape
         return x.view(b, t, self.n_heads, d // self.n_heads).transpose(1, 2)
 
-    def attend(self, x, k_all=None, v_all=None, mask=None):
-        """Causal self-attention; with a cache, keys/values come from it under ``mask``."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, T, d] -> [B, T, d], causal (teacher forcing; decoding attends over the cache in
+        ``TransformerPlugin.advance``)."""
         b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = self.split_heads(q), self.split_heads(k), self.split_heads(v)
-        if k_all is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d)), k, v
-
-    def forward(self, x):
-        a, _, _ = self.attend(x)
-        x = x + self.drop(a)
+        q, k, v = (self.split_heads(z) for z in self.qkv(self.ln1(x)).split(d, dim=2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(b, t, d)))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -179,6 +194,11 @@ class TransformerPlugin(PluginLM):
         nn.init.normal_(self.pos.weight, std=0.01)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """[B, T] token ids -> [B, T, d_model] hidden states, causal.
+
+        Raises:
+            ValueError: T exceeds ``config.max_len`` (no position embedding past it).
+        """
         t = ids.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds the plugin's max_len={self.config.max_len}")
@@ -188,6 +208,8 @@ class TransformerPlugin(PluginLM):
         return self.ln_f(x)
 
     def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
+        """Decode state for ``num_slots`` sequences: the KV cache ``k``/``v`` [num_slots, n_layers,
+        n_heads, max_len, d_model / n_heads] and ``out`` [num_slots, d_model]."""
         c = self.config
         shape = (num_slots, c.n_layers, c.n_heads, c.max_len, c.d_model // c.n_heads)
         return {
@@ -197,11 +219,15 @@ class TransformerPlugin(PluginLM):
         }
 
     def reset(self, state: dict, slots: torch.Tensor) -> None:
+        """Start a new sequence in each of ``slots`` (int64 [n])."""
         state["out"][slots] = 0.0  # stale keys are masked by position, never read
 
     def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
                 lengths: list[int] | None, start: list[int]) -> None:
-        """Feed ``tokens[r, :lengths[r]]`` at positions ``start[r]...`` of slot ``slots[r]``."""
+        """Feed ``tokens[r, :lengths[r]]`` (int64 [n, T]; all T if ``lengths`` is None) at positions
+        ``start[r]...`` of slot ``slots[r]``, writing their keys/values into the cache and the last
+        one's hidden state into ``out``. Positions past ``max_len`` are clamped: callers keep such
+        rows out (the processor stops the plugin there; admission refuses such requests)."""
         r, t = tokens.shape
         device = tokens.device
         lengths_t = torch.as_tensor(lengths if lengths is not None else [t] * r, device=device)
@@ -237,6 +263,7 @@ class TransformerPlugin(PluginLM):
 
 
 def build_plugin(config: PluginConfig) -> PluginLM:
+    """A fresh plugin of ``config.architecture`` (``gru`` or ``transformer``)."""
     return {"gru": GRUPlugin, "transformer": TransformerPlugin}[config.architecture](config)
 
 
