@@ -6,7 +6,6 @@ meaningful rather than a coin toss between near-ties.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -75,8 +74,3 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
         model.out_proj.weight.mul_(scale)
         model.out_bias.normal_(0, 1.0)
     return model.eval()
-
-
-def write_jsonl(path: Path, rows) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
