@@ -1,59 +1,31 @@
 """Train a plugin against a frozen base's cached log-probs (teacher forcing).
 
 Loss: cross-entropy of softmax(base log-probs + plugin logits) on target tokens only, which is
-the product of experts p_base * p_plugin renormalised. AdamW with linear warmup and cosine
-decay, early stopping on the held-out (select) loss, the best checkpoint kept, resumable at
-epoch boundaries. Nothing is pickled: the optimizer state is stored as safetensors too.
-A loss or gradient that goes non-finite stops training (``TrainingDivergedError``) before the
-step that would spread it into the weights, so neither checkpoint is ever overwritten with it.
+the product of experts p_base * p_plugin renormalised. The loop is ``training.loop``'s, shared
+with the LoRA fine-tune: AdamW (decay on dim >= 2), linear warmup then cosine decay to a tenth of
+the rate, early stopping on the held-out (select) loss, a non-finite loss or gradient stopping
+training (``TrainingDivergedError``) before the step that would spread it into the weights. Here
+the best weights go to ``out_dir/checkpoint`` and the run is resumable at epoch boundaries; since
+a divergence is raised before any save, neither is ever overwritten with it. Nothing is pickled:
+the optimizer state is stored as safetensors too.
 """
 from __future__ import annotations
 
 import json
-import math
-import random
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from vllm_plugin.checkpoint import load_plugin, save_plugin
 from vllm_plugin.model import PluginLM
 from vllm_plugin.paths import atomic_folder
 
+from . import loop
 from .base_logits import BaseLogits, TokenizedSet
-
-
-class TrainingDivergedError(ValueError):
-    """The loss or the gradient norm went non-finite (NaN/inf) during training."""
-
-
-def _diverged(what: str, value: float, epoch: int, batch: int, step: int, lr: float, out_dir: Path,
-              state: dict) -> TrainingDivergedError:
-    best = (f"the best checkpoint ({out_dir / 'checkpoint'}, epoch {state['best_epoch']}) and the resume point "
-            f"(after epoch {state['epoch']}) are untouched" if state["best_epoch"] else
-            "no checkpoint was written")
-    return TrainingDivergedError(
-        f"training diverged: the {what} is {value} at epoch {epoch + 1}, batch {batch + 1} (optimizer step "
-        f"{step + 1}, learning rate {lr:.3g}); {best}. Lower the learning rate (--lr) or raise the warmup "
-        f"(--warmup-steps) and train again")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    warmup_steps: int = 50
-    patience: int = 2
-    grad_clip: float = 1.0
-    seed: int = 0
-    max_steps_per_epoch: int | None = None
+from .loop import LoopState, TrainConfig, TrainingDivergedError  # noqa: F401 - re-exported: the trainer's API
 
 
 class PairSet:
@@ -108,18 +80,11 @@ def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64) -> fl
     return total / count
 
 
-def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 class ResumeError(ValueError):
     """A resume point that cannot be read (corrupt or incomplete)."""
 
 
-def _save_resume(folder: Path, plugin, opt, state: dict) -> None:
+def _save_resume(folder: Path, plugin, opt, state: LoopState) -> None:
     """The resume point (plugin weights, optimizer state, counters) as one folder, written beside
     ``folder`` and renamed into place: a kill at any moment leaves the previous point or this one."""
     sd = opt.state_dict()
@@ -128,11 +93,11 @@ def _save_resume(folder: Path, plugin, opt, state: dict) -> None:
     with atomic_folder(folder) as tmp:
         save_plugin(plugin, tmp / "model")
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "param_groups": sd["param_groups"]}))
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "param_groups": sd["param_groups"]}))
 
 
-def _load_resume(folder: Path, plugin, opt) -> dict:
-    """Restore ``plugin`` and ``opt`` from ``folder``; returns the training counters.
+def _load_resume(folder: Path, plugin, opt) -> LoopState:
+    """Restore ``plugin`` and ``opt`` from ``folder``; returns the loop's counters.
 
     Raises:
         ResumeError: ``state.json``, the weights or the optimizer state are missing or corrupt;
@@ -154,96 +119,46 @@ def _load_resume(folder: Path, plugin, opt) -> dict:
             i, name = key.split(".", 1)
             per_param.setdefault(int(i), {})[name] = value
         opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+        return LoopState(**state)
     except Exception as e:  # noqa: BLE001 - any unreadable part of the point gets the same advice
         raise ResumeError(f"cannot resume from {folder}: {e}; {fix}") from e
-    return state
 
 
 def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = True, progress: bool = True, log=print) -> dict:
-    """Fit the plugin; the best-on-select weights end up in ``out_dir/checkpoint``.
+    """Fit the plugin with ``training.loop``; the best-on-select weights end up in
+    ``out_dir/checkpoint``, a resume point in ``out_dir/resume`` after every epoch, and the
+    metrics (``loop.summary`` plus the base's fit loss) in ``out_dir/metrics.json``, returned.
+
+    ``resume``: continue from ``out_dir/resume`` if it holds a point (epoch boundaries only).
 
     Raises:
         TrainingDivergedError: the training loss, the gradient norm or the select loss went
             NaN/inf; raised before that step updates the weights, and before any save.
+        ResumeError: ``out_dir/resume`` is corrupt or incomplete.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    decay = [p for n, p in plugin.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in plugin.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    steps_per_epoch = math.ceil(len(fit) / cfg.batch_size)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    total_steps = steps_per_epoch * cfg.epochs
-
-    state = {"epoch": 0, "step": 0, "best_select_loss": None, "best_epoch": None, "bad_epochs": 0,
-             "history": []}
-    resume_dir = out_dir / "resume"
+    opt = loop.optimizer(plugin, cfg)
+    state, resume_dir = LoopState(), out_dir / "resume"
     if resume and (resume_dir / "state.json").is_file():
         state = _load_resume(resume_dir, plugin, opt)
-        log(f"resuming after epoch {state['epoch']} (best select loss {state['best_select_loss']})")
+        log(f"resuming after epoch {state.epoch} (best select loss {state.best_select_loss})")
     with_base = select.base is not None
     base_select = evaluate(None, select) if with_base else None
     base_fit = evaluate(None, fit) if with_base else None
 
-    while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
-        epoch = state["epoch"]
-        plugin.train()
-        order = list(range(len(fit)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        t0, total, count = time.time(), 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress)
-        for b in bar:
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            lr = _lr_at(state["step"], total_steps, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            loss_sum, n = batch_loss(plugin, fit, idx)
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                raise _diverged("training loss", loss_value / n, epoch, b, state["step"], lr, out_dir, state)
-            opt.zero_grad(set_to_none=True)
-            (loss_sum / n).backward()
-            norm = float(torch.nn.utils.clip_grad_norm_(plugin.parameters(), cfg.grad_clip))
-            if not math.isfinite(norm):  # clipping by an inf norm would write NaN into every weight
-                raise _diverged("gradient norm", norm, epoch, b, state["step"], lr, out_dir, state)
-            opt.step()
-            state["step"] += 1
-            total, count = total + loss_value, count + n
-            bar.set_postfix(loss=f"{total / count:.3f}")
-        select_loss = evaluate(plugin, select)
-        if not math.isfinite(select_loss):
-            raise _diverged("select loss", select_loss, epoch, steps_per_epoch - 1, state["step"] - 1,
-                            _lr_at(state["step"] - 1, total_steps, cfg), out_dir, state)
-        record = {"epoch": epoch + 1, "fit_loss": total / count, "select_loss": select_loss,
-                  "seconds": time.time() - t0, "tokens_per_s": count / (time.time() - t0)}
-        state["history"].append(record)
-        base_note = f"  (base alone {base_select:.4f})" if with_base else ""
-        log(f"epoch {epoch + 1}: fit {record['fit_loss']:.4f}  select {select_loss:.4f}{base_note}  "
-            f"{record['seconds']:.0f}s")
-        best = state["best_select_loss"]
-        if best is None or select_loss < best - 1e-4:
-            state.update(best_select_loss=select_loss, best_epoch=epoch + 1, bad_epochs=0)
-            save_plugin(plugin, out_dir / "checkpoint")
-        else:
-            state["bad_epochs"] += 1
-        state["epoch"] = epoch + 1
-        _save_resume(resume_dir, plugin, opt, state)
+    def kept(s: LoopState) -> str:
+        return (f"the best checkpoint ({out_dir / 'checkpoint'}, epoch {s.best_epoch}) and the resume point "
+                f"(after epoch {s.epoch}) are untouched" if s.best_epoch else "no checkpoint was written")
 
-    metrics = {
-        "config": asdict(cfg),
-        "base_fit_loss": base_fit,
-        "base_select_loss": base_select,
-        "best_select_loss": state["best_select_loss"],
-        "best_epoch": state["best_epoch"],
-        "stopped_early": state["bad_epochs"] >= cfg.patience,
-        "history": state["history"],
-        "fit_examples": len(fit),
-        "select_examples": len(select),
-        "fit_target_tokens": fit.ts.num_target_tokens,
-    }
+    loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=lambda idx: batch_loss(plugin, fit, idx),
+             select_loss=lambda: evaluate(plugin, select),
+             save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
+             save_point=lambda s: _save_resume(resume_dir, plugin, opt, s), kept=kept,
+             note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log)
+    metrics = loop.summary(cfg, state, base_select_loss=base_select, base_fit_loss=base_fit, fit_examples=len(fit),
+                           select_examples=len(select), fit_target_tokens=fit.ts.num_target_tokens)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
