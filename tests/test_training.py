@@ -195,7 +195,7 @@ def test_strength_sweep_ends_at_base_alone_and_training_loss(tiny, e2e_file):
     """benchmarks.strength: w = 0 is the base alone, w = 1 the loss training minimises, and the
     top-k plugin is scored against the base's top-k view, as it decodes."""
     from benchmarks.strength import cross_entropies
-    from vllm_plugin.decode import base_top_k
+    from vllm_plugin.experts import base_top_k
 
     ts = tokenize_examples(load_e2e(e2e_file)[:8], tiny.tokenizer)
     data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
