@@ -95,3 +95,12 @@ def test_packaged_base_is_assembled_from_its_wheels_in_order(tmp_path, monkeypat
     assert not (tmp_path / "dest").exists()
     with pytest.raises(ValueError, match="unknown packaged base 'nope'; known: smollm2-135m"):
         base_model.materialize_base("nope")
+
+
+def test_serve_help_imports_neither_torch_nor_vllm():
+    """`vllm-plugin serve --help` answers at once: the command line builds its options without
+    the training stack (torch) or vLLM."""
+    code = ("import sys\nfrom vllm_plugin.cli import main\ntry:\n    main(['serve', '--help'])\n"
+            "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "usage: vllm-plugin serve" in out and out.strip().splitlines()[-1] == "[]"

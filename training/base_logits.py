@@ -36,7 +36,6 @@ from tqdm.auto import tqdm
 
 from vllm_plugin.paths import atomic_folder
 
-SOURCES = ("full", "vllm", "openai", "full_topk")
 CACHE_VERSION = 1
 
 

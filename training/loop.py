@@ -24,22 +24,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from .config import TrainConfig
+
 # A select loss counts as better only if it beats the best by more than this (nats/token).
 MIN_IMPROVEMENT = 1e-4
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 5
-    batch_size: int = 32  # examples per optimizer step
-    lr: float = 3e-3  # peak learning rate, reached at the end of warmup
-    weight_decay: float = 0.01  # AdamW's, on parameters with dim >= 2 only
-    warmup_steps: int = 50  # optimizer steps of linear warmup
-    min_lr_ratio: float = 0.1  # the cosine decay ends at min_lr_ratio * lr
-    patience: int = 2  # stop after this many consecutive epochs without improvement
-    grad_clip: float = 1.0  # max global L2 norm of the gradient
-    seed: int = 0
-    max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (a compute budget)
 
 
 class TrainingDivergedError(ValueError):

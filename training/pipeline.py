@@ -12,11 +12,12 @@ from vllm_plugin.checkpoint import read_config
 from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
 from vllm_plugin.paths import cache_root
 
-from .base_logits import (SOURCES, BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
+from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
+from .config import SOURCES, TrainConfig
 from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples
 from .fetch import data_root
-from .train import PairSet, TrainConfig, train
+from .train import PairSet, train
 
 # Files each dataset trains on (the paper fits and selects on E2E's validation split).
 TRAIN_FILES = {"e2e": "e2e/devel.csv", "webnlg": "webnlg/train.jsonl"}

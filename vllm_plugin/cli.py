@@ -9,8 +9,7 @@ from .base_model import DEFAULT_BASE, PACKAGED_BASES
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from training.base_logits import SOURCES
-    from training.train import TrainConfig
+    from training.config import SOURCES, TrainConfig  # no torch: `--help` stays fast
 
     d = TrainConfig()
     p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
