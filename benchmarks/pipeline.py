@@ -24,9 +24,9 @@ def plain_forward_throughput(base_path: str, n_examples: int = 256, batch_size: 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.base_logits import tokenize_examples
-    from training.data import load_examples, split_by_input
-    from training.pipeline import default_data_file
+    from vllm_plugin.training.base_logits import tokenize_examples
+    from vllm_plugin.training.data import load_examples, split_by_input
+    from vllm_plugin.training.pipeline import default_data_file
 
     tok = AutoTokenizer.from_pretrained(base_path)
     model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
@@ -52,9 +52,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from vllm_plugin.base_model import resolve_base
-    from training.pipeline import RunSpec
-    from training.pipeline import run as run_pipeline
-    from training.train import TrainConfig
+    from vllm_plugin.training.pipeline import RunSpec
+    from vllm_plugin.training.pipeline import run as run_pipeline
+    from vllm_plugin.training.train import TrainConfig
 
     base_path = resolve_base(None)
     plain_tps = plain_forward_throughput(base_path)

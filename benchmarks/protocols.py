@@ -39,7 +39,7 @@ def first_reference_each(examples, categories) -> list:
 
 def webnlg_held_out(data_dir: Path) -> list[str]:
     """The held-out categories: of the ten, sorted by name, every third (index 2, 5, 8)."""
-    from training.data import load_webnlg
+    from vllm_plugin.training.data import load_webnlg
 
     categories = sorted({dict(e.meta)["category"] for e in load_webnlg(data_dir / "webnlg" / "train.jsonl")})
     return categories[2::3]
@@ -48,7 +48,7 @@ def webnlg_held_out(data_dir: Path) -> list[str]:
 def split_webnlg_train(data_dir: Path):
     """(fit+select examples: ``train`` entries of the seen categories, first reference each;
     the held-out categories)."""
-    from training.data import load_webnlg
+    from vllm_plugin.training.data import load_webnlg
 
     train = load_webnlg(data_dir / "webnlg" / "train.jsonl")
     held_out = webnlg_held_out(data_dir)
@@ -78,8 +78,8 @@ def load_protocol(dataset: str, split: str | None = None) -> Protocol:
         training.data.DataError: missing or malformed data; ``venue`` split for WebNLG.
         ValueError: an unknown dataset.
     """
-    from training.data import DataError, load_examples, split_examples
-    from training.pipeline import data_dir, default_data_file
+    from vllm_plugin.training.data import DataError, load_examples, split_examples
+    from vllm_plugin.training.pipeline import data_dir, default_data_file
 
     if dataset == "e2e":
         split = split or "venue"
@@ -116,12 +116,12 @@ def split_sizes(protocol: Protocol) -> dict:
 
 def load_test(dataset: str) -> list:
     """The scored examples: E2E ``test``, or WebNLG ``dev`` entries of the held-out categories."""
-    from training.data import load_examples
-    from training.pipeline import data_dir, default_data_file
+    from vllm_plugin.training.data import load_examples
+    from vllm_plugin.training.pipeline import data_dir, default_data_file
 
     if dataset == "e2e":
         return load_examples("e2e", default_data_file("e2e", "test"))
-    from training.data import load_webnlg
+    from vllm_plugin.training.data import load_webnlg
 
     held_out = webnlg_held_out(data_dir("webnlg"))
     return [e for e in load_webnlg(data_dir("webnlg") / "webnlg" / "dev.jsonl") if dict(e.meta)["category"] in held_out]
@@ -135,7 +135,7 @@ def venue_slices(examples, known) -> dict[str, set[str]]:
 
 def grouped_test(test, subset: int | None, seed: int = 0):
     """(distinct prompts in file order, or a fixed random ``subset`` of them; their references)."""
-    from training.data import group_references
+    from vllm_plugin.training.data import group_references
 
     refs = group_references(test)
     prompts = list(refs)

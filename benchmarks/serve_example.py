@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from training.data import load_examples
-from training.pipeline import default_data_file
+from vllm_plugin.training.data import load_examples
+from vllm_plugin.training.pipeline import default_data_file
 from vllm_plugin.base_model import resolve_base
 from vllm_plugin.serving import serve_command
 

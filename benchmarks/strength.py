@@ -62,9 +62,9 @@ def main(argv=None) -> None:
     from transformers import AutoTokenizer
 
     from benchmarks.protocols import base_name
-    from training.base_logits import tokenize_examples
-    from training.pipeline import LazyBase, RunSpec, base_logits_for
-    from training.train import PairSet
+    from vllm_plugin.training.base_logits import tokenize_examples
+    from vllm_plugin.training.pipeline import LazyBase, RunSpec, base_logits_for
+    from vllm_plugin.training.train import PairSet
     from vllm_plugin.base_model import resolve_base, tokenizer_fingerprint
     from vllm_plugin.checkpoint import load_plugin, read_config
 

@@ -1,7 +1,6 @@
 """Decode speed of vLLM with and without the plugin, side by side in one run.
 
     python -m benchmarks.throughput                  # default base, batch 1, 8, 32, 64
-    vllm-plugin throughput ...                       (the same)
 
 Configurations (``config`` in the JSON):
   none         vLLM without the processor (the installed entry point is not loaded in that engine)

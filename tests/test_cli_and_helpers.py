@@ -104,3 +104,20 @@ def test_serve_help_imports_neither_torch_nor_vllm():
             "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'vllm', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert "usage: vllm-plugin serve" in out and out.strip().splitlines()[-1] == "[]"
+
+
+def test_wheel_installs_one_namespace(tmp_path):
+    """The built wheel holds ``vllm_plugin`` (with the training code as ``vllm_plugin.training``,
+    its data manifest included) and nothing else at the top level: no generic ``training`` or
+    ``benchmarks`` package lands in site-packages."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("vllm_plugin-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"vllm_plugin"}
+    assert "vllm_plugin/training/loop.py" in names and "vllm_plugin/training/sources.json" in names
+    assert not any(n.startswith("vllm_plugin/benchmarks") for n in names)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from training.base_logits import tokenize_examples
-from training.data import (DataError, format_prompt, group_references, load_e2e, load_examples, load_jsonl,
+from vllm_plugin.training.base_logits import tokenize_examples
+from vllm_plugin.training.data import (DataError, format_prompt, group_references, load_e2e, load_examples, load_jsonl,
                            load_webnlg, parse_mr, split_by_input)
 
 E2E_ROWS = [
@@ -53,8 +53,8 @@ def test_split_is_by_distinct_input(tmp_path):
 
 
 def test_real_e2e_devel_shape(tmp_path):
-    from training.fetch import local_data_root
-    from training.pipeline import default_data_file
+    from vllm_plugin.training.fetch import local_data_root
+    from vllm_plugin.training.pipeline import default_data_file
 
     if local_data_root("e2e") is None:  # no download here (tests/test_fetch.py covers it)
         pytest.skip("E2E data not on this machine ($VLLM_PLUGIN_DATA or shared/data)")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from training import fetch
-from training.data import DataError, load_e2e, load_webnlg
-from training.pipeline import data_dir, default_data_file
+from vllm_plugin.training import fetch
+from vllm_plugin.training.data import DataError, load_e2e, load_webnlg
+from vllm_plugin.training.pipeline import data_dir, default_data_file
 
 SHARED = fetch.shared_data_dir()  # the same lookup the code makes; None outside a checkout
 

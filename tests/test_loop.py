@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from training import loop
-from training.loop import LoopState, TrainConfig, TrainingDivergedError
+from vllm_plugin.training import loop
+from vllm_plugin.training.loop import LoopState, TrainConfig, TrainingDivergedError
 
 from .test_data import write_e2e
 from .test_training import synthetic_rows
@@ -47,7 +47,7 @@ def test_weight_decay_only_on_matrices_and_only_trainable_parameters():
 
 
 def load_examples(tmp_path):
-    from training.data import load_e2e
+    from vllm_plugin.training.data import load_e2e
 
     return load_e2e(write_e2e(tmp_path / "e2e.csv", synthetic_rows(20)))
 
@@ -69,10 +69,10 @@ def applied_lrs(monkeypatch):
 def test_plugin_and_lora_trainers_run_the_same_loop(tiny, tmp_path, applied_lrs):
     """Both trainers apply the core's schedule step for step, and record the same history and
     metrics fields."""
-    from training.base_logits import extract_full, tokenize_examples
-    from training.data import split_by_input
-    from training.lora import LoraTrainConfig, train_lora
-    from training.train import PairSet, train
+    from vllm_plugin.training.base_logits import extract_full, tokenize_examples
+    from vllm_plugin.training.data import split_by_input
+    from vllm_plugin.training.lora import LoraTrainConfig, train_lora
+    from vllm_plugin.training.train import PairSet, train
     from vllm_plugin.testing import tiny_plugin
 
     examples = load_examples(tmp_path)
@@ -100,7 +100,7 @@ def test_lora_keeps_the_base_when_no_epoch_beats_it_and_stops_after_patience(tin
     more than 1e-4 is a bad one, ``patience`` of them stop, and the merged model is the base."""
     from transformers import AutoModelForCausalLM
 
-    from training.lora import LoraTrainConfig, train_lora
+    from vllm_plugin.training.lora import LoraTrainConfig, train_lora
 
     examples = load_examples(tmp_path)
     merged = train_lora(str(tiny.base_dir), examples, tmp_path / "lora",
@@ -115,7 +115,7 @@ def test_lora_keeps_the_base_when_no_epoch_beats_it_and_stops_after_patience(tin
 
 
 def test_lora_stops_on_divergence_and_writes_nothing(tiny, tmp_path):
-    from training.lora import LoraTrainConfig, train_lora
+    from vllm_plugin.training.lora import LoraTrainConfig, train_lora
 
     with pytest.raises(TrainingDivergedError, match=r"is (nan|inf).* at epoch 1, batch \d+ .*nothing was written"):
         train_lora(str(tiny.base_dir), load_examples(tmp_path), tmp_path / "lora",

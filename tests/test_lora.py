@@ -8,9 +8,9 @@ from .test_training import synthetic_rows
 def test_lora_fine_tune_learns_and_merges(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from training.base_logits import tokenize_examples
-    from training.data import load_e2e, split_by_input
-    from training.lora import LoraTrainConfig, mean_loss, pad_token_id, train_lora
+    from vllm_plugin.training.base_logits import tokenize_examples
+    from vllm_plugin.training.data import load_e2e, split_by_input
+    from vllm_plugin.training.lora import LoraTrainConfig, mean_loss, pad_token_id, train_lora
 
     examples = load_e2e(write_e2e(tmp_path / "e2e.csv", synthetic_rows(20)))
     merged_dir = train_lora(str(tiny.base_dir), examples, tmp_path / "lora",

@@ -128,7 +128,7 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
 def test_e2e_venue_split_mirrors_test():
     """Select holds about a third of its inputs from venues the fit split never sees; the rest,
     and every fit venue, as in the paper's split; no input on both sides; seeded."""
-    from training.data import Example, split_examples
+    from vllm_plugin.training.data import Example, split_examples
 
     examples = [Example(group=f"name[V{v}], food[F{i}]", prompt=f"p{v}-{i}", target=f"t{r}", meta=(("venue", f"V{v}"),))
                 for v in range(12) for i in range(3 + v) for r in range(2)]
@@ -146,7 +146,7 @@ def test_e2e_venue_split_mirrors_test():
 
 
 def test_e2e_examples_carry_their_venue(tmp_path):
-    from training.data import load_e2e
+    from vllm_plugin.training.data import load_e2e
 
     path = write_e2e(tmp_path / "d.csv", [("name[Blue Spice], area[city centre]", "x."), ("area[riverside]", "y.")])
     assert [dict(e.meta)["venue"] for e in load_e2e(path)] == ["Blue Spice", ""]
@@ -207,7 +207,7 @@ def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, mon
 
 def test_webnlg_protocol_holds_out_whole_categories():
     from benchmarks.quality import load_protocol, load_test
-    from training.fetch import local_data_root
+    from vllm_plugin.training.fetch import local_data_root
 
     if local_data_root() is None:  # no download here (tests/test_fetch.py covers it)
         pytest.skip("task data not on this machine ($VLLM_PLUGIN_DATA or shared/data)")

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from training.base_logits import (extract_full, extract_topk_openai, extract_topk_vllm, tokenize_examples,
+from vllm_plugin.training.base_logits import (extract_full, extract_topk_openai, extract_topk_vllm, tokenize_examples,
                                   topk_view)
-from training.data import load_e2e
+from vllm_plugin.training.data import load_e2e
 
 from .test_data import write_e2e
 from .test_training import synthetic_rows

@@ -5,11 +5,11 @@ import re
 import pytest
 import torch
 
-import training.base_logits as bl_mod
-from training.base_logits import BaseLogits, BaseLogitsError, cached, extract_full, tokenize_examples
-from training.data import load_e2e, split_by_input
-from training.pipeline import RunSpec, run
-from training.train import PairSet, TrainConfig, TrainingDivergedError, evaluate
+import vllm_plugin.training.base_logits as bl_mod
+from vllm_plugin.training.base_logits import BaseLogits, BaseLogitsError, cached, extract_full, tokenize_examples
+from vllm_plugin.training.data import load_e2e, split_by_input
+from vllm_plugin.training.pipeline import RunSpec, run
+from vllm_plugin.training.train import PairSet, TrainConfig, TrainingDivergedError, evaluate
 from vllm_plugin.checkpoint import load_plugin
 from vllm_plugin.testing import CORPUS_WORDS
 
@@ -104,7 +104,7 @@ def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path
     _, select = split_by_input(examples)
     # The base logits are cached: a resumed run must not extract them again.
     monkeypatch.setattr(bl_mod, "extract_full", lambda *a, **k: pytest.fail("re-extracted base logits"))
-    monkeypatch.setattr("training.pipeline.extract_full", lambda *a, **k: pytest.fail("re-extracted"))
+    monkeypatch.setattr("vllm_plugin.training.pipeline.extract_full", lambda *a, **k: pytest.fail("re-extracted"))
     spec.train.epochs = 4
     resumed = run(spec, progress=False, log=lambda *_: None)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3, 4]
@@ -118,7 +118,7 @@ def test_full_topk_source_trains_on_the_top_k_view(tiny, e2e_file, tmp_path, mon
         views.append(bl_mod.topk_view(full, ts, k, **kw))
         return views[-1]
 
-    monkeypatch.setattr("training.pipeline.topk_view", recording_view)
+    monkeypatch.setattr("vllm_plugin.training.pipeline.topk_view", recording_view)
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), source="full_topk", top_k=5, d_model=32,
                    out=str(tmp_path / "run"), train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
     metrics = run(spec, progress=False, log=lambda *_: None)
@@ -216,7 +216,7 @@ def test_resume_point_is_atomic_and_a_corrupt_one_names_the_fix(tiny, e2e_file, 
     """The resume point is one folder renamed into place: a kill while writing it (here, the
     optimizer file failing) leaves the previous point whole, and the re-run trains each epoch
     once. A corrupt ``state.json`` is an error naming the file and ``--no-resume``."""
-    import training.train as train_mod
+    import vllm_plugin.training.train as train_mod
 
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=1))

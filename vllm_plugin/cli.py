@@ -9,7 +9,7 @@ from .base_model import DEFAULT_BASE, PACKAGED_BASES
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
-    from training.config import SOURCES, TrainConfig  # no torch: `--help` stays fast
+    from vllm_plugin.training.config import SOURCES, TrainConfig  # no torch: `--help` stays fast
 
     d = TrainConfig()
     p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
@@ -40,8 +40,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _spec(args):
-    from training.pipeline import RunSpec
-    from training.train import TrainConfig
+    from vllm_plugin.training.pipeline import RunSpec
+    from vllm_plugin.training.train import TrainConfig
 
     return RunSpec(
         dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
@@ -62,7 +62,7 @@ def cmd_prepare_base(args) -> None:
 
 
 def cmd_train(args) -> dict:
-    from training.pipeline import run
+    from vllm_plugin.training.pipeline import run
 
     if args.no_resume:
         import shutil
@@ -87,8 +87,8 @@ def cmd_generate(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.data import load_examples
-    from training.pipeline import default_data_file
+    from vllm_plugin.training.data import load_examples
+    from vllm_plugin.training.pipeline import default_data_file
 
     from .base_model import resolve_base, tokenizer_fingerprint
     from .checkpoint import load_plugin
@@ -194,30 +194,12 @@ def main(argv=None) -> int:
     p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's formula (prompt tokens count too), on the combined logits")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("quality", help="the paper's comparison through vLLM (benchmarks/quality.py)",
-                       add_help=False)
-    p.set_defaults(func=None)
-
-    p = sub.add_parser("throughput", help="decode speed with and without plugins (benchmarks/throughput.py)",
-                       add_help=False)
-    p.set_defaults(func=None)
-
     p = sub.add_parser("serve", help="`vllm serve` the base with plugins (other arguments go to vllm serve)")
     p.add_argument("--base", default="smollm2-135m")
     p.add_argument("--plugin", action="append", default=[], metavar="NAME=CHECKPOINT", required=True)
     p.set_defaults(func=cmd_serve)
 
     args, extra = parser.parse_known_args(argv)
-    if args.command == "quality":
-        from benchmarks.quality import main as quality_main
-
-        quality_main(extra)
-        return 0
-    if args.command == "throughput":
-        from benchmarks.throughput import main as throughput_main
-
-        throughput_main(extra)
-        return 0
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
