@@ -116,8 +116,8 @@ def test_registered_twice_applies_once(tiny, plugins_env):
 def test_configuration_parsing(monkeypatch, tmp_path):
     assert configured_plugins({"PLUGIN_LM_TABLE": "e2e=/x/y, web=/z"}) == {"e2e": "/x/y", "web": "/z"}
     assert configured_plugins({"PLUGIN_LM_TABLE": '{"e2e": "/x"}'}) == {"e2e": "/x"}
-    for bad, msg in [("{oops", "not valid JSON"), ("e2e", "not name=path"), ('{"a/b": "/x"}', "plugin name"),
-                     ('{"a": 3}', "must map plugin names")]:
+    for bad, msg in [("{oops", r"not valid JSON.*: give \{\"name\": \"/checkpoint/folder\", \.\.\.\} or"),
+                     ("e2e", "not name=path"), ('{"a/b": "/x"}', "plugin name"), ('{"a": 3}', "must map plugin names")]:
         with pytest.raises(ValueError, match=msg):
             configured_plugins({"PLUGIN_LM_TABLE": bad})
     assert request_plugin(params(), {})[:4] == (None, 0.0, 0, None)

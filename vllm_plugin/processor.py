@@ -87,7 +87,7 @@ def parse_table(raw, source: str) -> dict[str, str]:
         PluginConfigError: ``raw`` is none of those, a path is not a non-empty string, or a name
             is not letters, digits, '_', '.', '-' (at most 64); the message names ``source``.
     """
-    fix = 'give {{"name": "/checkpoint/folder", ...}} or name=/checkpoint/folder,name2=...'
+    fix = 'give {"name": "/checkpoint/folder", ...} or name=/checkpoint/folder,name2=...'
     if isinstance(raw, str):
         raw = raw.strip()
         if not raw:
