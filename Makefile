@@ -16,7 +16,7 @@ test: install
 	$(VENV)/bin/python -m pytest -q tests
 
 bench: install
-	$(VENV)/bin/python -m benchmarks.pipeline
+	$(VENV)/bin/python -m benchmarks.pipeline_cost
 
 # The paper's comparison (hours on 2 CPU cores; each step resumes where it stopped). Every system
 # decodes at the penalty setting it does best with on the select split. E2E: select split by

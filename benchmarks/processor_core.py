@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from vllm_plugin.model import PluginConfig, build_plugin
-from vllm_plugin.processor import PluginBank
+from vllm_plugin.bank import PluginBank
 
 
 def _sync(device):
@@ -41,7 +41,7 @@ def check_against_reference(plugin, device, vocab: int, rows: int = 4, prompt_le
     for n in range(prompt_len, prompt_len + steps + 1):
         logits = torch.zeros(rows, vocab, device=device)
 
-        def last_tokens(sel, n=n):
+        def last_tokens(sel, _rows, n=n):
             return seqs[torch.as_tensor(sel, device=device), n - 1]
 
         def token_range(sel, start, length):
@@ -65,14 +65,14 @@ def time_core(plugin, device, vocab: int, batch: int, steps: int, prompt_len: in
     logits = torch.randn(batch, vocab, device=device)
     bias = torch.randn(vocab, device=device)
     new_tokens = torch.randint(0, vocab, (batch,), device=device)
-    bank.apply(logits, slots, slots, np.full(batch, prompt_len), lambda sel: new_tokens[sel],
+    bank.apply(logits, slots, slots, np.full(batch, prompt_len), lambda sel, _rows: new_tokens[sel],
                lambda sel, start, length: prompts)
     core, base = [], []
     for i in range(steps):
         seq_lens = np.full(batch, prompt_len + 1 + i)
         _sync(device)
         t0 = time.perf_counter()
-        bank.apply(logits, slots, slots, seq_lens, lambda sel: new_tokens, None)
+        bank.apply(logits, slots, slots, seq_lens, lambda sel, _rows: new_tokens, None)
         _sync(device)
         t1 = time.perf_counter()
         logits.add_(bias)

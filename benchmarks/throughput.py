@@ -309,7 +309,7 @@ def write_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--plugin", help="checkpoint for plugin A (default: fresh plugins of the default config)")
@@ -332,7 +332,149 @@ def main(argv=None) -> None:
                              "batch sizes ('' to skip)")
     parser.add_argument("--worker", choices=["none", "none_bf16", "plugins"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.bf16_batch_sizes = [int(b) for b in args.bf16_batch_sizes.split(",") if b.strip()]
+    if not args.worker and max(args.batch_sizes) > args.max_num_seqs:
+        parser.error(f"--max-num-seqs {args.max_num_seqs} is below the largest batch {max(args.batch_sizes)}")
+    return args
 
+
+class Rig:
+    """Everything timed: both vLLM engines (and the bfloat16 one), HF's model, plugin A, prompts."""
+
+    def __init__(self, args, base: str):
+        import numpy as np
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from vllm_plugin.checkpoint import load_plugin
+
+        self.args = args
+        plugins = fresh_plugins(base, Path(tempfile.mkdtemp(prefix="vllm_plugin_throughput_")))
+        if args.plugin:
+            plugins["a"] = str(Path(args.plugin).resolve())
+        if args.plugin_b:
+            plugins["b"] = str(Path(args.plugin_b).resolve())
+        self.plugin = load_plugin(plugins["a"]).eval()
+        self.config = AutoConfig.from_pretrained(base)
+        vocab = self.config.get_text_config().vocab_size
+        rng = np.random.default_rng(0)
+        self.prompts = rng.integers(10, vocab, size=(max(args.batch_sizes), args.prompt_len)).tolist()
+        kinds = ("none", "plugins") + (("none_bf16",) if args.bf16_batch_sizes else ())
+        self.engines = {k: EngineProcess(k, base, plugins, args.eager, args.max_num_seqs) for k in kinds}
+        self.hf_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+
+    def decode_steps(self, config: str, b: int, warm_up: bool = False) -> list[float]:
+        """Decode-step times (s) of ``config`` at batch ``b`` (``warm_up``: two tokens, untimed use)."""
+        args, rows = self.args, self.prompts[:b]
+        new_tokens = 2 if warm_up else args.new_tokens
+        if config == "none_bf16":
+            return self.engines["none_bf16"].decode_steps(rows, [None] * b, new_tokens)
+        if config in ENGINE_CONFIGS:
+            names = {"none": [None] * b, "inert": [None] * b, "plugin": ["a"] * b,
+                     "two_plugins": ["a" if i % 2 == 0 else "b" for i in range(b)]}[config]
+            engine = self.engines["none" if config == "none" else "plugins"]
+            return engine.decode_steps(rows, names, new_tokens)
+        if config == "hf_generate":
+            return hf_decode_steps(self.hf_model, self.plugin, rows, 2 if warm_up else args.hf_new_tokens)
+        if config == "hf_generate_no_plugin":
+            return hf_decode_steps(self.hf_model, None, rows, args.hf_new_tokens)
+        return recompute_steps(self.hf_model, self.plugin, rows, args.recompute_steps)
+
+    def close(self) -> None:
+        for engine in self.engines.values():
+            engine.close()
+
+
+def time_all(rig: Rig, args) -> dict[tuple[str, int], list[float]]:
+    """Every configuration at every batch size, once per repeat (so drift hits all alike)."""
+    from tqdm.auto import tqdm
+
+    # Warm-up: first calls allocate and (for vLLM) fill the prefix cache with the prompts.
+    for b in args.batch_sizes:
+        rig.decode_steps("none", b, warm_up=True)
+        rig.decode_steps("plugin", b, warm_up=True)
+    for b in args.bf16_batch_sizes:
+        rig.decode_steps("none_bf16", b, warm_up=True)
+    rig.decode_steps("hf_generate", 1, warm_up=True)
+    steps: dict[tuple[str, int], list[float]] = {}
+    plan = [(b, c) for _ in range(args.repeats) for b in args.batch_sizes
+            for c in ENGINE_CONFIGS + ("hf_generate", "hf_generate_no_plugin", "recompute")
+            + (("none_bf16",) if b in args.bf16_batch_sizes else ())]
+    for b, c in tqdm(plan, desc="timing"):
+        steps.setdefault((c, b), []).extend(rig.decode_steps(c, b))
+    return steps
+
+
+def summarise(steps: dict[tuple[str, int], list[float]], args, base_config, plugin, machine: str) -> dict:
+    """The results JSON from the timed steps: rows, ratios side by side, FLOPs and ceilings."""
+    def row(c, b):
+        ms = statistics.median(steps[(c, b)]) * 1000
+        return {"batch_size": b, "config": c, "tokens_per_s": b / ms * 1000, "ms_per_token": ms,
+                "decode_steps_timed": len(steps[(c, b)])}
+
+    sizes = args.batch_sizes
+    main_configs = ENGINE_CONFIGS + ("hf_generate", "recompute")
+    rows = [row(c, b) for b in sizes for c in main_configs]
+    bf16_rows = [row("none_bf16", b) for b in sizes if b in args.bf16_batch_sizes]
+    by = {(r["config"], r["batch_size"]): r["tokens_per_s"] for r in rows}
+    context = args.prompt_len + args.new_tokens // 2
+    base_flops = base_flops_per_token(base_config, context)
+    plugin_flops = plugin.flops_per_token()
+    flop_share = plugin_flops / base_flops
+    # How far any decoder could outrun HF generate here: the machine's GEMM peak over the FLOP rate
+    # HF generate (with the plugin) already reaches. A target above this ceiling cannot be met.
+    peak = matmul_peak_gflops()
+    gflops = {c: {str(b): by[(c, b)] * (base_flops + plugin_flops) / 1e9 for b in sizes}
+              for c in ("hf_generate", "plugin")}
+    # Extra time per token with the plugin, against the FLOP floor (the plugin's share of the base's FLOPs).
+    overhead = {str(b): by[("none", b)] / by[("plugin", b)] - 1 for b in sizes}
+    return {
+        "base_model": args.base, "plugin": f"{plugin.config.architecture} d={plugin.config.d_model}",
+        "flop_share": flop_share,
+        "flops_per_token": {"base": base_flops, "plugin": plugin_flops, "base_context": context},
+        "machine": machine,
+        "vllm": {"eager": args.eager, "max_num_seqs": args.max_num_seqs},
+        "settings": {"repeats": args.repeats, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "hf_new_tokens": args.hf_new_tokens, "recompute_steps": args.recompute_steps},
+        "rows": rows,
+        "reference_rows": [row("hf_generate_no_plugin", b) for b in sizes] + bf16_rows,
+        "ratios_to_none": {str(b): {c: by[(c, b)] / by[("none", b)] for c in main_configs if c != "none"}
+                           for b in sizes},
+        "ours_over_hf_generate": {str(b): by[("plugin", b)] / by[("hf_generate", b)] for b in sizes},
+        "ours_over_recompute": {str(b): by[("plugin", b)] / by[("recompute", b)] for b in sizes},
+        "none_bf16_over_none": {str(r["batch_size"]): r["tokens_per_s"] / by[("none", r["batch_size"])]
+                                for r in bf16_rows},
+        "compute_ceiling": {
+            "matmul_peak_gflops": peak,
+            "hf_generate_gflops": gflops["hf_generate"],
+            "plugin_gflops": gflops["plugin"],
+            "max_ours_over_hf_generate": {b: peak / g for b, g in gflops["hf_generate"].items()},
+        },
+        "time_overhead": overhead,
+        "overhead_over_flop_share": {b: v / flop_share for b, v in overhead.items()},
+    }
+
+
+def write_report(result: dict, profiled: dict | None, args, out: Path) -> None:
+    """``out`` (JSON), its plot, and the profile table next to it."""
+    if profiled:
+        table = out.with_name(out.stem + "_profile.txt")
+        result["profile"] = {"batch_size": args.profile_batch, "decode_steps": profiled["steps"],
+                             "step_ms": profiled["step_ms"], "processor_ms": profiled["processor_ms"],
+                             "processor_share": profiled["processor_ms"] / profiled["step_ms"],
+                             "table": table.name}
+        table.write_text(f"torch.profiler, {profiled['steps']} decode steps at batch {args.profile_batch}, plugin "
+                         f"on every row; 'vllm_plugin' is the processor's apply()\n\n{profiled['table']}\n")
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_plot(result, out.with_suffix(".png"))
+    print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate",
+                                             "compute_ceiling")}, indent=1))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     from vllm_plugin.base_model import resolve_base
 
     base = str(resolve_base(args.base))
@@ -340,130 +482,23 @@ def main(argv=None) -> None:
         _engine_worker(args.worker, base, args.eager, args.max_num_seqs)
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    if max(batch_sizes) > args.max_num_seqs:
-        raise SystemExit(f"--max-num-seqs {args.max_num_seqs} is below the largest batch {max(batch_sizes)}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise SystemExit(f"results folder {out.parent} is not writable")
-
     import platform
 
-    import numpy as np
     import torch
-    from tqdm.auto import tqdm
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from vllm_plugin.checkpoint import load_plugin
-
-    workdir = Path(tempfile.mkdtemp(prefix="vllm_plugin_throughput_"))
-    plugins = fresh_plugins(base, workdir)
-    if args.plugin:
-        plugins["a"] = str(Path(args.plugin).resolve())
-    if args.plugin_b:
-        plugins["b"] = str(Path(args.plugin_b).resolve())
-    plugin_a = load_plugin(plugins["a"]).eval()
-    config = AutoConfig.from_pretrained(base)
-    vocab = config.get_text_config().vocab_size
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(10, vocab, size=(max(batch_sizes), args.prompt_len)).tolist()
-
-    engines = {"none": EngineProcess("none", base, plugins, args.eager, args.max_num_seqs)}
-    engines["plugins"] = EngineProcess("plugins", base, plugins, args.eager, args.max_num_seqs)
-    bf16_sizes = [int(b) for b in args.bf16_batch_sizes.split(",") if b.strip()]
-    if bf16_sizes:
-        engines["none_bf16"] = EngineProcess("none_bf16", base, plugins, args.eager, args.max_num_seqs)
-    hf_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
-    # Warm-up: first calls allocate and (for vLLM) fill the prefix cache with the prompts.
-    for b in batch_sizes:
-        engines["none"].decode_steps(prompts[:b], [None] * b, 2)
-        engines["plugins"].decode_steps(prompts[:b], ["a"] * b, 2)
-    for b in bf16_sizes:
-        engines["none_bf16"].decode_steps(prompts[:b], [None] * b, 2)
-    hf_decode_steps(hf_model, plugin_a, prompts[:1], 2)
-
-    steps: dict[tuple[str, int], list[float]] = {}
-    plan = [(r, b, c) for r in range(args.repeats) for b in batch_sizes
-            for c in ENGINE_CONFIGS + ("hf_generate", "hf_generate_no_plugin", "recompute")
-            + (("none_bf16",) if b in bf16_sizes else ())]
-    for _, b, c in tqdm(plan, desc="timing"):
-        rows = prompts[:b]
-        if c == "none_bf16":
-            got = engines["none_bf16"].decode_steps(rows, [None] * b, args.new_tokens)
-        elif c in ENGINE_CONFIGS:
-            names = {"none": [None] * b, "inert": [None] * b, "plugin": ["a"] * b,
-                     "two_plugins": ["a" if i % 2 == 0 else "b" for i in range(b)]}[c]
-            engine = engines["none" if c == "none" else "plugins"]
-            got = engine.decode_steps(rows, names, args.new_tokens)
-        elif c == "hf_generate":
-            got = hf_decode_steps(hf_model, plugin_a, rows, args.hf_new_tokens)
-        elif c == "hf_generate_no_plugin":
-            got = hf_decode_steps(hf_model, None, rows, args.hf_new_tokens)
-        else:
-            got = recompute_steps(hf_model, plugin_a, rows, args.recompute_steps)
-        steps.setdefault((c, b), []).extend(got)
-    profiled = None
-    if args.profile_batch:
-        profiled = engines["plugins"].profile(prompts[:args.profile_batch], args.profile_steps + 1)
-    for engine in engines.values():
-        engine.close()
-
-    def row(c, b):
-        ms = statistics.median(steps[(c, b)]) * 1000
-        return {"batch_size": b, "config": c, "tokens_per_s": b / ms * 1000, "ms_per_token": ms,
-                "decode_steps_timed": len(steps[(c, b)])}
-
-    main_configs = ENGINE_CONFIGS + ("hf_generate", "recompute")
-    rows = [row(c, b) for b in batch_sizes for c in main_configs]
-    bf16_rows = [row("none_bf16", b) for b in batch_sizes if b in bf16_sizes]
-    by = {(r["config"], r["batch_size"]): r["tokens_per_s"] for r in rows}
-    context = args.prompt_len + args.new_tokens // 2
-    base_flops = base_flops_per_token(config, context)
-    plugin_flops = plugin_a.flops_per_token()
-    result = {
-        "base_model": args.base, "plugin": f"{plugin_a.config.architecture} d={plugin_a.config.d_model}",
-        "flop_share": plugin_flops / base_flops,
-        "flops_per_token": {"base": base_flops, "plugin": plugin_flops, "base_context": context},
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}",
-        "vllm": {"eager": args.eager, "max_num_seqs": args.max_num_seqs},
-        "settings": {"repeats": args.repeats, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                     "hf_new_tokens": args.hf_new_tokens, "recompute_steps": args.recompute_steps},
-        "rows": rows,
-        "reference_rows": [row("hf_generate_no_plugin", b) for b in batch_sizes] + bf16_rows,
-        "ratios_to_none": {str(b): {c: by[(c, b)] / by[("none", b)] for c in main_configs if c != "none"}
-                           for b in batch_sizes},
-        "ours_over_hf_generate": {str(b): by[("plugin", b)] / by[("hf_generate", b)] for b in batch_sizes},
-        "ours_over_recompute": {str(b): by[("plugin", b)] / by[("recompute", b)] for b in batch_sizes},
-    }
-    result["none_bf16_over_none"] = {str(r["batch_size"]): r["tokens_per_s"] / by[("none", r["batch_size"])]
-                                     for r in bf16_rows}
-    # How far any decoder could outrun HF generate here: the machine's GEMM peak over the FLOP rate
-    # HF generate (with the plugin) already reaches. A target above this ceiling cannot be met.
-    peak = matmul_peak_gflops()
-    flops = base_flops + plugin_flops
-    result["compute_ceiling"] = {
-        "matmul_peak_gflops": peak,
-        "hf_generate_gflops": {str(b): by[("hf_generate", b)] * flops / 1e9 for b in batch_sizes},
-        "plugin_gflops": {str(b): by[("plugin", b)] * flops / 1e9 for b in batch_sizes},
-        "max_ours_over_hf_generate": {str(b): peak / (by[("hf_generate", b)] * flops / 1e9) for b in batch_sizes},
-    }
-    # Extra time per token with the plugin, against the FLOP floor (the plugin's share of the base's FLOPs).
-    result["time_overhead"] = {str(b): by[("none", b)] / by[("plugin", b)] - 1 for b in batch_sizes}
-    result["overhead_over_flop_share"] = {b: v / result["flop_share"] for b, v in result["time_overhead"].items()}
-    if profiled:
-        result["profile"] = {"batch_size": args.profile_batch, "decode_steps": profiled["steps"],
-                             "step_ms": profiled["step_ms"], "processor_ms": profiled["processor_ms"],
-                             "processor_share": profiled["processor_ms"] / profiled["step_ms"],
-                             "table": str(out.with_name(out.stem + "_profile.txt").name)}
-        out.with_name(out.stem + "_profile.txt").write_text(
-            f"torch.profiler, {profiled['steps']} decode steps at batch {args.profile_batch}, plugin on every row; "
-            f"'vllm_plugin' is the processor's apply()\n\n{profiled['table']}\n")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    write_plot(result, out.with_suffix(".png"))
-    print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate",
-                                             "compute_ceiling")}, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    rig = Rig(args, base)
+    try:
+        steps = time_all(rig, args)
+        profiled = rig.engines["plugins"].profile(rig.prompts[:args.profile_batch], args.profile_steps + 1) \
+            if args.profile_batch else None
+    finally:
+        rig.close()
+    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    write_report(summarise(steps, args, rig.config, rig.plugin, machine), profiled, args, out)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def test_bank_resets_a_recycled_slot_even_for_a_one_token_prompt(arch):
     """A slot that held another sequence must not leak its state into a 1-token prompt."""
     import numpy as np
 
-    from vllm_plugin.processor import PluginBank
+    from vllm_plugin.bank import PluginBank
 
     plugin = tiny_plugin(V, arch, max_len=64)
     bank = PluginBank({"p": plugin}, 2, "cpu")
@@ -86,7 +86,7 @@ def test_bank_resets_a_recycled_slot_even_for_a_one_token_prompt(arch):
         logits = torch.zeros(1, V)
         ids = torch.tensor([seq])
         bank.apply(logits, np.array([0]), np.array([1]), np.array([len(seq)]),
-                   lambda sel, ids=ids: ids[0, -1:].expand(len(sel)),
+                   lambda sel, _rows, ids=ids: ids[0, -1:].expand(len(sel)),
                    lambda sel, start, length, ids=ids: ids[:, int(start[0]):int(start[0] + length[0])])
         with torch.no_grad():
             want = torch.log_softmax(plugin.head(plugin(ids))[0, -1], -1)

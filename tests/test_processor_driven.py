@@ -379,7 +379,7 @@ def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):
     """On CPU the processor's vocabulary head runs through vLLM's prepacked oneDNN GEMM."""
     from vllm import _custom_ops as ops
 
-    from vllm_plugin.processor import _fast_head
+    from vllm_plugin.bank import _fast_head
 
     for plugin in (tiny.plugins["a"], tiny.plugins["t"]):
         head = _fast_head(plugin, torch.device("cpu"))

@@ -231,7 +231,7 @@ def test_seeded_sampling_matches_the_reference_distribution(tiny, engine):
     ({"plugin_weight": 1.0}, "without 'plugin'"),
     ({"plugin": "a", "plugin_wieght": 1.0}, "unknown plugin argument"),
     ({"plugin": "a", "plugin_mode": "mixture", "plugin_weight": 1.5}, "must be a number in \\[0, 1\\]"),
-    ({"plugin": "a", "plugin_mode": "sum"}, "must be one of"),
+    ({"plugin": "a", "plugin_mode": "sum"}, "'plugin_mode': combination mode must be one of product, mixture, alone"),
     ({"plugin": "a", "plugin_base_top_k": -1}, "must be an integer"),
     ({"plugin": "k", "plugin_base_top_k": 500}, "must be an integer in \\[0, 384\\]"),  # > vocabulary
     ({"plugin": "a", "plugin_base_top_k": 385}, "the base score 384 tokens"),

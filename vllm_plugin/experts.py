@@ -31,7 +31,7 @@ class Mode(IntEnum):
         by_label = {m.label: m for m in cls}
         if isinstance(mode, str) and mode in by_label:
             return by_label[mode]
-        raise ValueError(f"unknown combination mode {mode!r}; use one of {', '.join(by_label)}")
+        raise ValueError(f"combination mode must be one of {', '.join(by_label)}, got {mode!r}")
 
     @property
     def label(self) -> str:

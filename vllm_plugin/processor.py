@@ -41,7 +41,8 @@ from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirection
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
-from .experts import Mode, base_top_k, combine
+from .bank import NO_PENALTY, PluginBank
+from .experts import Mode
 
 # A child of vLLM's "vllm" logger: vLLM configures only that one (its handler, format and
 # VLLM_LOGGING_LEVEL, with propagate=False), so a logger outside it ("vllm_plugin") reaches only
@@ -67,8 +68,6 @@ ARG_TOP_K = "plugin_base_top_k"
 # plugin request they would decode differently by runner (admission refuses them there).
 ARG_PENALTIES = ("plugin_repetition_penalty", "plugin_frequency_penalty", "plugin_presence_penalty")
 VLLM_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
-NO_PENALTY = (1.0, 0.0, 0.0)
-MODES = tuple(m.label for m in Mode)
 MAX_WEIGHT = 100.0
 MAX_TOP_K = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -232,12 +231,14 @@ def request_plugin(params, known: dict | None = None,
     if not isinstance(name, str) or name not in known:
         available = ", ".join(sorted(known)) or f"none (configure {CONFIG_SOURCE} or {ENV_SOURCE} on the server)"
         raise ValueError(f"unknown plugin {name!r}; available: {available}")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"'{ARG_MODE}' must be one of {MODES}, got {mode!r}")
-    top = 1.0 if mode == "mixture" else MAX_WEIGHT
+    try:
+        mode = Mode.parse(mode)
+    except ValueError as e:
+        raise ValueError(f"'{ARG_MODE}': {e}") from None
+    top = 1.0 if mode == Mode.MIXTURE else MAX_WEIGHT
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
             or not 0.0 <= weight <= top:
-        raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {top:g}] for mode {mode}, got {weight!r}")
+        raise ValueError(f"'{ARG_WEIGHT}' must be a number in [0, {top:g}] for mode {mode.label}, got {weight!r}")
     if top_k is not None:
         vocab = vocab_size(name) if vocab_size is not None else None
         limit = MAX_TOP_K if vocab is None else min(MAX_TOP_K, vocab)
@@ -256,7 +257,7 @@ def request_plugin(params, known: dict | None = None,
     penalties = (_check_penalty(ARG_PENALTIES[0], args.get(ARG_PENALTIES[0], 1.0), 0.0, MAX_WEIGHT, True),
                  _check_penalty(ARG_PENALTIES[1], args.get(ARG_PENALTIES[1], 0.0), -2.0, 2.0, False),
                  _check_penalty(ARG_PENALTIES[2], args.get(ARG_PENALTIES[2], 0.0), -2.0, 2.0, False))
-    return RequestPlugin(name, float(weight), Mode.parse(mode), top_k, penalties)
+    return RequestPlugin(name, float(weight), mode, top_k, penalties)
 
 
 @functools.lru_cache(maxsize=64)
@@ -304,241 +305,6 @@ def validate_request(params) -> None:
     req = request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
     if req.name is not None:  # engine facts: speculative decoding, prompt embeddings, max_len
         check_admission(params, req.name, lambda: _checkpoint_max_len(str(table[req.name])), input_processor, prompt)
-
-
-# ----- the batched core, shared by both runners ---------------------------------------------
-class PluginBank:
-    """Named plugins with state for ``num_slots`` sequences each, in preallocated tensors.
-
-    Host-side arrays per slot: which plugin (-1: none), its weight, and how many of the
-    sequence's tokens its state has absorbed. A slot's tokens come from the runner through
-    two callbacks, so the core never knows which runner it serves.
-    """
-
-    def __init__(self, plugins: dict, num_slots: int, device):
-        self.names = list(plugins)
-        self.index = {name: i for i, name in enumerate(self.names)}
-        self.models = [plugins[n].to(device).eval() for n in self.names]
-        self.heads = [_fast_head(m, torch.device(device)) for m in self.models]
-        self.states = [m.new_state(num_slots, device) for m in self.models]
-        self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None
-                        for m in self.models]
-        # A plugin trained from top-k log-probs learned to correct that view of the base.
-        self.trained_top_k = [int(m.config.training.get("top_k") or 0) for m in self.models]
-        self.device = torch.device(device)
-        self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
-        self.weight = np.zeros(num_slots, dtype=np.float32)
-        self.mode = np.zeros(num_slots, dtype=np.int8)  # a Mode
-        self.consumed = np.zeros(num_slots, dtype=np.int64)
-        self.normalise = np.ones(num_slots, dtype=bool)
-        self.top_k = np.zeros(num_slots, dtype=np.int64)  # 0: the full base
-        # A request's logit_bias as (token ids, biases) on the device, for the paths that must
-        # see it apart from the logits (the top-k view, mixture, alone): see experts.combine.
-        self.has_bias = np.zeros(num_slots, dtype=bool)
-        self.bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
-        # Penalties (repetition, frequency, presence) per slot, and for penalised slots the
-        # tokens seen so far: [slots, V] prompt mask and output counts, allocated on first use
-        # and updated by one scatter per step; ``counted``: how many of a slot's tokens they hold.
-        self.penalties = np.tile(np.array(NO_PENALTY, dtype=np.float32), (num_slots, 1))
-        self.penalised = np.zeros(num_slots, dtype=bool)
-        self.prompt_len = np.zeros(num_slots, dtype=np.int64)
-        self.counted = np.zeros(num_slots, dtype=np.int64)
-        self.in_prompt: torch.Tensor | None = None
-        self.output_counts: torch.Tensor | None = None
-        self._warned: set[str] = set()
-
-    def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: Mode = Mode.PRODUCT,
-               top_k: int | None = None, logit_bias: dict[int, float] | None = None,
-               penalties: tuple[float, float, float] = NO_PENALTY, prompt_len: int = 0) -> bool:
-        """Give ``slot`` to a sequence that uses plugin ``name`` (None: none); True if it does.
-
-        ``top_k``: decode against the base's top-k view (None: as the plugin was trained; 0: full).
-        ``logit_bias``: the request's (token id -> bias), which vLLM has already added to the
-        logits; kept so that the top-k view, mixture and alone keep it too.
-        ``penalties``: (repetition, frequency, presence), vLLM's formulas on the combined logits;
-        ``prompt_len`` tells prompt tokens (repetition only) from output tokens (all three)."""
-        g = -1 if name is None else self.index[name]
-        self.plugin_of[slot] = g
-        self.weight[slot] = weight
-        self.mode[slot] = mode
-        self.penalties[slot] = penalties if g >= 0 else NO_PENALTY
-        self.penalised[slot] = g >= 0 and tuple(penalties) != NO_PENALTY
-        # The repetition penalty is not shift-invariant: it needs the plugin's true log-probs.
-        self.normalise[slot] = self.penalised[slot] and penalties[0] != 1.0
-        self.prompt_len[slot] = prompt_len
-        self.counted[slot] = 0
-        self.top_k[slot] = (self.trained_top_k[g] if top_k is None else top_k) if g >= 0 else 0
-        self.consumed[slot] = 0
-        self.has_bias[slot] = bool(logit_bias) and g >= 0
-        self.bias[slot] = ((self._t(np.fromiter(logit_bias, dtype=np.int64)),
-                            self._t(np.fromiter(logit_bias.values(), dtype=np.float32)))
-                           if self.has_bias[slot] else None)
-        return name is not None
-
-    def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            logger.warning(message)
-
-    def _t(self, array) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device, non_blocking=True)
-
-    def _bias_rows(self, slots: np.ndarray, vocab_size: int) -> torch.Tensor | None:
-        """[len(slots), V] logit_bias of these slots (zeros for those without); None if none has one."""
-        has = self.has_bias[slots]
-        if not has.any():
-            return None
-        out = torch.zeros(len(slots), vocab_size, device=self.device)
-        for i in np.nonzero(has)[0]:  # only rows with a logit_bias on the top-k, mixture or alone paths
-            ids, values = self.bias[slots[i]]
-            out[i, ids] = values
-        return out
-
-    @torch.inference_mode()
-    def apply(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray,
-              last_tokens: Callable[[np.ndarray], torch.Tensor],
-              token_range: Callable[[np.ndarray, np.ndarray, np.ndarray], torch.Tensor]) -> torch.Tensor:
-        """Add each row's plugin log-probs to ``logits``.
-
-        rows/slots/seq_lens: the rows that use a plugin, their slots, and how many tokens each
-        sequence holds now. ``last_tokens(sel)`` gives the newest token of rows ``sel``;
-        ``token_range(sel, start, length)`` their tokens ``[start, start + length)``, padded.
-        """
-        penalised = self.penalised[slots]
-        if penalised.any():
-            self._count_tokens(np.nonzero(penalised)[0], slots, seq_lens, logits.shape[-1], last_tokens, token_range)
-        plugin_ids = self.plugin_of[slots]
-        for g in np.unique(plugin_ids):
-            sel = np.nonzero(plugin_ids == g)[0]
-            model, state = self.models[g], self.states[g]
-            if self.max_len[g] is not None:
-                fits = seq_lens[sel] <= self.max_len[g]
-                if not fits.all():
-                    self.warn_once(f"len{g}", f"vllm_plugin: sequences past plugin '{self.names[g]}' "
-                                              f"max_len={self.max_len[g]} continue without it")
-                    sel = sel[fits]
-                    if not len(sel):
-                        continue
-            s = slots[sel]
-            done = self.consumed[s]
-            delta = seq_lens[sel] - done
-            fresh_rows = (done == 0) & (delta > 0)  # must be reset first, even for a 1-token prompt
-            step = (delta == 1) & ~fresh_rows
-            catch_up = (delta > 1) | fresh_rows
-            if catch_up.any():  # new rows (whole prompt), resumed rows, chunked prefill
-                c_sel = sel[catch_up]
-                c_slots = self._t(s[catch_up])
-                if fresh_rows.any():
-                    model.reset(state, self._t(s[fresh_rows]))
-                lengths = delta[catch_up]
-                tokens = token_range(c_sel, done[catch_up], lengths)
-                model.advance(state, c_slots, tokens, lengths.tolist(), done[catch_up].tolist())
-            if step.any():  # the decode hot path: one token per row, one batched step
-                tokens = last_tokens(sel[step])[:, None]
-                model.advance(state, self._t(s[step]), tokens, None, done[step].tolist())
-            self.consumed[s] = np.maximum(done, seq_lens[sel])
-            plugin_logits = self.heads[g](state["out"][self._t(s)]).float()
-            top_k = self.top_k[s]
-            for k in np.unique(top_k[top_k > 0]):  # usually none; one value per top-k plugin
-                r = self._t(rows[sel][top_k == k])
-                # Admission bounds k by the vocabulary; clamped again so no value can raise here.
-                k_view = min(int(k), logits.shape[-1])
-                bias = self._bias_rows(s[top_k == k], logits.shape[-1])
-                logits.index_copy_(0, r, base_top_k(logits[r], k_view, bias).to(logits.dtype))
-            weights = self.weight[s]
-            modes = self.mode[s]
-            if not modes.any():  # all product of experts: the common case, one fused add
-                if self.normalise[s].any():
-                    lp = torch.log_softmax(plugin_logits, dim=-1).to(logits.dtype)
-                else:
-                    # log_softmax(z) = z - logsumexp(z): a per-row constant that the sampler's
-                    # softmax cancels. Only vLLM's repetition penalty, applied after us, is not
-                    # shift-invariant; rows without one skip the normalising pass.
-                    lp = plugin_logits.to(logits.dtype)
-                if (weights == weights[0]).all():  # one strength for the group: a scalar, no extra pass
-                    logits.index_add_(0, self._t(rows[sel]), lp, alpha=float(weights[0]))
-                else:
-                    logits.index_add_(0, self._t(rows[sel]), lp.mul_(self._t(weights)[:, None].to(lp.dtype)))
-                continue
-            w = self._t(weights)[:, None]
-            for m in np.unique(modes):  # baselines: at most three groups, same maths as the reference
-                in_mode = modes == m
-                r = self._t(rows[sel][in_mode])
-                idx = self._t(np.nonzero(in_mode)[0])
-                bias = self._bias_rows(s[in_mode], logits.shape[-1])
-                combined = combine(logits[r], plugin_logits[idx], w[idx], Mode(int(m)), bias=bias)
-                logits.index_copy_(0, r, combined.to(logits.dtype))
-        if penalised.any():
-            self._penalise(logits, rows[penalised], slots[penalised])
-        return logits
-
-    def _count_tokens(self, sel: np.ndarray, slots: np.ndarray, seq_lens: np.ndarray, vocab_size: int,
-                      last_tokens: Callable, token_range: Callable) -> None:
-        """Bring the penalty tables of rows ``sel`` up to ``seq_lens``: tokens before the slot's
-        prompt length mark ``in_prompt``, later ones add to ``output_counts``."""
-        if self.in_prompt is None or self.in_prompt.shape[1] != vocab_size:
-            shape = (len(self.plugin_of), vocab_size)
-            self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
-            self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        s = slots[sel]
-        done = self.counted[s]
-        if (done == 0).any():  # a new sequence in a recycled slot
-            fresh = self._t(s[done == 0])
-            self.in_prompt[fresh] = False
-            self.output_counts[fresh] = 0
-        delta = seq_lens[sel] - done
-        step = (delta == 1) & (done >= self.prompt_len[s])
-        if step.any():  # decode: one new output token per row
-            tokens = last_tokens(sel[step])
-            self.output_counts.index_put_((self._t(s[step]), tokens.long()),
-                                          torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
-        catch_up = (delta > 0) & ~step
-        if catch_up.any():  # the prompt, a prefill chunk, or a resumed sequence's tokens
-            c = np.nonzero(catch_up)[0]
-            tokens = token_range(sel[c], done[c], delta[c])
-            pos = self._t(done[c])[:, None] + torch.arange(tokens.shape[1], device=self.device)[None, :]
-            valid = pos < self._t(done[c] + delta[c])[:, None]
-            prompt = pos < self._t(self.prompt_len[s[c]])[:, None]
-            rows = self._t(s[c])[:, None].expand_as(tokens)
-            self.in_prompt[rows[valid & prompt], tokens[valid & prompt]] = True
-            out = valid & ~prompt
-            self.output_counts.index_put_((rows[out], tokens[out]), torch.ones_like(tokens[out], dtype=torch.int32),
-                                          accumulate=True)
-        self.counted[s] = np.maximum(done, seq_lens[sel])
-
-    def _penalise(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray) -> None:
-        """vLLM's penalties on ``logits[rows]`` (``vllm.model_executor.layers.utils.apply_penalties``
-        with the tables kept here), after the plugin, as V1 applies them: identical on both runners."""
-        from vllm._custom_ops import apply_repetition_penalties
-
-        r, s = self._t(rows), self._t(slots)
-        x = logits[r]
-        counts = self.output_counts[s]
-        seen = counts > 0
-        rep, freq, pres = self._t(self.penalties[slots]).to(x.dtype).unbind(-1)
-        apply_repetition_penalties(x, self.in_prompt[s], seen, rep)
-        x -= freq.unsqueeze(1) * counts
-        x -= pres.unsqueeze(1) * seen
-        logits.index_copy_(0, r, x)
-
-
-def _fast_head(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The vocabulary head through vLLM's own CPU GEMM (oneDNN, prepacked weight), as vLLM runs
-    the base's layers: much faster than aten's matmul at decode batch sizes on CPU (see README).
-    Elsewhere, or if vLLM's CPU ops are missing, the model's head."""
-    if device.type != "cpu":
-        return model.head
-    try:
-        from vllm import _custom_ops as ops
-
-        if not getattr(ops, "_supports_onednn", False):
-            return model.head
-        handler = ops.create_onednn_mm(model.head_weight().detach().t(), 32)
-    except Exception as e:  # noqa: BLE001 - any failure here just means the portable path
-        logger.info("vllm_plugin: oneDNN head unavailable (%s); using torch", e)
-        return model.head
-    bias = model.out_bias.detach()
-    return lambda hidden: ops.onednn_mm(handler, hidden.contiguous(), bias)
 
 
 def _tokenizer_fingerprint(vllm_config) -> str | None:
@@ -727,7 +493,7 @@ class PluginProcessorV1(_Admission, V1LogitsProcessor):
                 return logits
         bank = self.bank
 
-        def last_tokens(sel: np.ndarray) -> torch.Tensor:
+        def last_tokens(sel: np.ndarray, _rows: torch.Tensor) -> torch.Tensor:
             return bank._t(last[sel])
 
         def token_range(sel: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
@@ -776,10 +542,9 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
         slots = slots_all[rows]
         seq_lens = np.asarray(ctx.seq_lens_upper_bound_np)[rows].astype(np.int64)
         bank, all_ids = self.bank, self.req_states.all_token_ids.gpu
-        rows_t = bank._t(rows)
 
-        def last_tokens(sel: np.ndarray) -> torch.Tensor:
-            return ctx.input_ids[rows_t[bank._t(sel)]].long()
+        def last_tokens(_sel: np.ndarray, rows_t: torch.Tensor) -> torch.Tensor:
+            return ctx.input_ids[rows_t].long()
 
         def token_range(sel: np.ndarray, start: np.ndarray, length: np.ndarray) -> torch.Tensor:
             width = int(length.max())
@@ -788,7 +553,7 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
             pos = torch.minimum(pos, (start_t + length_t - 1)[:, None])
             tokens = all_ids[bank._t(slots[sel])[:, None], pos].long()
             # The newest token is this step's input; it may not be committed to all_token_ids yet.
-            tokens[torch.arange(len(sel), device=bank.device), length_t - 1] = last_tokens(sel)
+            tokens[torch.arange(len(sel), device=bank.device), length_t - 1] = ctx.input_ids[bank._t(rows[sel])].long()
             return tokens
 
         return bank.apply(logits, rows, slots, seq_lens, last_tokens, token_range)

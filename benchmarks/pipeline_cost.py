@@ -5,7 +5,7 @@ run folder (so `vllm-plugin demo` afterwards finds the plugin trained), and meas
 (padded batches of whole prompt+reference sequences, every reference re-forwarding its prompt)
 in the same run, so extraction can be held against it.
 
-    python -m benchmarks.pipeline            # writes benchmarks/results/pipeline.json
+    python -m benchmarks.pipeline_cost            # writes benchmarks/results/pipeline.json
 """
 from __future__ import annotations
 
