@@ -26,6 +26,9 @@ def test_serving_helpers(tmp_path, monkeypatch):
     sp = plugin_params("e2e", max_tokens=5, temperature=0.0)
     assert sp.extra_args == {"plugin": "e2e", "plugin_weight": 1.0} and sp.max_tokens == 5
     assert plugin_params(None).extra_args is None
+    sp = plugin_params("e2e", repetition_penalty=1.1, expert_repetition_penalty=1.2)
+    assert sp.extra_args == {"plugin": "e2e", "plugin_weight": 1.0, "plugin_repetition_penalty": 1.1,
+                             "plugin_expert_repetition_penalty": 1.2} and sp.repetition_penalty == 1.0
     cmd, env = serve_command("base", {"a": tmp_path}, "--port", "9000")
     assert cmd[:3] == ["vllm", "serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
     assert cmd[cmd.index("--middleware") + 1] == "vllm_plugin.middleware.PluginArgsMiddleware"

@@ -57,13 +57,17 @@ def params(plugin=None, weight=None, penalties=None):
     if weight is not None:
         args["plugin_weight"] = weight
     if plugin and penalties:
-        args.update(penalty_args(**penalties))
+        expert = {k: v for k, v in penalties.items() if k == "expert_repetition_penalty"}
+        args.update(penalty_args(**{k: v for k, v in penalties.items() if k not in expert}))
+        args.update({f"plugin_{k}": v for k, v in expert.items()})
     return SamplingParams(max_tokens=8, extra_args=args or None)
 
 
 # Every penalty at once, on the plugin rows (the processor applies them; vLLM's own, on the rows
 # without a plugin, are its sampler's business, not driven here).
 PENALTIES = {"repetition_penalty": 1.3, "frequency_penalty": 0.4, "presence_penalty": 0.3}
+# The paper's penalty on each expert before the product, with vLLM's repetition penalty after it.
+EXPERT_PENALTY = {"expert_repetition_penalty": 1.6, "repetition_penalty": 1.2}
 
 
 REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
@@ -121,7 +125,7 @@ def test_configuration_parsing(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match=msg):
             configured_plugins({"PLUGIN_LM_TABLE": bad})
     assert request_plugin(params(), {})[:4] == (None, 0.0, 0, None)
-    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None, (1.0, 0.0, 0.0))
+    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None, (1.0, 0.0, 0.0), 1.0)
     mixture = SamplingParams(extra_args={"plugin": "a", "plugin_weight": 0.3, "plugin_mode": "mixture"})
     assert request_plugin(mixture, {"a": "/x"})[:4] == ("a", 0.3, 1, None)
     top = SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 20})
@@ -202,7 +206,7 @@ def test_wrong_vocabulary_refused_at_start(tiny, plugins_env):
 
 
 # ----- Model Runner V2 ---------------------------------------------------------------------------
-@pytest.mark.parametrize("penalties", [None, PENALTIES])
+@pytest.mark.parametrize("penalties", [None, PENALTIES, EXPERT_PENALTY])
 @pytest.mark.parametrize("chunk", [None, 4])
 def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk, penalties):
     rng = random.Random(0)
@@ -271,7 +275,7 @@ def test_mrv2_driven_like_the_runner(tiny, plugins_env, chunk, penalties):
 
 
 # ----- V1, async scheduling ----------------------------------------------------------------------
-@pytest.mark.parametrize("penalties", [None, PENALTIES])
+@pytest.mark.parametrize("penalties", [None, PENALTIES, EXPERT_PENALTY])
 def test_v1_async_placeholders_and_moves(tiny, plugins_env, penalties):
     """A small V1 runner with async scheduling: removals, SWAP and UNIDIRECTIONAL moves, and the
     newest token a -1 placeholder until just before ``apply`` (processor passed explicitly)."""

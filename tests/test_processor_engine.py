@@ -120,6 +120,32 @@ def test_penalties_act_on_the_combined_logits(tiny, engine, penalties):
     assert changed >= 2  # the penalties matter, so the equality above tests them
 
 
+def test_expert_penalty_acts_on_each_expert_before_the_product(tiny, engine):
+    """``plugin_expert_repetition_penalty`` is the paper's penalty: on the base's scores (its top-k
+    view for a top-k plugin) and on the plugin's logits, separately, before they combine, for
+    generated tokens only. Product, mixture and alone rows, the transformer, the top-k plugin and
+    one row with vLLM's repetition penalty on top share a batch, each equal to the reference."""
+    cases = [("a", None, 2.0, 1.0), ("t", None, 2.0, 1.0), ("a", "mixture", 1.5, 1.0), ("a", "alone", 2.0, 1.0),
+             ("k", None, 2.0, 1.0), ("b", None, 1.5, 1.3), (None, None, 1.0, 1.0)]
+    prompts = [tiny.encode(PROMPTS[i % len(PROMPTS)]) for i in range(len(cases))]
+    params = [greedy(14) if plugin is None else SamplingParams(
+        max_tokens=14, temperature=0.0, ignore_eos=True,
+        extra_args={**xargs(plugin, 0.4 if mode == "mixture" else None, mode),
+                    "plugin_expert_repetition_penalty": expert, **penalty_args(rp)})
+        for plugin, mode, expert, rp in cases]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    changed = 0
+    for (plugin, mode, expert, rp), ids, out in zip(cases, prompts, outs):
+        model = tiny.plugins.get(plugin)
+        kwargs = dict(weight=0.4 if mode == "mixture" else 1.0, max_new_tokens=14, mode=mode or "product",
+                      top_k=model.config.training.get("top_k") if model is not None else None,
+                      repetition_penalty=rp)
+        want = reference_generate(tiny.base, [ids], model, expert_repetition_penalty=expert, **kwargs)[0]
+        assert list(out.outputs[0].token_ids) == want, (plugin, mode, expert, rp)
+        changed += want != reference_generate(tiny.base, [ids], model, **kwargs)[0]
+    assert changed >= 3  # the penalty matters, so the equality above tests it
+
+
 def test_vllm_penalties_on_a_plugin_request_are_refused(tiny, engine):
     """vLLM's own penalties act after the plugin on V1 and before it on Model Runner V2: a plugin
     request that names them is refused with the arguments to use instead; none is served."""
@@ -129,6 +155,7 @@ def test_vllm_penalties_on_a_plugin_request_are_refused(tiny, engine):
         with pytest.raises(VLLMValidationError, match=rf"{name}=.*with a plugin.*differently by runner.*plugin_{name}"):
             engine.generate([ids], [greedy(3, "a", **penalty)], use_tqdm=False)
     for bad in ({"plugin_repetition_penalty": 0}, {"plugin_frequency_penalty": 2.5},
+                {"plugin_expert_repetition_penalty": -1.1},
                 {"plugin_presence_penalty": True}, {"plugin_repetition_penalty": float("nan")}):
         with pytest.raises(VLLMValidationError, match=next(iter(bad))):
             engine.generate([ids], [SamplingParams(max_tokens=3, extra_args={"plugin": "a", **bad})], use_tqdm=False)

@@ -111,7 +111,7 @@ def base_logits_for(ts, spec: RunSpec, base_path: str, fingerprint: str, model_l
             del llm
         else:
             bl = extract_topk_openai(spec.endpoint, spec.endpoint_model or base_path, ts,
-                                     vocab_size=fingerprint_vocab(base_path), k=spec.top_k, progress=progress)
+                                     vocab_size=base_vocab_size(base_path), k=spec.top_k, progress=progress)
         bl.meta.update(base=base_path, tokenizer_fingerprint=fingerprint, source=spec.source)
         return bl
 
@@ -134,7 +134,8 @@ class LazyBase:
         return self.model
 
 
-def fingerprint_vocab(base_path: str) -> int:
+def base_vocab_size(base_path: str) -> int:
+    """How many tokens the base at ``base_path`` scores (its config's text vocabulary size)."""
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(base_path).get_text_config().vocab_size
@@ -172,7 +173,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     base_logits_s = time.time() - t0
     load_base = None  # free the base before training
 
-    vocab_size = fit_bl.vocab_size if fit_bl is not None else fingerprint_vocab(base_path)
+    vocab_size = fit_bl.vocab_size if fit_bl is not None else base_vocab_size(base_path)
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         tokenizer_fingerprint=fingerprint, base_model=base_path,

@@ -43,6 +43,7 @@ class _Group:
     product: bool  # every row is a product of experts (the common case: one fused add)
     normalise: bool  # some row needs the plugin's true log-probs (a repetition penalty follows)
     top_k: tuple  # ((k, rows_t [m], bias [m, V] | None), ...): rows decoding against the base's top-k view
+    expert_penalty: tuple | None  # (rows_t [m], idx_t [m], slots_t [m], penalty [m]): the paper's penalty
     modes: tuple  # ((mode, rows_t [m], idx_t [m], weight [m, 1], bias [m, V] | None), ...): baseline rows
 
 
@@ -54,7 +55,10 @@ class _Plan:
     slots: np.ndarray  # [b]
     version: int
     groups: tuple[_Group, ...]
-    penalised: np.ndarray  # [p] positions of rows with a penalty
+    counted: np.ndarray  # [c] positions of rows with any penalty: their tokens are counted
+    counted_rows_t: torch.Tensor  # [c]
+    counted_slots_t: torch.Tensor  # [c]
+    penalised: np.ndarray  # [p] positions of rows with vLLM's penalties (after the combination)
     penalty_rows_t: torch.Tensor  # [p]
     penalty_slots_t: torch.Tensor  # [p]
     penalties_t: torch.Tensor  # [p, 3] repetition, frequency, presence
@@ -94,7 +98,8 @@ class PluginBank:
         # mask and output counts, allocated on first use and updated by one scatter per step;
         # ``counted``: how many of a slot's tokens they hold.
         self.penalties = np.tile(np.array(NO_PENALTY, dtype=np.float32), (num_slots, 1))
-        self.penalised = np.zeros(num_slots, dtype=bool)
+        self.penalised = np.zeros(num_slots, dtype=bool)  # some penalty: the slot's tokens are counted
+        self.expert_penalty = np.ones(num_slots, dtype=np.float32)
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
         self.counted = np.zeros(num_slots, dtype=np.int64)
         self.in_prompt: torch.Tensor | None = None
@@ -106,14 +111,17 @@ class PluginBank:
     # ----- bookkeeping: where the batch changes -----------------------------------------------
     def assign(self, slot: int, name: str | None, weight: float = 1.0, mode: Mode = Mode.PRODUCT,
                top_k: int | None = None, logit_bias: dict[int, float] | None = None,
-               penalties: tuple[float, float, float] = NO_PENALTY, prompt_len: int = 0) -> bool:
+               penalties: tuple[float, float, float] = NO_PENALTY, prompt_len: int = 0,
+               expert_penalty: float = 1.0) -> bool:
         """Give ``slot`` to a sequence that uses plugin ``name`` (None: none); True if it does.
 
         ``top_k``: decode against the base's top-k view (None: as the plugin was trained; 0: full).
         ``logit_bias``: the request's (token id -> bias), which vLLM has already added to the
         logits; kept so that the top-k view, mixture and alone keep it too.
         ``penalties``: (repetition, frequency, presence), vLLM's formulas on the combined logits;
-        ``prompt_len`` tells prompt tokens (repetition only) from output tokens (all three)."""
+        ``prompt_len`` tells prompt tokens (repetition only) from output tokens (all three).
+        ``expert_penalty``: the paper's repetition penalty, on the base's and the plugin's logits
+        separately before they combine, for generated tokens only (``experts.penalise_generated``)."""
         g = -1 if name is None else self.index[name]
         self.plugin_of[slot] = g
         self.active[slot] = g >= 0
@@ -121,7 +129,8 @@ class PluginBank:
         self.weight[slot] = weight
         self.mode[slot] = mode
         self.penalties[slot] = penalties if g >= 0 else NO_PENALTY
-        self.penalised[slot] = g >= 0 and tuple(penalties) != NO_PENALTY
+        self.expert_penalty[slot] = expert_penalty if g >= 0 else 1.0
+        self.penalised[slot] = g >= 0 and (tuple(penalties) != NO_PENALTY or expert_penalty != 1.0)
         # The repetition penalty is not shift-invariant: it needs the plugin's true log-probs.
         self.normalise[slot] = self.penalised[slot] and penalties[0] != 1.0
         self.prompt_len[slot] = prompt_len
@@ -161,9 +170,11 @@ class PluginBank:
         active, plugin_ids = self.active[slots], self.plugin_of[slots]
         groups = tuple(self._group(int(g), np.nonzero(active & (plugin_ids == g))[0], rows, slots, vocab_size)
                        for g in np.unique(plugin_ids[active]))
-        pen = np.nonzero(self.penalised[slots])[0]
-        self._plan = _Plan(rows.copy(), slots.copy(), self.version, groups, pen, self._t(rows[pen]),
-                           self._t(slots[pen]), self._t(self.penalties[slots[pen]]))
+        counted = np.nonzero(self.penalised[slots])[0]
+        pen = np.nonzero((self.penalties[slots] != np.array(NO_PENALTY, dtype=np.float32)).any(-1))[0]
+        self._plan = _Plan(rows.copy(), slots.copy(), self.version, groups,
+                           counted, self._t(rows[counted]), self._t(slots[counted]),
+                           pen, self._t(rows[pen]), self._t(slots[pen]), self._t(self.penalties[slots[pen]]))
         return self._plan
 
     def _group(self, g: int, sel: np.ndarray, rows: np.ndarray, slots: np.ndarray, vocab_size: int) -> _Group:
@@ -175,6 +186,10 @@ class PluginBank:
             part = top_k == k
             # Admission bounds k by the vocabulary; clamped again so no value can raise here.
             views.append((min(int(k), vocab_size), self._t(r[part]), self._bias_rows(s[part], vocab_size)))
+        expert = None
+        if (self.expert_penalty[s] != 1.0).any():
+            part = np.nonzero(self.expert_penalty[s] != 1.0)[0]
+            expert = (self._t(r[part]), self._t(part), self._t(s[part]), self._t(self.expert_penalty[s[part]]))
         baselines = []
         if modes.any():
             for m in np.unique(modes):  # at most three groups, same maths as the reference
@@ -182,7 +197,7 @@ class PluginBank:
                 baselines.append((Mode(int(m)), self._t(r[part]), self._t(np.nonzero(part)[0]),
                                   self._t(weights[part])[:, None], self._bias_rows(s[part], vocab_size)))
         return _Group(g, sel, s, self._t(r), self._t(s), float(weights[0]) if shared else self._t(weights)[:, None],
-                      not modes.any(), bool(self.normalise[s].any()), tuple(views), tuple(baselines))
+                      not modes.any(), bool(self.normalise[s].any()), tuple(views), expert, tuple(baselines))
 
     def _bias_rows(self, slots: np.ndarray, vocab_size: int) -> torch.Tensor | None:
         """[len(slots), V] logit_bias of these slots (zeros for those without); None if none has one."""
@@ -209,12 +224,13 @@ class PluginBank:
         """
         self._expire(slots, seq_lens)
         plan = self._plan_for(rows, slots, logits.shape[-1])
-        if len(plan.penalised):
+        if len(plan.counted):
             self._count_tokens(plan, seq_lens, logits.shape[-1], last_tokens, token_range)
         for group in plan.groups:
             self._advance(group, seq_lens, last_tokens, token_range)
             plugin_logits = self.heads[group.plugin](self.states[group.plugin]["out"][group.slots_t]).float()
             self._restrict_to_top_k(group, logits)
+            self._penalise_experts(group, logits, plugin_logits)
             if group.product:
                 self._add_product(group, logits, plugin_logits)
             else:
@@ -252,6 +268,22 @@ class PluginBank:
         for k, rows_t, bias in group.top_k:
             logits.index_copy_(0, rows_t, base_top_k(logits[rows_t], k, bias).to(logits.dtype))
 
+    def _penalise_experts(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor) -> None:
+        """The paper's repetition penalty, on each expert's logits before they combine: tokens
+        generated so far (not the prompt) are divided by it where positive, multiplied where
+        negative (vLLM's op with an empty prompt mask; ``experts.penalise_generated`` in the oracle)."""
+        if group.expert_penalty is None:
+            return
+        from vllm._custom_ops import apply_repetition_penalties
+
+        rows_t, idx_t, slots_t, penalty = group.expert_penalty
+        generated = self.output_counts[slots_t] > 0
+        no_prompt = torch.zeros_like(generated)
+        for scores, index in ((logits, rows_t), (plugin_logits, idx_t)):
+            x = scores[index]
+            apply_repetition_penalties(x, no_prompt, generated, penalty.to(x.dtype))
+            scores.index_copy_(0, index, x)
+
     def _add_product(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor) -> None:
         """The product of experts: ``logits += weight * log_softmax(plugin_logits)``."""
         if group.normalise:
@@ -276,20 +308,20 @@ class PluginBank:
     # ----- penalties (vLLM's formulas, after the combination on every runner) -----------------
     def _count_tokens(self, plan: _Plan, seq_lens: np.ndarray, vocab_size: int,
                       last_tokens: LastTokens, token_range: TokenRange) -> None:
-        """Bring the penalty tables of the plan's penalised rows up to ``seq_lens``: tokens before
+        """Bring the penalty tables of the plan's counted rows up to ``seq_lens``: tokens before
         the slot's prompt length mark ``in_prompt``, later ones add to ``output_counts``."""
         if self.in_prompt is None or self.in_prompt.shape[1] != vocab_size:
             shape = (len(self.plugin_of), vocab_size)
             self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
-        sel = plan.penalised
+        sel = plan.counted
         s = plan.slots[sel]
         done = self.counted[s]
         delta = seq_lens[sel] - done
         self.counted[s] = np.maximum(done, seq_lens[sel])
         step = (delta == 1) & (done >= self.prompt_len[s]) & (done > 0)
         if step.all():  # decode: one new output token per row
-            self._count_outputs(plan.penalty_slots_t, last_tokens(sel, plan.penalty_rows_t))
+            self._count_outputs(plan.counted_slots_t, last_tokens(sel, plan.counted_rows_t))
             return
         if (done == 0).any():  # a new sequence in a recycled slot
             fresh = self._t(s[done == 0])
@@ -297,7 +329,7 @@ class PluginBank:
             self.output_counts[fresh] = 0
         if step.any():
             idx = self._t(np.nonzero(step)[0])
-            self._count_outputs(plan.penalty_slots_t[idx], last_tokens(sel[step], plan.penalty_rows_t[idx]))
+            self._count_outputs(plan.counted_slots_t[idx], last_tokens(sel[step], plan.counted_rows_t[idx]))
         catch_up = (delta > 0) & ~step
         if catch_up.any():  # the prompt, a prefill chunk, or a resumed sequence's tokens
             c = np.nonzero(catch_up)[0]

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .experts import combine
+from .experts import base_top_k, combine, penalise_generated
 from .model import PluginLM
 
 
@@ -43,7 +43,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                        seed: int | None = None, stop_token_ids: Sequence[int] = (),
                        use_cache: bool = True, mode: str = "product",
                        repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                       presence_penalty: float = 0.0, top_k: int | None = None, allowed_token_ids: Sequence[int] | None = None,
+                       presence_penalty: float = 0.0, expert_repetition_penalty: float = 1.0, top_k: int | None = None, allowed_token_ids: Sequence[int] | None = None,
                        bad_words: Sequence[Sequence[int]] = (), min_tokens: int = 0,
                        logit_bias: dict[int, float] | None = None,
                        grammar: Callable[[list[int]], torch.Tensor] | None = None) -> list[list[int]]:
@@ -57,6 +57,9 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     each token's score drops by the first times its count in the output so far, and by the second
     if it occurs there at all (prompt tokens do not count). A plugin request takes all three as
     ``plugin_*_penalty`` arguments, which the processor applies exactly so on every model runner.
+    ``expert_repetition_penalty`` is the paper's (``penalise_generated``): on the base's scores
+    (its top-k view if ``top_k``) and on the plugin's logits, separately, before they combine,
+    for generated tokens only; the processor's ``plugin_expert_repetition_penalty``.
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``).
 
     Constraints act on the base's logits before the plugin, as vLLM applies them before logits
@@ -87,12 +90,23 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                     res = base(input_ids=torch.tensor([ids]), use_cache=False)
                 base_logits, bias = constrain(res.logits[0, -1], out, grammar, allowed_token_ids, bad_words,
                                               stop_token_ids if len(out) < min_tokens else (), logit_bias)
+            plugin_logits = plugin.logits(state, slot)[0].float() if plugin is not None else None
+            view_k = top_k
+            if expert_repetition_penalty != 1.0 and plugin is not None:
+                generated = torch.zeros(plugin_logits.shape[-1], dtype=torch.bool)
+                generated[torch.tensor(out, dtype=torch.long)] = True
+                plugin_logits = penalise_generated(plugin_logits, generated, expert_repetition_penalty)
+                if base is not None:
+                    if top_k:  # the penalty acts on the base as the plugin sees it
+                        base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
+                        view_k = None
+                    base_logits = penalise_generated(base_logits.float(), generated, expert_repetition_penalty)
             if plugin is None:
                 scores = base_logits.float()
             elif base is None:
-                scores = torch.log_softmax(plugin.logits(state, slot)[0].float(), -1)
+                scores = torch.log_softmax(plugin_logits, -1)
             else:
-                scores = combine(base_logits, plugin.logits(state, slot)[0], weight, mode, top_k, bias)
+                scores = combine(base_logits, plugin_logits, weight, mode, view_k, bias)
             if repetition_penalty != 1.0:
                 seen = torch.zeros_like(scores, dtype=torch.bool)
                 seen[torch.tensor(ids)] = True

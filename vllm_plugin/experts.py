@@ -69,6 +69,17 @@ def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) 
     return tail.log().expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
 
 
+def penalise_generated(scores: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
+    """The paper's repetition penalty on one expert's scores [..., V]: where ``generated`` (bool,
+    same shape: tokens this sequence has generated so far, the prompt not counted), positive
+    scores are divided by ``penalty`` and negative ones multiplied (the CTRL / Hugging Face
+    formula). Its code applies 1.1 to the base's logits and, separately, to the plugin's, before
+    the product; vLLM's ``repetition_penalty`` instead covers prompt tokens too and acts on the
+    combined scores."""
+    factor = torch.where(generated, torch.tensor(float(penalty), dtype=scores.dtype), torch.tensor(1.0, dtype=scores.dtype))
+    return scores * torch.where(scores > 0, 1.0 / factor, factor)
+
+
 def combine(base_logits: torch.Tensor, plugin_logits: torch.Tensor, weight: float | torch.Tensor = 1.0,
             mode: str | Mode = Mode.PRODUCT, top_k: int | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Scores whose softmax is the combined next-token distribution, exactly as the processor

@@ -68,6 +68,8 @@ ARG_TOP_K = "plugin_base_top_k"
 # plugin request they would decode differently by runner (admission refuses them there).
 ARG_PENALTIES = ("plugin_repetition_penalty", "plugin_frequency_penalty", "plugin_presence_penalty")
 VLLM_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+# The paper's repetition penalty: on each expert's logits before the product, generated tokens only.
+ARG_EXPERT_PENALTY = "plugin_expert_repetition_penalty"
 MAX_WEIGHT = 100.0
 MAX_TOP_K = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -179,6 +181,7 @@ class RequestPlugin(NamedTuple):
     mode: Mode = Mode.PRODUCT
     top_k: int | None = None  # the base's top-k view; None: the plugin's own (its training's)
     penalties: tuple[float, float, float] = NO_PENALTY  # repetition, frequency, presence
+    expert_penalty: float = 1.0  # the paper's: each expert, generated tokens, before the product
 
 
 def penalty_args(repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
@@ -218,7 +221,7 @@ def request_plugin(params, known: dict | None = None,
     weight = args.get(ARG_WEIGHT, 1.0)
     mode = args.get(ARG_MODE, "product")
     top_k = args.get(ARG_TOP_K)
-    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K, *ARG_PENALTIES)
+    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K, *ARG_PENALTIES, ARG_EXPERT_PENALTY)
     stray = [k for k in args if isinstance(k, str) and k.startswith("plugin") and k not in ours]
     if stray:
         raise ValueError(f"unknown plugin argument(s) {stray}; expected {', '.join(map(repr, ours))}")
@@ -257,7 +260,8 @@ def request_plugin(params, known: dict | None = None,
     penalties = (_check_penalty(ARG_PENALTIES[0], args.get(ARG_PENALTIES[0], 1.0), 0.0, MAX_WEIGHT, True),
                  _check_penalty(ARG_PENALTIES[1], args.get(ARG_PENALTIES[1], 0.0), -2.0, 2.0, False),
                  _check_penalty(ARG_PENALTIES[2], args.get(ARG_PENALTIES[2], 0.0), -2.0, 2.0, False))
-    return RequestPlugin(name, float(weight), mode, top_k, penalties)
+    expert = _check_penalty(ARG_EXPERT_PENALTY, args.get(ARG_EXPERT_PENALTY, 1.0), 0.0, MAX_WEIGHT, True)
+    return RequestPlugin(name, float(weight), mode, top_k, penalties, expert)
 
 
 @functools.lru_cache(maxsize=64)
@@ -459,7 +463,7 @@ class PluginProcessorV1(_Admission, V1LogitsProcessor):
                 continue
             slot = self.free_slots.pop()
             self.bank.assign(slot, req.name, req.weight, req.mode, req.top_k, params.logit_bias, req.penalties,
-                             len(prompt_ids))
+                             len(prompt_ids), req.expert_penalty)
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -524,9 +528,11 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)
-        prompt_len = self.req_states.prompt_len.np[req_idx] if req.penalties != NO_PENALTY else 0
+        penalised = req.penalties != NO_PENALTY or req.expert_penalty != 1.0
+        prompt_len = self.req_states.prompt_len.np[req_idx] if penalised else 0
         return self.bank.assign(req_idx, req.name, req.weight, req.mode, req.top_k,
-                                getattr(sampling_params, "logit_bias", None), req.penalties, int(prompt_len))
+                                getattr(sampling_params, "logit_bias", None), req.penalties, int(prompt_len),
+                                req.expert_penalty)
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
         """``logits`` [rows, V] (rows in ``ctx.idx_mapping`` order, after vLLM's bias, penalties,

@@ -6,7 +6,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from .processor import ARG_PLUGIN, ARG_WEIGHT, CONFIG_KEY, CONFIG_PLUGINS, ENV_VAR, VLLM_PENALTIES, penalty_args
+from .processor import (ARG_EXPERT_PENALTY, ARG_PLUGIN, ARG_WEIGHT, CONFIG_KEY, CONFIG_PLUGINS, ENV_VAR,
+                        VLLM_PENALTIES, penalty_args)
 
 PROCESSOR = "vllm_plugin.processor:PluginLogitsProcessor"
 # Refuses JSON booleans as plugin arguments, which vLLM's schema would read as 1/0 (middleware.py).
@@ -121,18 +122,23 @@ def plugin_args(name: str, weight: float = 1.0) -> dict:
     return {ARG_PLUGIN: name, ARG_WEIGHT: weight}
 
 
-def plugin_params(name: str | None, weight: float = 1.0, **sampling_kwargs):
+def plugin_params(name: str | None, weight: float = 1.0, expert_repetition_penalty: float = 1.0,
+                  **sampling_kwargs):
     """``SamplingParams`` that decode with plugin ``name`` (``None``: the base alone).
 
     With a plugin, vLLM's ``repetition_penalty``, ``frequency_penalty`` and ``presence_penalty``
     become the processor's ``plugin_*_penalty`` arguments (same formulas, on the combined logits,
-    identical on every model runner; vLLM's own are refused on plugin requests)."""
+    identical on every model runner; vLLM's own are refused on plugin requests).
+    ``expert_repetition_penalty``: the paper's penalty (``plugin_expert_repetition_penalty``: each
+    expert's logits, generated tokens only, before the product); ignored without a plugin."""
     from vllm import SamplingParams
 
     extra = dict(sampling_kwargs.pop("extra_args", None) or {})
     if name is not None:
         extra.update(plugin_args(name, weight))
         extra.update(penalty_args(**{p: sampling_kwargs.pop(p) for p in VLLM_PENALTIES if p in sampling_kwargs}))
+        if expert_repetition_penalty != 1.0:
+            extra[ARG_EXPERT_PENALTY] = expert_repetition_penalty
     return SamplingParams(extra_args=extra or None, **sampling_kwargs)
 
 
