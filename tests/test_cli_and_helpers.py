@@ -124,3 +124,15 @@ def test_wheel_installs_one_namespace(tmp_path):
     assert {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")} == {"vllm_plugin"}
     assert "vllm_plugin/training/loop.py" in names and "vllm_plugin/training/sources.json" in names
     assert not any(n.startswith("vllm_plugin/benchmarks") for n in names)
+    # Installed (not editable) and run from elsewhere, the training code finds its own manifest.
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    probe = ("import importlib.util, vllm_plugin\n"
+             "from vllm_plugin.training.fetch import manifest\n"
+             f"assert vllm_plugin.__file__.startswith({str(target)!r}), vllm_plugin.__file__\n"
+             "assert importlib.util.find_spec('training') is None\n"
+             "print(sorted(manifest()))\n")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(target)})
+    assert out.returncode == 0 and out.stdout.strip() == "['e2e', 'webnlg']", out.stderr[-2000:]

@@ -54,7 +54,7 @@ class FetchError(DataError):
 
 @lru_cache(maxsize=None)
 def _manifest_text() -> str:
-    return resources.files("training").joinpath("sources.json").read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("sources.json").read_text(encoding="utf-8")
 
 
 def manifest() -> dict:
