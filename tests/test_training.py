@@ -153,6 +153,59 @@ def test_evaluate_base_alone_is_mean_nll(tiny, e2e_file):
     assert evaluate(None, data) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["full", "topk"])
+def test_base_log_probs_at_some_columns_equal_the_full_rows(tiny, e2e_file, kind):
+    """``log_probs_at`` and ``target_log_probs`` read only the columns they need, and give exactly
+    the numbers of the whole-vocabulary rows (the top-k view for a top-k cache)."""
+    ts = tokenize_examples(load_e2e(e2e_file)[:8], tiny.tokenizer)
+    bl = extract_full(tiny.base, ts, progress=False)
+    if kind == "topk":
+        bl = bl_mod.topk_view(bl, ts, 5, progress=False)
+    rows = torch.arange(len(bl))
+    candidates = bl.candidates(7)
+    assert candidates.shape == (len(bl), 7 if kind == "full" else 5)
+    whole = bl.log_probs(rows)
+    assert (whole.gather(1, candidates) >= whole.topk(candidates.shape[1]).values[:, -1:] - 1e-5).all()
+    cols = torch.cat([torch.unique(candidates), torch.tensor([3, 3, 17])])  # repeats, as drawn negatives
+    torch.testing.assert_close(bl.log_probs_at(rows, cols), whole[:, cols], atol=1e-5, rtol=1e-5)
+    targets = ts.flat_targets()
+    torch.testing.assert_close(bl.target_log_probs(rows, targets), whole.gather(1, targets[:, None])[:, 0],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["full", "topk"])
+def test_sampled_softmax_estimates_the_exact_loss(tiny, e2e_file, kind):
+    """With enough negatives the sampled normaliser matches the exact one; with few it is an
+    unbiased estimate of the tail's sum: over many draws its mean comes to the exact loss."""
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.training.train import batch_loss, sampled_batch_loss
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:12], tiny.tokenizer)
+    bl = extract_full(tiny.base, ts, progress=False)
+    if kind == "topk":
+        bl = bl_mod.topk_view(bl, ts, 5, progress=False)
+    data = PairSet(ts, bl)
+    torch.manual_seed(0)
+    plugin = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, dropout=0.0)).eval()
+    with torch.no_grad():
+        plugin.out_bias.normal_(0, 2.0)  # a plugin with opinions about the tail
+        exact, n = batch_loss(plugin, data, list(range(12)))
+        close, m = sampled_batch_loss(plugin, data, list(range(12)), negatives=200_000, candidate_k=4)
+        assert m == n
+        assert close.item() == pytest.approx(exact.item(), rel=2e-3)
+        few = [sampled_batch_loss(plugin, data, [i], negatives=8, candidate_k=4)[0].item() for i in range(12)]
+    assert sum(few) == pytest.approx(exact.item(), rel=0.05)
+
+
+def test_sampled_softmax_training_lowers_the_exact_heldout_loss(tiny, e2e_file, tmp_path):
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, patience=5, negatives=32,
+                                     candidate_k=8))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    assert metrics["best_select_loss_exact"] < metrics["base_select_loss"] - 0.5
+    assert metrics["best_select_loss"] == pytest.approx(metrics["best_select_loss_exact"], abs=0.3)
+
+
 def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=16))

@@ -104,6 +104,9 @@ class BaseLogits:
     topk_ids: torch.Tensor | None = None  # topk: [N, k]
     topk_logprobs: torch.Tensor | None = None
     target_logprobs: torch.Tensor | None = None  # topk: [N], exact log-prob of the target token
+    # full, once ``candidates`` ran: [N, k] top-k ids and [N] log-normaliser (not stored on disk)
+    candidate_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
+    log_normaliser: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __len__(self):
         return len(self.hidden) if self.kind == "full" else len(self.topk_ids)
@@ -123,6 +126,63 @@ class BaseLogits:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             return logits
         return self._topk_log_probs(rows)
+
+    def candidates(self, k: int = 32, rows_per_batch: int = 1024) -> torch.Tensor:
+        """[N, k] the base's k most likely token ids at every target token (a top-k cache: its
+        own ids, whatever ``k``). For the full source this is one pass over the vocabulary,
+        which also keeps each position's log-normaliser for ``log_probs_at``; computed once."""
+        if self.kind == "topk":
+            return self.topk_ids.long()
+        if self.candidate_ids is None or self.candidate_ids.shape[1] != k:
+            ids, lse = torch.empty(len(self), k, dtype=torch.long), torch.empty(len(self))
+            with torch.no_grad():
+                for start in range(0, len(self), rows_per_batch):
+                    rows = torch.arange(start, min(start + rows_per_batch, len(self)))
+                    logits = self.scores(rows)
+                    ids[rows], lse[rows] = logits.topk(k).indices, logits.logsumexp(-1)
+            self.candidate_ids, self.log_normaliser = ids, lse
+        return self.candidate_ids
+
+    def log_probs_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """[n, m] exact base log-probs of tokens ``cols`` (int64 [m]) at flat rows ``rows`` (int64
+        [n]), without touching the rest of the vocabulary: the full source computes only those
+        columns of the head (``candidates`` must have run, for the normaliser); a top-k cache
+        reads its top-k log-probs and the flat tail elsewhere. Differentiable in nothing."""
+        from vllm_plugin.experts import flat_tail
+
+        if self.kind == "full":
+            logits = F.linear(self.hidden[rows].float(), self.head_weight[cols],
+                              None if self.head_bias is None else self.head_bias[cols])
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits - self.log_normaliser[rows, None]
+        top, ids = self.topk_logprobs[rows].float(), self.topk_ids[rows].long()
+        out = flat_tail(top, self.vocab_size).expand(len(rows), len(cols)).clone()
+        column = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        column[cols] = torch.arange(len(cols))
+        where = column[ids]  # [n, k]: each top-k token's column, -1 if not asked for
+        hit = where >= 0
+        out[torch.arange(len(rows))[:, None].expand_as(ids)[hit], where[hit]] = top[hit]
+        return out
+
+    def target_log_probs(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """[n] base log-prob of ``targets[i]`` at flat row ``rows[i]`` without a pass over the
+        vocabulary (a top-k cache: its view, as ``scores``); None where that needs one (a full
+        cache before ``candidates`` ran)."""
+        if self.kind == "full":
+            if self.log_normaliser is None:
+                return None
+            logits = (self.hidden[rows].float() * self.head_weight[targets]).sum(-1)
+            if self.head_bias is not None:
+                logits = logits + self.head_bias[targets]
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            return logits - self.log_normaliser[rows]
+        from vllm_plugin.experts import flat_tail
+
+        top, match = self.topk_logprobs[rows].float(), self.topk_ids[rows].long() == targets[:, None]
+        return torch.where(match.any(-1), top.masked_fill(~match, float("-inf")).amax(-1),
+                           flat_tail(top, self.vocab_size)[:, 0])
 
     def _topk_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         from vllm_plugin.experts import top_k_with_flat_tail

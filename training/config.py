@@ -22,3 +22,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global L2 norm of the gradient
     seed: int = 0
     max_steps_per_epoch: int | None = None  # cap on optimizer steps per epoch (a compute budget)
+    # Sampled softmax (plugin training only): 0 computes the product's normaliser over the whole
+    # vocabulary; N > 0 makes it exact over the batch's base top-``candidate_k`` tokens and targets
+    # and estimates the rest of the vocabulary from N uniformly drawn tokens (``train.sampled_batch_loss``).
+    negatives: int = 0
+    candidate_k: int = 32  # base candidates per position (a top-k cache uses its own k)

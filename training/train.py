@@ -12,6 +12,7 @@ the optimizer state is stored as safetensors too.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 
@@ -62,20 +63,62 @@ class PairSet:
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
     """Summed combined cross-entropy over the batch's target tokens, and their count."""
     ids, pos_b, pos_t, rows, targets = data.batch(idx)
+    if plugin is None and data.base is not None:  # the base alone: its target log-probs, if cheap
+        target = data.base.target_log_probs(rows, targets)
+        if target is not None:
+            return -target.sum(), len(targets)
     logits = 0.0 if data.base is None else data.base.scores(rows)  # CE renormalises the sum
     if plugin is not None:
         logits = logits + plugin.head(plugin(ids)[pos_b, pos_t])
     return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
+def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negatives: int, candidate_k: int = 32):
+    """``batch_loss`` with a sampled softmax: (summed cross-entropy, target-token count).
+
+    The product's log-normaliser ``log sum_x p_base(x) exp(z(x))`` (z: the plugin's logits) is
+    exact over E, the base's top-``candidate_k`` tokens at every position of the batch plus every
+    target, and estimated over the rest R of the vocabulary from ``negatives`` tokens s_j drawn
+    uniformly from R with replacement: ``sum_R ~= |R| / negatives * sum_j p_base(s_j) exp(z(s_j))``,
+    an unbiased estimate of that sum (its log is slightly low on average, by Jensen's
+    inequality). Both heads then cost |E| + ``negatives`` columns instead of the vocabulary.
+    The draw is seeded by the batch's examples, so a batch always sees the same negatives.
+    """
+    ids, pos_b, pos_t, rows, targets = data.batch(idx)
+    hidden = plugin(ids)[pos_b, pos_t]
+    vocab = plugin.config.vocab_size
+    candidates = data.base.candidates(candidate_k)[rows].flatten() if data.base is not None else targets
+    exact = torch.unique(torch.cat([candidates, targets]))  # sorted
+    in_rest = torch.ones(vocab, dtype=torch.bool)
+    in_rest[exact] = False
+    rest = in_rest.nonzero()[:, 0]
+    draw = torch.Generator().manual_seed(hash(tuple(idx)) & 0x7FFFFFFF)
+    cols = torch.cat([exact, rest[torch.randint(len(rest), (negatives,), generator=draw)]])
+    scores = F.linear(hidden, plugin.head_weight()[cols], plugin.out_bias[cols])
+    if data.base is not None:
+        scores = scores + data.base.log_probs_at(rows, cols)
+    e = len(exact)
+    log_z = scores[:, :e].logsumexp(-1)
+    if len(rest):
+        log_z = torch.logaddexp(log_z, scores[:, e:].logsumexp(-1) + math.log(len(rest) / negatives))
+    target_scores = scores.gather(1, torch.searchsorted(exact, targets)[:, None])[:, 0]
+    return (log_z - target_scores).sum(), len(targets)
+
+
 @torch.no_grad()
-def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64) -> float:
-    """Mean per-token cross-entropy (nats); with ``plugin=None`` the base alone."""
+def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64, negatives: int = 0,
+             candidate_k: int = 32) -> float:
+    """Mean per-token cross-entropy (nats); with ``plugin=None`` the base alone. ``negatives``:
+    the sampled-softmax estimate (``sampled_batch_loss``) instead of the exact one."""
     if plugin is not None:
         plugin.eval()
     total, count = 0.0, 0
     for i in range(0, len(data), batch_size):
-        loss, n = batch_loss(plugin, data, list(range(i, min(i + batch_size, len(data)))))
+        idx = list(range(i, min(i + batch_size, len(data))))
+        if negatives and plugin is not None:
+            loss, n = sampled_batch_loss(plugin, data, idx, negatives, candidate_k)
+        else:
+            loss, n = batch_loss(plugin, data, idx)
         total, count = total + loss.item(), count + n
     return total / count
 
@@ -146,6 +189,9 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         state = _load_resume(resume_dir, plugin, opt)
         log(f"resuming after epoch {state.epoch} (best select loss {state.best_select_loss})")
     with_base = select.base is not None
+    if cfg.negatives and with_base:  # one pass over the vocabulary each, for the whole run
+        fit.base.candidates(cfg.candidate_k)
+        select.base.candidates(cfg.candidate_k)
     base_select = evaluate(None, select) if with_base else None
     base_fit = evaluate(None, fit) if with_base else None
 
@@ -153,12 +199,21 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         return (f"the best checkpoint ({out_dir / 'checkpoint'}, epoch {s.best_epoch}) and the resume point "
                 f"(after epoch {s.epoch}) are untouched" if s.best_epoch else "no checkpoint was written")
 
-    loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=lambda idx: batch_loss(plugin, fit, idx),
-             select_loss=lambda: evaluate(plugin, select),
+    if cfg.negatives:
+        def fit_loss(idx):
+            return sampled_batch_loss(plugin, fit, idx, cfg.negatives, cfg.candidate_k)
+    else:
+        def fit_loss(idx):
+            return batch_loss(plugin, fit, idx)
+    loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=fit_loss,
+             select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
              save_point=lambda s: _save_resume(resume_dir, plugin, opt, s), kept=kept,
              note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log)
+    extra = {}
+    if cfg.negatives and state.best_epoch:  # the estimate chose the epoch; report the exact loss too
+        extra["best_select_loss_exact"] = evaluate(load_plugin(out_dir / "checkpoint"), select)
     metrics = loop.summary(cfg, state, base_select_loss=base_select, base_fit_loss=base_fit, fit_examples=len(fit),
-                           select_examples=len(select), fit_target_tokens=fit.ts.num_target_tokens)
+                           select_examples=len(select), fit_target_tokens=fit.ts.num_target_tokens, **extra)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -30,6 +30,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--patience", type=int, default=d.patience)
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--negatives", type=int, default=d.negatives,
+                   help="sampled softmax: the product's normaliser exact over the base's top candidates and "
+                        "the targets, estimated over the rest of the vocabulary from this many drawn tokens "
+                        "(0: exact over the whole vocabulary)")
+    p.add_argument("--candidate-k", type=int, default=d.candidate_k,
+                   help="with --negatives: the base's top tokens per position kept exact")
     p.add_argument("--max-target-tokens", type=int, default=256)
     p.add_argument("--split", default="input", choices=["input", "venue"],
                    help="fit/select split: input (distinct inputs, 60/40) or venue (E2E: about a third of "
@@ -49,7 +56,8 @@ def _spec(args):
         n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed),
+                          warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
+                          weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k),
     )
 
 

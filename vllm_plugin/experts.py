@@ -65,8 +65,14 @@ def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) 
     """[n, V] log-probs from [n, k] top log-probs ``top`` at token ids ``ids``: the mass they
     leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
     both build the base's top-k view here, so they cannot drift apart."""
-    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (vocab_size - ids.shape[-1])
-    return tail.log().expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
+    return flat_tail(top, vocab_size).expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
+
+
+def flat_tail(top: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[..., 1] log-prob of each token outside the top-k: the mass the top-k log-probs ``top``
+    [..., k] leave, spread evenly over the other ``vocab_size - k`` tokens."""
+    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (vocab_size - top.shape[-1])
+    return tail.log()
 
 
 def penalise_generated(scores: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
