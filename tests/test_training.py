@@ -173,6 +173,16 @@ def test_base_log_probs_at_some_columns_equal_the_full_rows(tiny, e2e_file, kind
                                atol=1e-5, rtol=1e-5)
 
 
+def test_base_candidates_are_cached_beside_the_base_log_probs(tiny, e2e_file, tmp_path, monkeypatch):
+    ts = tokenize_examples(load_e2e(e2e_file)[:6], tiny.tokenizer)
+    bl = cached(tmp_path / "c", lambda: extract_full(tiny.base, ts, progress=False))
+    ids = bl.candidates(4)
+    assert (tmp_path / "c" / "candidates_top4.safetensors").is_file()
+    again = BaseLogits.load(tmp_path / "c")
+    monkeypatch.setattr(BaseLogits, "scores", lambda *a: pytest.fail("recomputed the candidates"))
+    assert torch.equal(again.candidates(4), ids) and torch.equal(again.log_normaliser, bl.log_normaliser)
+
+
 @pytest.mark.parametrize("kind", ["full", "topk"])
 def test_sampled_softmax_estimates_the_exact_loss(tiny, e2e_file, kind):
     """With enough negatives the sampled normaliser matches the exact one; with few it is an
@@ -204,6 +214,29 @@ def test_sampled_softmax_training_lowers_the_exact_heldout_loss(tiny, e2e_file, 
     metrics = run(spec, progress=False, log=lambda *_: None)
     assert metrics["best_select_loss_exact"] < metrics["base_select_loss"] - 0.5
     assert metrics["best_select_loss"] == pytest.approx(metrics["best_select_loss_exact"], abs=0.3)
+
+
+def test_shared_prompts_give_the_plain_forward_numbers(tiny, e2e_file):
+    """The GRU reads each distinct prompt of a batch once (``target_hidden``); in eval mode that is
+    exactly the plain forward of every whole sequence, and grouped batches visit each example once."""
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.training.train import target_hidden
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:16], tiny.tokenizer)
+    data = PairSet(ts, None)
+    torch.manual_seed(0)
+    plugin = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, n_layers=2)).eval()
+    idx = [5, 0, 1, 9, 4, 8]  # prompts shared by pairs, out of order
+    with torch.no_grad():
+        shared, rows, targets = target_hidden(plugin, data, idx)
+        ids, pos_b, pos_t, plain_rows, plain_targets = data.batch(idx)
+        plain = plugin(ids)[pos_b, pos_t]
+    assert torch.equal(rows, plain_rows) and torch.equal(targets, plain_targets)
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    order = data.grouped_order(3)
+    assert sorted(order) == list(range(16)) and order != data.grouped_order(4)
+    prompt = [ts.example_prompt[e] for e in order]
+    assert all(prompt.index(p) + prompt.count(p) - 1 == len(prompt) - 1 - prompt[::-1].index(p) for p in prompt)
 
 
 def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):

@@ -107,6 +107,7 @@ class BaseLogits:
     # full, once ``candidates`` ran: [N, k] top-k ids and [N] log-normaliser (not stored on disk)
     candidate_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
     log_normaliser: torch.Tensor | None = field(default=None, init=False, repr=False)
+    folder: Path | None = field(default=None, init=False, repr=False)  # where it is cached, if it is
 
     def __len__(self):
         return len(self.hidden) if self.kind == "full" else len(self.topk_ids)
@@ -133,14 +134,29 @@ class BaseLogits:
         which also keeps each position's log-normaliser for ``log_probs_at``; computed once."""
         if self.kind == "topk":
             return self.topk_ids.long()
-        if self.candidate_ids is None or self.candidate_ids.shape[1] != k:
-            ids, lse = torch.empty(len(self), k, dtype=torch.long), torch.empty(len(self))
-            with torch.no_grad():
-                for start in range(0, len(self), rows_per_batch):
-                    rows = torch.arange(start, min(start + rows_per_batch, len(self)))
-                    logits = self.scores(rows)
-                    ids[rows], lse[rows] = logits.topk(k).indices, logits.logsumexp(-1)
-            self.candidate_ids, self.log_normaliser = ids, lse
+        if self.candidate_ids is not None and self.candidate_ids.shape[1] == k:
+            return self.candidate_ids
+        sidecar = None if self.folder is None else self.folder / f"candidates_top{k}.safetensors"
+        if sidecar is not None and sidecar.is_file():
+            try:
+                saved = load_file(str(sidecar))
+                if saved["ids"].shape == (len(self), k):
+                    self.candidate_ids, self.log_normaliser = saved["ids"], saved["log_normaliser"]
+                    return self.candidate_ids
+            except (SafetensorError, KeyError, OSError):
+                pass  # recomputed and rewritten below
+        ids, lse = torch.empty(len(self), k, dtype=torch.long), torch.empty(len(self))
+        with torch.no_grad():
+            for start in tqdm(range(0, len(self), rows_per_batch), desc=f"base top-{k} candidates", unit="batch",
+                              disable=len(self) < 50_000):
+                rows = torch.arange(start, min(start + rows_per_batch, len(self)))
+                logits = self.scores(rows)
+                ids[rows], lse[rows] = logits.topk(k).indices, logits.logsumexp(-1)
+        self.candidate_ids, self.log_normaliser = ids, lse
+        if sidecar is not None:  # beside the cache, written whole or not at all
+            tmp = sidecar.with_suffix(f".tmp{os.getpid()}")
+            save_file({"ids": ids, "log_normaliser": lse}, str(tmp))
+            os.replace(tmp, sidecar)
         return self.candidate_ids
 
     def log_probs_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -212,7 +228,9 @@ class BaseLogits:
             raise BaseLogitsError(f"base-logit cache {folder} has an old format; delete it to rebuild")
         kind, vocab = meta.pop("kind"), meta.pop("vocab_size")
         softcap = meta.pop("softcap", None)
-        return cls(kind=kind, vocab_size=vocab, meta=meta, softcap=softcap, **tensors)
+        result = cls(kind=kind, vocab_size=vocab, meta=meta, softcap=softcap, **tensors)
+        result.folder = folder
+        return result
 
 
 # ----- source: local transformers forward (full logits) ------------------------------------
@@ -404,4 +422,5 @@ def cached(folder: Path, build, refresh: bool = False) -> BaseLogits:
         return BaseLogits.load(folder)
     result = build()
     result.save(folder)
+    result.folder = folder
     return result

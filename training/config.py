@@ -27,3 +27,6 @@ class TrainConfig:
     # and estimates the rest of the vocabulary from N uniformly drawn tokens (``train.sampled_batch_loss``).
     negatives: int = 0
     candidate_k: int = 32  # base candidates per position (a top-k cache uses its own k)
+    # Batches of whole prompt groups (every target of a prompt together), so a plugin that can
+    # (the GRU) reads each prompt once per batch; default: examples shuffled one by one.
+    group_by_prompt: bool = False

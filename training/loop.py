@@ -94,7 +94,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
         num_examples: int, batch_loss: Callable[[list[int]], tuple[torch.Tensor, int]],
         select_loss: Callable[[], float], save_best: Callable[[], None],
         save_point: Callable[[LoopState], None] | None = None, kept: Callable[[LoopState], str] = lambda s: "",
-        name: str = "epoch", note: str = "", progress: bool = True, log=print) -> LoopState:
+        name: str = "epoch", note: str = "", progress: bool = True, log=print,
+        order: Callable[[int], list[int]] | None = None) -> LoopState:
     """Train from ``state`` (fresh, or read back from a resume point) until ``cfg.epochs`` epochs
     are done or the early stopper says stop; returns ``state``, updated in place.
 
@@ -109,6 +110,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
         kept: for a divergence message, what the run has kept so far (e.g. "no checkpoint
             was written").
         name, note: the log line reads "<name> <n>: fit .., select ..<note>".
+        order: epoch -> the order to visit the examples in (default: a shuffle seeded by
+            ``cfg.seed`` and the epoch).
 
     Raises:
         TrainingDivergedError: the training loss, the gradient norm or the select loss is
@@ -126,15 +129,18 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
     while state.epoch < cfg.epochs and not state.stopped_early(cfg):
         epoch = state.epoch
         model.train()
-        order = list(range(num_examples))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+        if order is not None:
+            visit = order(epoch)
+        else:
+            visit = list(range(num_examples))
+            random.Random(cfg.seed * 1000 + epoch).shuffle(visit)
         t0, total, count = time.time(), 0.0, 0
         bar = tqdm(range(per_epoch), desc=f"{name} {epoch + 1}/{cfg.epochs}", disable=not progress)
         for b in bar:
             lr = lr_at(state.step, total_steps, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum, n = batch_loss(order[b * cfg.batch_size:(b + 1) * cfg.batch_size])
+            loss_sum, n = batch_loss(visit[b * cfg.batch_size:(b + 1) * cfg.batch_size])
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
                 raise diverged("training loss", loss_value / n, b, state.step)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from dataclasses import asdict
 from pathlib import Path
 
@@ -60,16 +61,67 @@ class PairSet:
         return ids, torch.tensor(pos_b), torch.tensor(pos_t), torch.tensor(rows), torch.tensor(targets)
 
 
+    def shared_batch(self, idx: list[int]):
+        """The batch with each distinct prompt once: right-padded prompts [P, Lp] and their
+        lengths, continuations (targets but their last token) [E, Lc], each example's prompt
+        [E], and for each target token its example, its index in the target, flat row and id."""
+        firsts = sorted({self.ts.example_prompt[e] for e in idx})
+        local = {p: i for i, p in enumerate(firsts)}
+        prompts = [self.ts.prompts[p] for p in firsts]
+        conts = [self.ts.targets[e][:-1] for e in idx]
+        prompt_ids = torch.zeros(len(prompts), max(map(len, prompts)), dtype=torch.long)
+        cont_ids = torch.zeros(len(idx), max(1, max(map(len, conts))), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            prompt_ids[i, :len(p)] = torch.tensor(p)
+        pos_e, pos_t, rows, targets = [], [], [], []
+        for b, (e, c) in enumerate(zip(idx, conts)):
+            cont_ids[b, :len(c)] = torch.tensor(c, dtype=torch.long)
+            n = len(self.ts.targets[e])
+            pos_e += [b] * n
+            pos_t += range(n)
+            rows += range(self.offsets[e], self.offsets[e + 1])
+            targets += self.ts.targets[e]
+        prompt_of = torch.tensor([local[self.ts.example_prompt[e]] for e in idx])
+        return (prompt_ids, torch.tensor(list(map(len, prompts))), cont_ids, prompt_of,
+                torch.tensor(pos_e), torch.tensor(pos_t), torch.tensor(rows), torch.tensor(targets))
+
+    def grouped_order(self, seed: int) -> list[int]:
+        """Every example once, the prompts in a seeded random order and each prompt's examples
+        together (also shuffled), so that consecutive batches share prompts."""
+        rng = random.Random(seed)
+        by_prompt: dict[int, list[int]] = {}
+        for e, p in enumerate(self.ts.example_prompt):
+            by_prompt.setdefault(p, []).append(e)
+        groups = list(by_prompt.values())
+        rng.shuffle(groups)
+        return [e for g in groups for e in rng.sample(g, len(g))]
+
+
+def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int]):
+    """The plugin's hidden state [n, d] before each target token of examples ``idx``, their flat
+    rows [n] and ids [n]. A plugin that can (the GRU) reads each distinct prompt once."""
+    if hasattr(plugin, "forward_shared"):
+        prompts, lens, conts, prompt_of, pos_e, pos_t, rows, targets = data.shared_batch(idx)
+        after_prompt, along = plugin.forward_shared(prompts, lens, conts, prompt_of)
+        states = torch.cat([after_prompt[prompt_of][:, None], along], 1)  # [E, 1 + Lc, d]
+        return states[pos_e, pos_t], rows, targets
+    ids, pos_b, pos_t, rows, targets = data.batch(idx)
+    return plugin(ids)[pos_b, pos_t], rows, targets
+
+
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
     """Summed combined cross-entropy over the batch's target tokens, and their count."""
-    ids, pos_b, pos_t, rows, targets = data.batch(idx)
-    if plugin is None and data.base is not None:  # the base alone: its target log-probs, if cheap
-        target = data.base.target_log_probs(rows, targets)
-        if target is not None:
-            return -target.sum(), len(targets)
-    logits = 0.0 if data.base is None else data.base.scores(rows)  # CE renormalises the sum
-    if plugin is not None:
-        logits = logits + plugin.head(plugin(ids)[pos_b, pos_t])
+    if plugin is None:
+        _, _, _, rows, targets = data.batch(idx)
+        if data.base is not None:  # the base alone: its target log-probs, if cheap
+            target = data.base.target_log_probs(rows, targets)
+            if target is not None:
+                return -target.sum(), len(targets)
+        return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
+    hidden, rows, targets = target_hidden(plugin, data, idx)
+    logits = plugin.head(hidden)
+    if data.base is not None:  # CE renormalises the sum
+        logits = logits + data.base.scores(rows)
     return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
@@ -84,8 +136,7 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     inequality). Both heads then cost |E| + ``negatives`` columns instead of the vocabulary.
     The draw is seeded by the batch's examples, so a batch always sees the same negatives.
     """
-    ids, pos_b, pos_t, rows, targets = data.batch(idx)
-    hidden = plugin(ids)[pos_b, pos_t]
+    hidden, rows, targets = target_hidden(plugin, data, idx)
     vocab = plugin.config.vocab_size
     candidates = data.base.candidates(candidate_k)[rows].flatten() if data.base is not None else targets
     exact = torch.unique(torch.cat([candidates, targets]))  # sorted
@@ -209,7 +260,8 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
              select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
              save_point=lambda s: _save_resume(resume_dir, plugin, opt, s), kept=kept,
-             note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log)
+             note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log,
+             order=(lambda epoch: fit.grouped_order(cfg.seed * 1000 + epoch)) if cfg.group_by_prompt else None)
     extra = {}
     if cfg.negatives and state.best_epoch:  # the estimate chose the epoch; report the exact loss too
         extra["best_select_loss_exact"] = evaluate(load_plugin(out_dir / "checkpoint"), select)

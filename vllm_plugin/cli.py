@@ -37,6 +37,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(0: exact over the whole vocabulary)")
     p.add_argument("--candidate-k", type=int, default=d.candidate_k,
                    help="with --negatives: the base's top tokens per position kept exact")
+    p.add_argument("--group-by-prompt", action=argparse.BooleanOptionalAction, default=d.group_by_prompt,
+                   help="batches of whole prompt groups, so the GRU reads each prompt once per batch")
     p.add_argument("--max-target-tokens", type=int, default=256)
     p.add_argument("--split", default="input", choices=["input", "venue"],
                    help="fit/select split: input (distinct inputs, 60/40) or venue (E2E: about a third of "
@@ -57,7 +59,8 @@ def _spec(args):
         split=args.split,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
-                          weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k),
+                          weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,
+                          group_by_prompt=args.group_by_prompt),
     )
 
 

@@ -110,6 +110,20 @@ class GRUPlugin(PluginLM):
         out, _ = self.rnn(self.drop(self.embed(ids)))
         return self.ln_f(self.drop(out))
 
+    def forward_shared(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, conts: torch.Tensor,
+                       prompt_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing where sequences share prompts: each prompt is read once.
+
+        prompts [P, Lp] (right-padded; true lengths ``prompt_lens`` [P]); continuation e of
+        ``conts`` [E, Lc] follows prompt ``prompt_of[e]``. Returns the hidden state after each
+        prompt [P, d_model] and those along each continuation [E, Lc, d_model]: in eval mode
+        exactly ``forward`` of the concatenated sequences at those positions."""
+        packed = pack_padded_sequence(self.drop(self.embed(prompts)), prompt_lens.cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        _, h = self.rnn(packed)  # [n_layers, P, d]: each prompt's state after its last token
+        out, _ = self.rnn(self.drop(self.embed(conts)), h[:, prompt_of].contiguous())
+        return self.ln_f(self.drop(h[-1])), self.ln_f(self.drop(out))
+
     def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
         """Zeroed decode state for ``num_slots`` sequences: ``h`` [num_slots, n_layers, d_model],
         ``out`` [num_slots, d_model]."""
