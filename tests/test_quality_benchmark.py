@@ -181,6 +181,32 @@ def test_targets_are_computed_from_the_scores():
     assert "top20_share_of_full_logit_bleu_gain" not in lost
 
 
+def test_levers_are_measured_on_select_only(tiny, tmp_path):
+    """The lever search reads no test data (there is none here), shares one training between
+    levers that differ only in decoding, and reports select scores, slices and cross-entropy."""
+    data = tmp_path / "data"
+    (data / "e2e").mkdir(parents=True)
+    write_e2e(data / "e2e" / "devel.csv", synthetic_rows(24))
+    env = {**os.environ, "VLLM_PLUGIN_DATA": str(data)}
+    args = ["--base", str(tiny.base_dir), "--base-name", "tiny", "--levers", "default,expert_penalty,sampled",
+            "--select-subset", "6", "--max-tokens", "6", "--eager", "--runs", str(tmp_path / "runs"),
+            "--results", str(tmp_path / "res")]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.levers", *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "res" / "levers_e2e_tiny.json").read_text())
+    assert list(result["rows"]) == ["zero_shot", "default", "expert_penalty", "sampled"]
+    assert result["select_inputs"] == 6
+    trained = sorted(p.name for p in (tmp_path / "runs" / "e2e-tiny").iterdir() if p.name != "generations")
+    assert trained[0].startswith("lever-") and trained[1:] == ["recurrent"]  # default and expert_penalty share
+    for name in ("default", "expert_penalty", "sampled"):
+        row = result["rows"][name]
+        assert row["training"]["select_ce"] < row["training"]["base_select_ce"]
+        assert {"venue_seen", "venue_unseen"} <= set(row["select"])
+    assert result["rows"]["expert_penalty"]["training"]["decoding"] == {"plugin_expert_repetition_penalty": 1.1}
+    assert "| expert_penalty |" in (tmp_path / "res" / "levers_e2e_tiny.md").read_text()
+
+
 def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, monkeypatch):
     import pytest
 
