@@ -42,6 +42,8 @@ LEVERS: dict[str, tuple[str, dict, dict]] = {
                     {"train": {"negatives": 1024, "group_by_prompt": True, "epochs": 40, "patience": 3,
                                "weight_decay": 0.1}}, {}),
     "half_strength": ("the default plugin at strength 0.5", {}, {"plugin_weight": 0.5}),
+    "name_swap": ("half the fit inputs with invented venue names (training.data.swap_names)",
+                  {"name_swap": 0.5}, {}),
 }
 
 

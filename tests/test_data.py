@@ -133,3 +133,24 @@ def test_tokenize_shares_prompts_and_limits_targets(tmp_path, tiny):
 
 def test_format_prompt_custom_template():
     assert format_prompt("jsonl", "hello", "<<{input}>>") == "<<hello>>"
+
+
+def test_swap_names_invents_venues_consistently(tmp_path):
+    from vllm_plugin.training.data import swap_names
+
+    rows = [("name[Aromi], eatType[pub], near[Café Rouge]", "Aromi is a pub near Café Rouge."),
+            ("name[Aromi], eatType[pub], near[Café Rouge]", "Near Café Rouge, Aromi is a pub."),
+            ("name[Cotto], food[Italian]", "Cotto serves Italian food."),
+            ("name[Zizzi], area[riverside]", "Zizzi is by the riverside."),
+            ("eatType[pub]", "A pub.")]
+    examples = load_e2e(write_e2e(tmp_path / "e.csv", rows))
+    swapped = swap_names(examples, 1.0, seed=3)
+    assert swapped == swap_names(examples, 1.0, seed=3) and swap_names(examples, 0.0) == examples
+    assert swapped[4] == examples[4]  # no name to swap
+    for old, new in zip(examples[:4], swapped):
+        venue = dict(old.meta)["venue"]
+        assert venue not in new.prompt and venue not in new.target and venue not in new.group
+        assert dict(new.meta)["venue"] in new.prompt and dict(new.meta)["venue"] in new.target
+    assert swapped[0].group == swapped[1].group and "Café Rouge" not in swapped[0].target  # near[...] too
+    assert dict(swapped[0].meta)["venue"] == dict(swapped[1].meta)["venue"]
+    assert 0 < sum(a != b for a, b in zip(examples, swap_names(examples, 0.5, seed=1))) < 5

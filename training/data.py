@@ -152,6 +152,50 @@ def load_examples(dataset: str, path: str | Path, template: str | None = None) -
     return LOADERS[dataset](path, template)
 
 
+# Invented venue names for ``swap_names``: two-word names like "The Golden Lantern" and single
+# made-up words like "Calorino", so a plugin meets names its base must copy from the input.
+_NAME_WORDS = (("Golden", "Silver", "Red", "Blue", "Green", "Old", "Royal", "Little", "Copper", "Velvet",
+                "Rustic", "Grand", "Wild", "Quiet", "Olive", "Amber", "Cedar", "Maple", "Ivory", "Crimson"),
+               ("Lantern", "Oak", "Harbour", "Kettle", "Garden", "Table", "Lion", "Rose", "Anchor", "Mill",
+                "Bridge", "Fox", "Spoon", "Orchard", "Barrel", "Feather", "Pebble", "Willow", "Hearth", "Plate"))
+_SYLLABLES = ("ca", "lo", "ri", "na", "ve", "to", "za", "mi", "bru", "sel", "dor", "fi", "gan", "tes", "quo", "ber")
+
+
+def invented_name(rng: random.Random) -> str:
+    """A venue name no E2E split uses (seeded by ``rng``)."""
+    if rng.random() < 0.5:
+        first, second = (rng.choice(words) for words in _NAME_WORDS)
+        return f"{'The ' if rng.random() < 0.5 else ''}{first} {second}"
+    word = "".join(rng.choice(_SYLLABLES) for _ in range(rng.randint(2, 3)))
+    return word.capitalize()
+
+
+def swap_names(examples: list[Example], share: float, seed: int = 0) -> list[Example]:
+    """E2E examples where a seeded ``share`` of the inputs (all their references alike) have their
+    venue (``name[...]``) and ``near[...]`` values replaced by invented names, in the prompt and
+    in the references. A plugin fitted on them cannot memorise the venue as a vocabulary item; it
+    must learn to leave names to the base, which copies them from the input, as it must on test
+    inputs naming venues it never saw. Examples without such values are kept as they are."""
+    rng = random.Random(seed)
+    renames: dict[str, dict[str, str]] = {}
+    for group in sorted({e.group for e in examples}):
+        if rng.random() < share:
+            values = [v for k, v in parse_mr(group) if k in ("name", "near") and v]
+            renames[group] = {v: invented_name(rng) for v in sorted(set(values), key=len, reverse=True)}
+    out = []
+    for e in examples:
+        mapping = renames.get(e.group)
+        if not mapping:
+            out.append(e)
+            continue
+        group, prompt, target = e.group, e.prompt, e.target
+        for old, new in mapping.items():
+            group, prompt, target = group.replace(old, new), prompt.replace(old, new), target.replace(old, new)
+        meta = tuple((k, mapping.get(v, v) if k == "venue" else v) for k, v in e.meta)
+        out.append(Example(group=group, prompt=prompt, target=target, meta=meta))
+    return out
+
+
 def split_by_input(examples: list[Example], fit_fraction: float = 0.6, seed: int = 0):
     """Split so that no input has references on both sides (the paper's 60/40)."""
     groups = sorted({e.group for e in examples})

@@ -15,7 +15,7 @@ from vllm_plugin.paths import cache_root
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
 from .config import SOURCES, TrainConfig
-from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples
+from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples, swap_names
 from .fetch import data_root
 from .train import PairSet, train
 
@@ -65,6 +65,7 @@ class RunSpec:
     fit_fraction: float = 0.6
     split: str = "input"  # training.data.split_examples: input (the paper's) or venue (E2E)
     alone: bool = False  # train the small model on its own (the paper's "small model alone" baseline)
+    name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -159,6 +160,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if examples is None:
         examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
+    if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
+        fit_ex = swap_names(fit_ex, spec.name_swap, seed=spec.train.seed)
     log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
         f"-> fit {len(fit_ex)} / select {len(select_ex)}")
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
@@ -180,7 +183,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
-                  "split": spec.split,
+                  "split": spec.split, "name_swap": spec.name_swap,
                   "seed": spec.train.seed, "alone": spec.alone},
     )
     resume_model = spec.out_dir() / "resume" / "model"
