@@ -27,4 +27,5 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --top20-source full_topk
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --split target --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --top20-source full_topk

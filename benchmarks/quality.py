@@ -380,9 +380,10 @@ def write_outputs(result: dict, out_base: Path) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "input"],
+    parser.add_argument("--split", choices=["venue", "input", "target"],
                         help="E2E fit/select split: venue (default; select mirrors test's unseen venues) or "
-                             "input (the paper's, by distinct MR)")
+                             "input (the paper's, by distinct MR); WebNLG: target for the paper's protocol "
+                             "(plugin fitted on the target categories) instead of category shift")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--base-name", help="short name for results files (default: derived from --base)")
     parser.add_argument("--systems", default=",".join(ALL_SYSTEMS),
@@ -535,7 +536,7 @@ def main(argv=None) -> None:
         if args.select_only:
             continue
         if test is None:  # read only once every choice so far is made
-            test = load_test(args.dataset)
+            test = load_test(protocol)
             prompts, references = grouped_test(test, args.subset)
             # Generated in a seeded random order, so what a run cut short has generated is a
             # random sample of the test inputs (``--score-partial``), not the file's first venues.
@@ -625,7 +626,7 @@ def score_partial(args, protocol: Protocol, base_name, test_dir: Path, choice: d
     """Score the test inputs every system has generated so far (a run still going, or cut
     short): a seeded random sample of them, as the test stage generates in a seeded random
     order; written as ``<protocol>_<base>_partial.*``. Trains nothing."""
-    test = load_test(args.dataset)
+    test = load_test(protocol)
     prompts, references = grouped_test(test, args.subset)
     files = {}
     for name in args.systems:

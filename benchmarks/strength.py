@@ -52,7 +52,8 @@ def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="webnlg", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "input"], help="E2E's fit/select split (see benchmarks.quality)")
+    parser.add_argument("--split", choices=["venue", "input", "target"],
+                        help="E2E's fit/select split, or WebNLG's target protocol (see benchmarks.quality)")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--weights", default=",".join(map(str, WEIGHTS)))
     parser.add_argument("--runs", default="runs/quality")

@@ -238,10 +238,29 @@ def test_webnlg_protocol_holds_out_whole_categories():
     if local_data_root() is None:  # no download here (tests/test_fetch.py covers it)
         pytest.skip("task data not on this machine ($VLLM_PLUGIN_DATA or shared/data)")
     p = load_protocol("webnlg")
-    train, fit, test, protocol = p.train_examples, p.fit, load_test("webnlg"), p.description
+    train, fit, test, protocol = p.train_examples, p.fit, load_test(p), p.description
     held_out = {"Building", "Food", "University"}
     assert all(dict(e.meta)["category"] in held_out for e in test)
     assert not any(dict(e.meta)["category"] in held_out for e in train)
     assert len({e.group for e in train}) == len(train)  # one reference per training entry
     assert {e.group for e in fit} < {e.group for e in train} and "held-out categories" in protocol
     assert len({e.prompt for e in test}) == 350  # dev entries of the held-out categories
+
+
+def test_webnlg_target_protocol_is_the_papers():
+    """The plugin's half and the scored half of the target categories' entries share no entry;
+    the plugin's half has one reference per entry, the scored half all of them."""
+    from benchmarks.protocols import WEBNLG_TARGET_CATEGORIES, load_protocol, load_test
+    from vllm_plugin.training.fetch import local_data_root
+
+    if local_data_root() is None:
+        pytest.skip("task data not on this machine ($VLLM_PLUGIN_DATA or shared/data)")
+    p = load_protocol("webnlg", "target")
+    test = load_test(p)
+    assert p.name == "webnlg_target" and "the paper's" in p.description
+    assert {dict(e.meta)["category"] for e in p.train_examples + test} == set(WEBNLG_TARGET_CATEGORIES)
+    assert not {e.group for e in p.train_examples} & {e.group for e in test}
+    assert len({e.group for e in p.train_examples}) == len(p.train_examples)
+    assert len(test) > len({e.group for e in test})  # every reference
+    assert abs(len({e.group for e in test}) - len(p.train_examples)) <= 1
+    assert {e.group for e in p.fit} | {e.group for e in p.select} == {e.group for e in p.train_examples}
