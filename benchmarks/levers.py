@@ -44,6 +44,8 @@ LEVERS: dict[str, tuple[str, dict, dict]] = {
     "half_strength": ("the default plugin at strength 0.5", {}, {"plugin_weight": 0.5}),
     "name_swap": ("half the fit inputs with invented venue names (training.data.swap_names)",
                   {"name_swap": 0.5}, {}),
+    "gate": ("the default plugin with a per-position strength fitted on select (CombLM-style)",
+             {"gate": True}, {}),
 }
 
 
@@ -79,7 +81,8 @@ def lever_params(name: str, extra: dict, max_tokens: int):
 
 def run_summary(metrics: dict) -> dict:
     history = metrics.get("history", [])
-    return {"select_ce": metrics.get("best_select_loss_exact", metrics.get("best_select_loss")),
+    ce = (metrics.get("gate") or {}).get("select_loss_gated") or metrics.get("best_select_loss_exact")
+    return {"select_ce": ce if ce is not None else metrics.get("best_select_loss"),
             "base_select_ce": metrics.get("base_select_loss"), "best_epoch": metrics.get("best_epoch"),
             "epochs_run": len(history),
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history) if history else None}

@@ -62,6 +62,7 @@ class Tiny:
             "t": tiny_plugin(self.vocab_size, "transformer", seed=3, fingerprint=self.fingerprint),
             "k": tiny_plugin(self.vocab_size, "gru", seed=4, fingerprint=self.fingerprint,
                              training={"source": "vllm", "top_k": TINY_TOP_K}),
+            "g": tiny_plugin(self.vocab_size, "gru", seed=5, fingerprint=self.fingerprint, gate=True),
         }
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
 
@@ -87,7 +88,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, given
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, given
     as LLM(additional_config=...)."""
     from vllm import LLM
 

@@ -49,7 +49,8 @@ def reference(tiny, ids, plugin, weight, max_tokens, mode=None):
 
 
 CASES = [(None, None, None), ("a", None, None), ("b", None, None), ("t", None, None), ("a", 0.5, None),
-         ("b", 2.0, None), ("a", 0.0, None), ("b", 0.4, "mixture"), ("t", None, "alone")]
+         ("b", 2.0, None), ("a", 0.0, None), ("b", 0.4, "mixture"), ("t", None, "alone"),
+         ("g", None, None), ("g", 1.5, None), ("g", 0.6, "mixture")]  # g: a gated plugin
 
 
 def test_entry_point_is_installed_and_registered_twice(engine):
@@ -81,6 +82,29 @@ def test_mixed_batch_equals_reference(tiny, engine):
     assert changed >= 10
     zero_weight = [e == a for e, a, c in zip(expected, alone, CASES * 2) if c == ("a", 0.0, None)]
     assert all(zero_weight)
+
+
+def test_gated_plugin_strength_varies_by_position(tiny, engine):
+    """Plugin g has a gate: its strength is the request's weight times 2 sigmoid(gate(hidden,
+    entropies)) at each position, in the processor as in the reference; without the gate the same
+    weights would decode differently."""
+    import copy
+
+    ungated = copy.deepcopy(tiny.plugins["g"])
+    ungated.gate = None
+    prompts = [tiny.encode(p) for p in PROMPTS]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [greedy(12, "g")] * len(prompts),
+                           use_tqdm=False)
+    differs = 0
+    for ids, out in zip(prompts, outs):
+        want = reference_generate(tiny.base, [ids], tiny.plugins["g"], max_new_tokens=12)[0]
+        assert list(out.outputs[0].token_ids) == want
+        differs += want != reference_generate(tiny.base, [ids], ungated, max_new_tokens=12)[0]
+    assert differs >= 1
+    with torch.no_grad():
+        hidden = torch.randn(3, 32)
+        strength = tiny.plugins["g"].strength(hidden, torch.randn(3, tiny.vocab_size), torch.randn(3, tiny.vocab_size))
+    assert strength.shape == (3,) and ((strength > 0) & (strength < 2)).all() and strength.std() > 1e-3
 
 
 def penalised(max_tokens, plugin=None, weight=None, mode=None, **penalties):

@@ -239,6 +239,19 @@ def test_shared_prompts_give_the_plain_forward_numbers(tiny, e2e_file):
     assert all(prompt.index(p) + prompt.count(p) - 1 == len(prompt) - 1 - prompt[::-1].index(p) for p in prompt)
 
 
+def test_gate_is_fitted_on_select_after_training(tiny, e2e_file, tmp_path):
+    """``RunSpec(gate=True)``: the trained plugin gets a per-position strength fitted on the select
+    split, everything else frozen; the loss it starts from is the ungated plugin's."""
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), gate=True,
+                   train=TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_steps=2))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    gate = metrics["gate"]
+    assert gate["select_loss_ungated"] == pytest.approx(metrics["best_select_loss"], rel=1e-5)
+    assert gate["select_loss_gated"] < gate["select_loss_ungated"]
+    plugin = load_plugin(tmp_path / "run" / "checkpoint")
+    assert plugin.config.gate and plugin.gate.weight.abs().sum() > 0
+
+
 def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=16))

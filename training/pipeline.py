@@ -66,6 +66,7 @@ class RunSpec:
     split: str = "input"  # training.data.split_examples: input (the paper's) or venue (E2E)
     alone: bool = False  # train the small model on its own (the paper's "small model alone" baseline)
     name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
+    gate: bool = False  # after training, fit a per-position strength on the select split (train.fit_gate)
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -142,6 +143,22 @@ def base_vocab_size(base_path: str) -> int:
     return AutoConfig.from_pretrained(base_path).get_text_config().vocab_size
 
 
+def gate_checkpoint(checkpoint: Path, select, log=print) -> dict:
+    """Give the plugin at ``checkpoint`` a gate fitted on ``select`` and save it in place."""
+    from dataclasses import replace as with_fields
+
+    from vllm_plugin.checkpoint import load_plugin, save_plugin
+
+    from .train import fit_gate
+
+    trained = load_plugin(checkpoint)
+    gated = build_plugin(with_fields(trained.config, gate=True))
+    gated.load_state_dict(trained.state_dict(), strict=False)
+    result = fit_gate(gated.eval(), select, log=log)
+    save_plugin(gated, checkpoint)
+    return result
+
+
 def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = False,
         examples: list | None = None) -> dict:
     """Train one plugin; returns metrics with timings and the checkpoint path.
@@ -202,6 +219,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     t1 = time.time()
     metrics = train(plugin, PairSet(fit_ts, fit_bl), PairSet(select_ts, select_bl), spec.train,
                     spec.out_dir(), progress=progress, log=log)
+    if spec.gate and not spec.alone and metrics.get("best_epoch"):
+        metrics["gate"] = gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_ts, select_bl), log)
     metrics.update(
         checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,
         train_s=time.time() - t1, wall_s=time.time() - t_start, source=None if spec.alone else spec.source,

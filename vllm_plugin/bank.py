@@ -228,13 +228,14 @@ class PluginBank:
             self._count_tokens(plan, seq_lens, logits.shape[-1], last_tokens, token_range)
         for group in plan.groups:
             self._advance(group, seq_lens, last_tokens, token_range)
-            plugin_logits = self.heads[group.plugin](self.states[group.plugin]["out"][group.slots_t]).float()
+            hidden = self.states[group.plugin]["out"][group.slots_t]
+            plugin_logits = self.heads[group.plugin](hidden).float()
             self._restrict_to_top_k(group, logits)
             self._penalise_experts(group, logits, plugin_logits)
             if group.product:
-                self._add_product(group, logits, plugin_logits)
+                self._add_product(group, logits, plugin_logits, hidden)
             else:
-                self._combine_modes(group, logits, plugin_logits)
+                self._combine_modes(group, logits, plugin_logits, hidden)
         if len(plan.penalised):
             self._penalise(plan, logits)
         return logits
@@ -284,8 +285,10 @@ class PluginBank:
             apply_repetition_penalties(x, no_prompt, generated, penalty.to(x.dtype))
             scores.index_copy_(0, index, x)
 
-    def _add_product(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor) -> None:
-        """The product of experts: ``logits += weight * log_softmax(plugin_logits)``."""
+    def _add_product(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor,
+                     hidden: torch.Tensor) -> None:
+        """The product of experts: ``logits += weight * log_softmax(plugin_logits)``, the weight
+        times the plugin's learned per-position strength if it has a gate."""
         if group.normalise:
             lp = torch.log_softmax(plugin_logits, dim=-1)
         else:
@@ -294,14 +297,22 @@ class PluginBank:
             # without one skip the normalising pass.
             lp = plugin_logits
         lp = lp.to(logits.dtype)
-        if isinstance(group.weight, float):
+        gate = self.models[group.plugin].strength(hidden, logits[group.rows_t], plugin_logits)
+        if gate is not None:
+            weight = group.weight if isinstance(group.weight, float) else group.weight[:, 0]
+            logits.index_add_(0, group.rows_t, lp.mul_((weight * gate).to(lp.dtype)[:, None]))
+        elif isinstance(group.weight, float):
             logits.index_add_(0, group.rows_t, lp, alpha=group.weight)
         else:
             logits.index_add_(0, group.rows_t, lp.mul_(group.weight.to(lp.dtype)))
 
-    def _combine_modes(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor) -> None:
+    def _combine_modes(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor,
+                       hidden: torch.Tensor) -> None:
         """Mixture and plugin-alone rows (baselines), and product rows sharing their plugin."""
         for mode, rows_t, idx_t, weight, bias in group.modes:
+            if mode == Mode.PRODUCT:  # a gate scales the product's strength only
+                gate = self.models[group.plugin].strength(hidden[idx_t], logits[rows_t], plugin_logits[idx_t])
+                weight = weight if gate is None else weight * gate[:, None]
             combined = combine(logits[rows_t], plugin_logits[idx_t], weight, mode, bias=bias)
             logits.index_copy_(0, rows_t, combined.to(logits.dtype))
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .experts import base_top_k, combine, penalise_generated
+from .experts import Mode, base_top_k, combine, penalise_generated
 from .model import PluginLM
 
 
@@ -91,22 +91,24 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                 base_logits, bias = constrain(res.logits[0, -1], out, grammar, allowed_token_ids, bad_words,
                                               stop_token_ids if len(out) < min_tokens else (), logit_bias)
             plugin_logits = plugin.logits(state, slot)[0].float() if plugin is not None else None
-            view_k = top_k
+            if plugin is not None and base is not None and top_k:  # the base as the plugin sees it
+                base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
             if expert_repetition_penalty != 1.0 and plugin is not None:
                 generated = torch.zeros(plugin_logits.shape[-1], dtype=torch.bool)
                 generated[torch.tensor(out, dtype=torch.long)] = True
                 plugin_logits = penalise_generated(plugin_logits, generated, expert_repetition_penalty)
                 if base is not None:
-                    if top_k:  # the penalty acts on the base as the plugin sees it
-                        base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
-                        view_k = None
                     base_logits = penalise_generated(base_logits.float(), generated, expert_repetition_penalty)
             if plugin is None:
                 scores = base_logits.float()
             elif base is None:
                 scores = torch.log_softmax(plugin_logits, -1)
             else:
-                scores = combine(base_logits, plugin_logits, weight, mode, view_k, bias)
+                strength = weight
+                if mode in ("product", Mode.PRODUCT):  # a gated plugin's strength at this position
+                    gate = plugin.strength(state["out"][slot], base_logits[None], plugin_logits[None])
+                    strength = weight if gate is None else weight * float(gate[0])
+                scores = combine(base_logits, plugin_logits, strength, mode, None, bias)
             if repetition_penalty != 1.0:
                 seen = torch.zeros_like(scores, dtype=torch.bool)
                 seen[torch.tensor(ids)] = True

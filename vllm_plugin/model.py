@@ -35,6 +35,9 @@ class PluginConfig:
     max_len: int = 512  # transformer only: positions its KV cache holds
     tie_embeddings: bool = True
     dropout: float = 0.1
+    # A learned per-position strength (CombLM-style): the request's weight times
+    # 2 * sigmoid(gate([hidden, base entropy, plugin entropy])); see PluginLM.strength.
+    gate: bool = False
     # What the plugin was trained against; checked when it is loaded onto a base.
     tokenizer_fingerprint: str = ""
     base_model: str = ""
@@ -77,6 +80,22 @@ class PluginLM(nn.Module):
         self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.drop = nn.Dropout(config.dropout)
         nn.init.normal_(self.embed.weight, std=0.02)
+        self.gate = nn.Linear(config.d_model + 2, 1) if config.gate else None
+        if self.gate is not None:  # starts at strength x 1: the ungated plugin
+            nn.init.zeros_(self.gate.weight)
+            nn.init.zeros_(self.gate.bias)
+
+    def strength(self, hidden: torch.Tensor, base_scores: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor | None:
+        """[n] per-position multiplier of the request's strength, in (0, 2): ``2 sigmoid(gate(
+        [hidden, H(base), H(plugin)]))``, H the entropy (nats) of each expert's next-token
+        distribution (``base_scores`` [n, V]: the base's logits or log-probs as the plugin sees
+        the base, ``plugin_logits`` [n, V]). None for a plugin without a gate (strength x 1)."""
+        if self.gate is None:
+            return None
+        def entropy(scores):
+            return torch.special.entr(torch.softmax(scores.float(), -1)).sum(-1, keepdim=True)
+        features = torch.cat([hidden.float(), entropy(base_scores), entropy(plugin_logits)], -1)
+        return 2 * torch.sigmoid(self.gate(features))[:, 0]
 
     def head_weight(self) -> torch.Tensor:
         """[V, d_model]: the embedding (tied) or the output projection."""

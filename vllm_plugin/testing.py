@@ -73,4 +73,6 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
         model.embed.weight.mul_(scale)
         model.out_proj.weight.mul_(scale)
         model.out_bias.normal_(0, 1.0)
+        if model.gate is not None:  # a gate with opinions: the strength varies by position
+            model.gate.weight.normal_(0, 1.0)
     return model.eval()
