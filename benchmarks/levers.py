@@ -57,13 +57,24 @@ def train_key(overrides: dict) -> str:
     return "lever-" + hashlib.sha256(json.dumps(overrides, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def decoding_key(extra: dict) -> str:
+    """A lever's processor arguments in its generations' file name, so changing them regenerates."""
+    return hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[str, dict]:
     """Train (or reuse) a lever's plugin; (checkpoint folder, its metrics)."""
     from vllm_plugin.training.pipeline import RunSpec, run
     from vllm_plugin.training.train import TrainConfig
 
+    from vllm_plugin.checkpoint import read_config
+
     out = root / train_key(overrides)
-    if not (out / "metrics.json").is_file():
+    if (out / "metrics.json").is_file():
+        if read_config(out / "checkpoint").training.get("split", "input") != protocol.split:
+            raise SystemExit(f"{out} was trained on another split than {protocol.split!r}: move it away "
+                             f"(or pass another --runs) to retrain")
+    else:
         spec_fields = {k: v for k, v in overrides.items() if k != "train"}
         spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
                        train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)
@@ -138,7 +149,8 @@ def main(argv=None) -> None:
         if protocol.dataset == "e2e" else {}
     trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name][1]) for name in names}
     gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
-    stems = {"zero_shot": "zero_shot@rp1-fp0", **{n: f"lever-{n}-{train_key(LEVERS[n][1])}" for n in names}}
+    stems = {"zero_shot": "zero_shot@rp1-fp0", **{n: f"lever-{n}-{train_key(LEVERS[n][1])}-{decoding_key(LEVERS[n][2])}"
+                                                  for n in names}}
     todo = {stems[n]: (n, lever_params(n, LEVERS[n][2] if n in LEVERS else {}, args.max_tokens))
             for n in stems if not (gen_dir / f"{stems[n]}.jsonl").is_file()}
     if todo:

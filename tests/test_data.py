@@ -142,15 +142,21 @@ def test_swap_names_invents_venues_consistently(tmp_path):
             ("name[Aromi], eatType[pub], near[Café Rouge]", "Near Café Rouge, Aromi is a pub."),
             ("name[Cotto], food[Italian]", "Cotto serves Italian food."),
             ("name[Zizzi], area[riverside]", "Zizzi is by the riverside."),
-            ("eatType[pub]", "A pub.")]
+            ("eatType[pub]", "A pub."),
+            ("name[Bar], food[Barbecue]", "The bar serves Barbecue food; bar none.")]
     examples = load_e2e(write_e2e(tmp_path / "e.csv", rows))
     swapped = swap_names(examples, 1.0, seed=3)
     assert swapped == swap_names(examples, 1.0, seed=3) and swap_names(examples, 0.0) == examples
     assert swapped[4] == examples[4]  # no name to swap
+    # Whole words only, any case; other fields and the words around are left alone.
+    assert "food[Barbecue]" in swapped[5].group and "food -- Barbecue" in swapped[5].prompt
+    assert swapped[5].target.startswith("The ") and "serves Barbecue food; " in swapped[5].target
+    assert "bar" not in swapped[5].target.lower().replace("barbecue", "")
+    assert swapped[5].prompt == format_prompt("e2e", swapped[5].group)
     for old, new in zip(examples[:4], swapped):
         venue = dict(old.meta)["venue"]
         assert venue not in new.prompt and venue not in new.target and venue not in new.group
         assert dict(new.meta)["venue"] in new.prompt and dict(new.meta)["venue"] in new.target
     assert swapped[0].group == swapped[1].group and "Café Rouge" not in swapped[0].target  # near[...] too
     assert dict(swapped[0].meta)["venue"] == dict(swapped[1].meta)["venue"]
-    assert 0 < sum(a != b for a, b in zip(examples, swap_names(examples, 0.5, seed=1))) < 5
+    assert 0 < sum(a != b for a, b in zip(examples, swap_names(examples, 0.5, seed=1))) < 6

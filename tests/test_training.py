@@ -166,7 +166,8 @@ def test_base_log_probs_at_some_columns_equal_the_full_rows(tiny, e2e_file, kind
     assert candidates.shape == (len(bl), 7 if kind == "full" else 5)
     whole = bl.log_probs(rows)
     assert (whole.gather(1, candidates) >= whole.topk(candidates.shape[1]).values[:, -1:] - 1e-5).all()
-    cols = torch.cat([torch.unique(candidates), torch.tensor([3, 3, 17])])  # repeats, as drawn negatives
+    # Repeats, as drawn negatives and a top-k token asked for twice.
+    cols = torch.cat([torch.unique(candidates), candidates[0, :1], torch.tensor([3, 3, 17])])
     torch.testing.assert_close(bl.log_probs_at(rows, cols), whole[:, cols], atol=1e-5, rtol=1e-5)
     targets = ts.flat_targets()
     torch.testing.assert_close(bl.target_log_probs(rows, targets), whole.gather(1, targets[:, None])[:, 0],
@@ -205,6 +206,32 @@ def test_sampled_softmax_estimates_the_exact_loss(tiny, e2e_file, kind):
         assert close.item() == pytest.approx(exact.item(), rel=2e-3)
         few = [sampled_batch_loss(plugin, data, [i], negatives=8, candidate_k=4)[0].item() for i in range(12)]
     assert sum(few) == pytest.approx(exact.item(), rel=0.05)
+
+
+def test_sampled_softmax_is_exact_when_the_candidates_cover_the_vocabulary(tiny, e2e_file):
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.training.train import batch_loss, sampled_batch_loss
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
+    data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
+    torch.manual_seed(0)
+    plugin = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, dropout=0.0)).eval()
+    with torch.no_grad():
+        exact = batch_loss(plugin, data, [0, 1, 2, 3])[0]
+        covered = sampled_batch_loss(plugin, data, [0, 1, 2, 3], negatives=8, candidate_k=10 * tiny.vocab_size)[0]
+    assert covered.item() == pytest.approx(exact.item(), rel=1e-5)
+
+
+def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_path):
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
+    run(spec, progress=False, log=lambda *_: None)
+    spec.train.negatives = 16
+    with pytest.raises(ValueError, match=r"other settings \(negatives: 0 then, 16 now\).*--no-resume"):
+        run(spec, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--name-swap is for E2E"):
+        run(RunSpec(dataset="webnlg", data=str(e2e_file), base=str(tiny.base_dir), name_swap=0.5,
+                    out=str(tmp_path / "w")), progress=False)
 
 
 def test_sampled_softmax_training_lowers_the_exact_heldout_loss(tiny, e2e_file, tmp_path):

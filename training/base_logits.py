@@ -133,7 +133,9 @@ class BaseLogits:
         own ids, whatever ``k``). For the full source this is one pass over the vocabulary,
         which also keeps each position's log-normaliser for ``log_probs_at``; computed once."""
         if self.kind == "topk":
-            return self.topk_ids.long()
+            if self.candidate_ids is None:
+                self.candidate_ids = self.topk_ids.long()
+            return self.candidate_ids
         if self.candidate_ids is not None and self.candidate_ids.shape[1] == k:
             return self.candidate_ids
         sidecar = None if self.folder is None else self.folder / f"candidates_top{k}.safetensors"
@@ -166,12 +168,13 @@ class BaseLogits:
         reads its top-k log-probs and the flat tail elsewhere. Differentiable in nothing."""
         from vllm_plugin.experts import flat_tail
 
+        cols, repeat = torch.unique(cols, return_inverse=True)  # a token asked for twice: one column, read twice
         if self.kind == "full":
             logits = F.linear(self.hidden[rows].float(), self.head_weight[cols],
                               None if self.head_bias is None else self.head_bias[cols])
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits - self.log_normaliser[rows, None]
+            return (logits - self.log_normaliser[rows, None])[:, repeat]
         top, ids = self.topk_logprobs[rows].float(), self.topk_ids[rows].long()
         out = flat_tail(top, self.vocab_size).expand(len(rows), len(cols)).clone()
         column = torch.full((self.vocab_size,), -1, dtype=torch.long)
@@ -179,7 +182,7 @@ class BaseLogits:
         where = column[ids]  # [n, k]: each top-k token's column, -1 if not asked for
         hit = where >= 0
         out[torch.arange(len(rows))[:, None].expand_as(ids)[hit], where[hit]] = top[hit]
-        return out
+        return out[:, repeat]
 
     def target_log_probs(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """[n] base log-prob of ``targets[i]`` at flat row ``rows[i]`` without a pass over the

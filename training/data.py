@@ -177,22 +177,28 @@ def swap_names(examples: list[Example], share: float, seed: int = 0) -> list[Exa
     must learn to leave names to the base, which copies them from the input, as it must on test
     inputs naming venues it never saw. Examples without such values are kept as they are."""
     rng = random.Random(seed)
-    renames: dict[str, dict[str, str]] = {}
+    renames: dict[str, tuple[str, dict[str, str]]] = {}  # MR -> (rewritten MR, old value -> new)
     for group in sorted({e.group for e in examples}):
         if rng.random() < share:
-            values = [v for k, v in parse_mr(group) if k in ("name", "near") and v]
-            renames[group] = {v: invented_name(rng) for v in sorted(set(values), key=len, reverse=True)}
+            fields = parse_mr(group)
+            values = sorted({v for k, v in fields if k in ("name", "near") and v})
+            mapping = {v: invented_name(rng) for v in values}
+            # The MR is rebuilt field by field, so no other field's value can be touched.
+            renames[group] = (", ".join(f"{k}[{mapping.get(v, v) if k in ('name', 'near') else v}]"
+                                        for k, v in fields), mapping)
     out = []
     for e in examples:
-        mapping = renames.get(e.group)
-        if not mapping:
+        if e.group not in renames:
             out.append(e)
             continue
-        group, prompt, target = e.group, e.prompt, e.target
-        for old, new in mapping.items():
-            group, prompt, target = group.replace(old, new), prompt.replace(old, new), target.replace(old, new)
+        group, mapping = renames[e.group]
+        target = e.target
+        for old in sorted(mapping, key=len, reverse=True):  # whole words, any case ("the Portland Arms")
+            target = re.sub(rf"(?<!\w){re.escape(old)}(?!\w)", lambda _, new=mapping[old]: new, target, flags=re.I)
         meta = tuple((k, mapping.get(v, v) if k == "venue" else v) for k, v in e.meta)
-        out.append(Example(group=group, prompt=prompt, target=target, meta=meta))
+        # The input as the prompt renders it (whatever the template around it), old and new.
+        rendered = format_prompt("e2e", e.group, "{input}"), format_prompt("e2e", group, "{input}")
+        out.append(Example(group=group, prompt=e.prompt.replace(*rendered), target=target, meta=meta))
     return out
 
 

@@ -143,6 +143,11 @@ def base_vocab_size(base_path: str) -> int:
     return AutoConfig.from_pretrained(base_path).get_text_config().vocab_size
 
 
+RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
+               "candidate_k", "group_by_prompt")
+RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False}
+
+
 def gate_checkpoint(checkpoint: Path, select, log=print) -> dict:
     """Give the plugin at ``checkpoint`` a gate fitted on ``select`` and save it in place."""
     from dataclasses import replace as with_fields
@@ -170,6 +175,13 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     from transformers import AutoTokenizer
 
     data_file = check_spec(spec, need_data=examples is None)
+    if spec.name_swap and spec.dataset != "e2e":
+        raise ValueError(f"--name-swap is for E2E (it rewrites name[...] and near[...] values), not {spec.dataset!r}")
+    if not 0.0 <= spec.name_swap <= 1.0:
+        raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
+    if spec.train.negatives < 0 or spec.train.candidate_k < 1:
+        raise ValueError(f"--negatives must be >= 0 and --candidate-k >= 1; got {spec.train.negatives}, "
+                         f"{spec.train.candidate_k}")
     t_start = time.time()
     base_path = resolve_base(spec.base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
@@ -201,18 +213,27 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
                   "split": spec.split, "name_swap": spec.name_swap,
-                  "seed": spec.train.seed, "alone": spec.alone},
+                  "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
+                  "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt},
     )
     resume_model = spec.out_dir() / "resume" / "model"
     if resume_model.is_dir():
         previous = read_config(resume_model)
-        if (previous.tokenizer_fingerprint, previous.vocab_size, previous.architecture) != (
-                fingerprint, config.vocab_size, spec.arch):
+        if (previous.tokenizer_fingerprint, previous.vocab_size, previous.architecture, previous.d_model,
+                previous.n_layers) != (fingerprint, config.vocab_size, spec.arch, spec.d_model, spec.n_layers):
             raise ValueError(
                 f"{spec.out_dir()} holds a run for another base or plugin (tokenizer "
-                f"{previous.tokenizer_fingerprint}, vocabulary {previous.vocab_size}, {previous.architecture}); "
-                f"this one has tokenizer {fingerprint}, vocabulary {config.vocab_size}, {spec.arch}: "
+                f"{previous.tokenizer_fingerprint}, vocabulary {previous.vocab_size}, {previous.architecture}, "
+                f"d_model {previous.d_model}, {previous.n_layers} layer(s)); this one has tokenizer {fingerprint}, "
+                f"vocabulary {config.vocab_size}, {spec.arch}, d_model {spec.d_model}, {spec.n_layers} layer(s): "
                 "choose another --out or pass --no-resume")
+        # Settings a resumed run must share with the one it continues (epochs and patience may grow).
+        differ = [f"{k}: {previous.training.get(k, RESUME_DEFAULTS.get(k))!r} then, {v!r} now"
+                  for k, v in config.training.items() if k in RESUME_KEYS
+                  and previous.training.get(k, RESUME_DEFAULTS.get(k)) != v]
+        if differ:
+            raise ValueError(f"{spec.out_dir()} holds a run trained with other settings ({'; '.join(differ)}): "
+                             "choose another --out or pass --no-resume")
     torch.manual_seed(spec.train.seed)
     plugin = build_plugin(config)
     log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters")

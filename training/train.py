@@ -97,10 +97,11 @@ class PairSet:
         return [e for g in groups for e in rng.sample(g, len(g))]
 
 
-def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int]):
+def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
     """The plugin's hidden state [n, d] before each target token of examples ``idx``, their flat
-    rows [n] and ids [n]. A plugin that can (the GRU) reads each distinct prompt once."""
-    if hasattr(plugin, "forward_shared"):
+    rows [n] and ids [n]. ``share_prompts``: a plugin that can (the GRU) reads each distinct
+    prompt once (in training mode its references then share the prompt's dropout masks)."""
+    if share_prompts and hasattr(plugin, "forward_shared"):
         prompts, lens, conts, prompt_of, pos_e, pos_t, rows, targets = data.shared_batch(idx)
         after_prompt, along = plugin.forward_shared(prompts, lens, conts, prompt_of)
         states = torch.cat([after_prompt[prompt_of][:, None], along], 1)  # [E, 1 + Lc, d]
@@ -109,8 +110,9 @@ def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int]):
     return plugin(ids)[pos_b, pos_t], rows, targets
 
 
-def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
-    """Summed combined cross-entropy over the batch's target tokens, and their count."""
+def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):
+    """Summed combined cross-entropy over the batch's target tokens, and their count
+    (``share_prompts``: see ``target_hidden``)."""
     if plugin is None:
         _, _, _, rows, targets = data.batch(idx)
         if data.base is not None:  # the base alone: its target log-probs, if cheap
@@ -118,7 +120,7 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int]):
             if target is not None:
                 return -target.sum(), len(targets)
         return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
-    hidden, rows, targets = target_hidden(plugin, data, idx)
+    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     logits = plugin.head(hidden)
     if data.base is not None:  # CE renormalises the sum
         base = data.base.scores(rows)
@@ -144,7 +146,7 @@ def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2,
         order = list(range(len(data)))
         rng.shuffle(order)
         for i in range(0, len(order), batch_size):
-            loss, n = batch_loss(plugin, data, order[i:i + batch_size])
+            loss, n = batch_loss(plugin, data, order[i:i + batch_size], share_prompts=True)
             opt.zero_grad(set_to_none=True)
             (loss / n).backward()
             opt.step()
@@ -154,7 +156,8 @@ def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2,
     return {"select_loss_ungated": before, "select_loss_gated": evaluate(plugin, data), "epochs": epochs}
 
 
-def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negatives: int, candidate_k: int = 32):
+def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negatives: int, candidate_k: int = 32,
+                       seed: int = 0, share_prompts: bool = False):
     """``batch_loss`` with a sampled softmax: (summed cross-entropy, target-token count).
 
     The product's log-normaliser ``log sum_x p_base(x) exp(z(x))`` (z: the plugin's logits) is
@@ -163,19 +166,23 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     uniformly from R with replacement: ``sum_R ~= |R| / negatives * sum_j p_base(s_j) exp(z(s_j))``,
     an unbiased estimate of that sum (its log is slightly low on average, by Jensen's
     inequality). Both heads then cost |E| + ``negatives`` columns instead of the vocabulary.
-    The draw is seeded by the batch's examples, so a batch always sees the same negatives.
+    The draw is seeded by ``seed`` and the batch's examples, so a batch always sees the same
+    negatives. When E already covers the vocabulary the loss is exact.
     """
     if plugin.gate is not None:
         raise ValueError("a gated plugin needs the exact loss: its gate reads each expert's entropy")
-    hidden, rows, targets = target_hidden(plugin, data, idx)
+    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     vocab = plugin.config.vocab_size
-    candidates = data.base.candidates(candidate_k)[rows].flatten() if data.base is not None else targets
+    candidates = (data.base.candidates(min(candidate_k, vocab))[rows].flatten() if data.base is not None
+                  else targets)
     exact = torch.unique(torch.cat([candidates, targets]))  # sorted
     in_rest = torch.ones(vocab, dtype=torch.bool)
     in_rest[exact] = False
     rest = in_rest.nonzero()[:, 0]
-    draw = torch.Generator().manual_seed(hash(tuple(idx)) & 0x7FFFFFFF)
-    cols = torch.cat([exact, rest[torch.randint(len(rest), (negatives,), generator=draw)]])
+    cols = exact
+    if len(rest):
+        draw = torch.Generator().manual_seed(hash((seed, *idx)) & 0x7FFFFFFF)
+        cols = torch.cat([exact, rest[torch.randint(len(rest), (negatives,), generator=draw)]])
     scores = F.linear(hidden, plugin.head_weight()[cols], plugin.out_bias[cols])
     if data.base is not None:
         scores = scores + data.base.log_probs_at(rows, cols)
@@ -198,9 +205,9 @@ def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64, negat
     for i in range(0, len(data), batch_size):
         idx = list(range(i, min(i + batch_size, len(data))))
         if negatives and plugin is not None:
-            loss, n = sampled_batch_loss(plugin, data, idx, negatives, candidate_k)
+            loss, n = sampled_batch_loss(plugin, data, idx, negatives, candidate_k, share_prompts=True)
         else:
-            loss, n = batch_loss(plugin, data, idx)
+            loss, n = batch_loss(plugin, data, idx, share_prompts=True)  # eval mode: exactly the plain forward
         total, count = total + loss.item(), count + n
     return total / count
 
@@ -283,10 +290,10 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
 
     if cfg.negatives:
         def fit_loss(idx):
-            return sampled_batch_loss(plugin, fit, idx, cfg.negatives, cfg.candidate_k)
+            return sampled_batch_loss(plugin, fit, idx, cfg.negatives, cfg.candidate_k, cfg.seed, cfg.group_by_prompt)
     else:
         def fit_loss(idx):
-            return batch_loss(plugin, fit, idx)
+            return batch_loss(plugin, fit, idx, cfg.group_by_prompt)
     loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=fit_loss,
              select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
