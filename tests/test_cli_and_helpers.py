@@ -18,6 +18,29 @@ def test_cli_reports_bad_input_by_name(tmp_path, capsys):
     assert main(["generate", "--plugin", str(tmp_path / "nope"), "--base", str(tmp_path)]) == 2
 
 
+@pytest.mark.parametrize("plugin, penalties", [("k", []), ("a", ["--frequency-penalty", "0.5",
+                                                                 "--expert-repetition-penalty", "1.3"])])
+def test_generate_shows_base_and_plugin_as_decoded(tiny, capsys, plugin, penalties):
+    """`vllm-plugin generate`: the plugin row decodes as the processor would (a top-k plugin
+    against the base's top-k view), the base row with the same vLLM penalties."""
+    from vllm_plugin.cli import stop_ids
+    from vllm_plugin.decode import reference_generate
+
+    prompt = "Aromi is a coffee shop"
+    main(["generate", "--plugin", str(tiny.plugin_dirs[plugin]), "--base", str(tiny.base_dir), "--prompt", prompt,
+          "--max-tokens", "6", *penalties])
+    lines = {line.split(":")[0].strip(): line.split(":", 1)[1].strip() for line in capsys.readouterr().out.split("\n")
+             if line.strip().startswith("base")}
+    model = tiny.plugins[plugin]
+    kw = dict(max_new_tokens=6, stop_token_ids=stop_ids(tiny.tokenizer), frequency_penalty=0.5 if penalties else 0.0)
+    ids = tiny.encode(prompt)
+    want = reference_generate(tiny.base, [ids], model, top_k=model.config.training.get("top_k"),
+                              expert_repetition_penalty=1.3 if penalties else 1.0, **kw)[0]
+    alone = reference_generate(tiny.base, [ids], None, **kw)[0]
+    assert lines["base+plugin"] == tiny.tokenizer.decode(want, skip_special_tokens=True).strip()
+    assert lines["base alone"] == tiny.tokenizer.decode(alone, skip_special_tokens=True).strip()
+
+
 def test_serving_helpers(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     set_plugins({"e2e": tmp_path / "ckpt"})

@@ -99,6 +99,16 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="vLLM's formula on the combined logits; prompt tokens count too, so it discourages "
+                        "copying the input's names (default 1.0: off)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0, help="vLLM's, on generated tokens")
+    p.add_argument("--expert-repetition-penalty", type=float, default=1.0,
+                   help="the paper's: each expert's logits, generated tokens only, before the product "
+                        "(the plugin row only)")
+
+
 def cmd_generate(args) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,9 +137,11 @@ def cmd_generate(args) -> None:
                 break
     ids = [tok(p).input_ids for p in prompts]
     kw = dict(max_new_tokens=args.max_tokens, stop_token_ids=stop_ids(tok),
-              repetition_penalty=args.repetition_penalty)
+              repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty)
     alone = reference_generate(base, ids, None, **kw)
-    combined = reference_generate(base, ids, plugin, weight=args.weight, **kw)
+    combined = reference_generate(base, ids, plugin, weight=args.weight,
+                                  expert_repetition_penalty=args.expert_repetition_penalty,
+                                  top_k=plugin.config.training.get("top_k"), **kw)
     for prompt, ref, a, c in zip(prompts, refs, alone, combined):
         print("-" * 72)
         print(prompt.rstrip())
@@ -200,14 +212,14 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=5)
     p.add_argument("--weight", type=float, default=1.0, help="plugin strength (1.0 = product of experts)")
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's formula (prompt tokens count too), on the combined logits")
+    _add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="main job: prepare base, train the E2E plugin, show generations")
     _add_train_args(p)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--repetition-penalty", type=float, default=1.1, help="vLLM's formula (prompt tokens count too), on the combined logits")
+    _add_decoding_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="`vllm serve` the base with plugins (other arguments go to vllm serve)")
