@@ -163,7 +163,7 @@ def main(argv=None) -> None:
         rows[n] = {"what": "the base alone, no plugin" if n == "zero_shot" else LEVERS[n][0],
                    "training": None if n == "zero_shot" else {"overrides": LEVERS[n][1], "decoding": LEVERS[n][2],
                                                               **run_summary(trained[n][1])},
-                   "select": score_sliced(outputs, prompts, references, slices)}
+                   "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"))}
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}
     out = Path(args.results) / f"levers_{protocol.name}_{base_name}"

@@ -248,16 +248,21 @@ def read_generations(path: Path, prompts) -> list[dict]:
     return rows
 
 
-def score_sliced(outputs: list[str], prompts, references, slices: dict[str, set[str]]) -> dict:
-    """Five metrics over all inputs, and per slice (``{name: prompts}``) with its input count."""
+def score_sliced(outputs: list[str], prompts, references, slices: dict[str, set[str]],
+                 only: tuple[str, ...] | None = None) -> dict:
+    """Five metrics (or ``only`` BLEU and ROUGE-L) over all inputs, and per slice
+    (``{name: prompts}``) with its input count."""
     from benchmarks.metrics import score
 
-    out = score(outputs, references)
+    out = score(outputs, references, only)
     for name, members in slices.items():
         idx = [i for i, p in enumerate(prompts) if p in members]
         if idx:
-            out[name] = {"n_inputs": len(idx), **score([outputs[i] for i in idx], [references[i] for i in idx])}
+            out[name] = {"n_inputs": len(idx), **score([outputs[i] for i in idx], [references[i] for i in idx], only)}
     return out
+
+
+CHOICE_METRICS = ("bleu", "rouge_l")  # what choosing on select reads (``better``)
 
 
 def better(a: dict, b: dict) -> bool:
@@ -275,7 +280,8 @@ def choose_decoding(systems, grid, gen_dir: Path, prompts, references, slices) -
         for setting in grid:
             label = setting_label(setting)
             rows = read_generations(gen_dir / f"{system}@{label}.jsonl", prompts)
-            scores[system][label] = score_sliced([r["output"] for r in rows], prompts, references, slices)
+            scores[system][label] = score_sliced([r["output"] for r in rows], prompts, references, slices,
+                                                 CHOICE_METRICS)
             if system not in chosen or better(scores[system][label], scores[system][setting_label(chosen[system])]):
                 chosen[system] = setting
     return {"chosen": chosen, "select_scores": scores}

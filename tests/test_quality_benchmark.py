@@ -48,6 +48,7 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
         scores = choice["select_scores"][system]
         best = max(scores, key=lambda label: (scores[label]["bleu"], scores[label]["rouge_l"]))
         assert scores[best] == scores[f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"]
+        assert set(scores[best]) - {"venue_seen", "venue_unseen"} == {"bleu", "rouge_l"}  # what the choice reads
         # Select inputs are sliced by whether the fit split saw their venue (split by venue).
         assert scores[best]["venue_unseen"]["n_inputs"] >= 1 and scores[best]["venue_seen"]["n_inputs"] >= 1
 
