@@ -122,11 +122,12 @@ class BaseLogits:
         For the full source these are the raw logits, sparing a log-softmax over the vocabulary.
         """
         if self.kind == "full":
-            logits = F.linear(self.hidden[rows].float(), self.head_weight, self.head_bias)
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits
+            return self._capped(F.linear(self.hidden[rows].float(), self.head_weight, self.head_bias))
         return self._topk_log_probs(rows)
+
+    def _capped(self, logits: torch.Tensor) -> torch.Tensor:
+        """The base's final logit soft-capping (Gemma-style), if it has one."""
+        return torch.tanh(logits / self.softcap) * self.softcap if self.softcap else logits
 
     def candidates(self, k: int = 32, rows_per_batch: int = 1024) -> torch.Tensor:
         """[N, k] the base's k most likely token ids at every target token (a top-k cache: its
@@ -170,10 +171,8 @@ class BaseLogits:
 
         cols, repeat = torch.unique(cols, return_inverse=True)  # a token asked for twice: one column, read twice
         if self.kind == "full":
-            logits = F.linear(self.hidden[rows].float(), self.head_weight[cols],
-                              None if self.head_bias is None else self.head_bias[cols])
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
+            logits = self._capped(F.linear(self.hidden[rows].float(), self.head_weight[cols],
+                                           None if self.head_bias is None else self.head_bias[cols]))
             return (logits - self.log_normaliser[rows, None])[:, repeat]
         top, ids = self.topk_logprobs[rows].float(), self.topk_ids[rows].long()
         out = flat_tail(top, self.vocab_size).expand(len(rows), len(cols)).clone()
@@ -194,9 +193,7 @@ class BaseLogits:
             logits = (self.hidden[rows].float() * self.head_weight[targets]).sum(-1)
             if self.head_bias is not None:
                 logits = logits + self.head_bias[targets]
-            if self.softcap:
-                logits = torch.tanh(logits / self.softcap) * self.softcap
-            return logits - self.log_normaliser[rows]
+            return self._capped(logits) - self.log_normaliser[rows]
         from vllm_plugin.experts import flat_tail
 
         top, match = self.topk_logprobs[rows].float(), self.topk_ids[rows].long() == targets[:, None]

@@ -81,6 +81,13 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"unknown base-logit source {spec.source!r}; expected one of {SOURCES}")
     if spec.source == "openai" and not spec.endpoint:
         raise ValueError("source 'openai' needs --endpoint (an OpenAI-compatible base URL)")
+    if spec.name_swap and spec.dataset != "e2e":
+        raise ValueError(f"--name-swap is for E2E (it rewrites name[...] and near[...] values), not {spec.dataset!r}")
+    if not 0.0 <= spec.name_swap <= 1.0:
+        raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
+    if spec.train.negatives < 0 or spec.train.candidate_k < 1:
+        raise ValueError(f"--negatives must be >= 0 and --candidate-k >= 1; got {spec.train.negatives}, "
+                         f"{spec.train.candidate_k}")
     data = Path(spec.data) if spec.data else default_data_file(spec.dataset)
     if need_data and not data.is_file():
         raise DataError(f"dataset file {data} does not exist")
@@ -150,14 +157,12 @@ RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_b
 
 def gate_checkpoint(checkpoint: Path, select, log=print) -> dict:
     """Give the plugin at ``checkpoint`` a gate fitted on ``select`` and save it in place."""
-    from dataclasses import replace as with_fields
-
     from vllm_plugin.checkpoint import load_plugin, save_plugin
 
     from .train import fit_gate
 
     trained = load_plugin(checkpoint)
-    gated = build_plugin(with_fields(trained.config, gate=True))
+    gated = build_plugin(replace(trained.config, gate=True))
     gated.load_state_dict(trained.state_dict(), strict=False)
     result = fit_gate(gated.eval(), select, log=log)
     save_plugin(gated, checkpoint)
@@ -175,13 +180,6 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     from transformers import AutoTokenizer
 
     data_file = check_spec(spec, need_data=examples is None)
-    if spec.name_swap and spec.dataset != "e2e":
-        raise ValueError(f"--name-swap is for E2E (it rewrites name[...] and near[...] values), not {spec.dataset!r}")
-    if not 0.0 <= spec.name_swap <= 1.0:
-        raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
-    if spec.train.negatives < 0 or spec.train.candidate_k < 1:
-        raise ValueError(f"--negatives must be >= 0 and --candidate-k >= 1; got {spec.train.negatives}, "
-                         f"{spec.train.candidate_k}")
     t_start = time.time()
     base_path = resolve_base(spec.base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)

@@ -113,12 +113,11 @@ def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):
     """Summed combined cross-entropy over the batch's target tokens, and their count
     (``share_prompts``: see ``target_hidden``)."""
-    if plugin is None:
+    if plugin is None:  # the base alone: its target log-probs, without the vocabulary if it can
         _, _, _, rows, targets = data.batch(idx)
-        if data.base is not None:  # the base alone: its target log-probs, if cheap
-            target = data.base.target_log_probs(rows, targets)
-            if target is not None:
-                return -target.sum(), len(targets)
+        target = data.base.target_log_probs(rows, targets)
+        if target is not None:
+            return -target.sum(), len(targets)
         return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     logits = plugin.head(hidden)
@@ -140,7 +139,7 @@ def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2,
     for p in plugin.parameters():
         p.requires_grad_(p is plugin.gate.weight or p is plugin.gate.bias)
     opt = torch.optim.Adam(plugin.gate.parameters(), lr=lr)
-    before = evaluate(plugin, data)
+    before = after = evaluate(plugin, data)
     rng = random.Random(seed)
     for epoch in range(epochs):
         order = list(range(len(data)))
@@ -150,10 +149,11 @@ def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2,
             opt.zero_grad(set_to_none=True)
             (loss / n).backward()
             opt.step()
-        log(f"gate epoch {epoch + 1}: select {evaluate(plugin, data):.4f} (ungated {before:.4f})")
+        after = evaluate(plugin, data)
+        log(f"gate epoch {epoch + 1}: select {after:.4f} (ungated {before:.4f})")
     for p in plugin.parameters():
         p.requires_grad_(True)
-    return {"select_loss_ungated": before, "select_loss_gated": evaluate(plugin, data), "epochs": epochs}
+    return {"select_loss_ungated": before, "select_loss_gated": after, "epochs": epochs}
 
 
 def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negatives: int, candidate_k: int = 32,

@@ -98,7 +98,7 @@ class PluginBank:
         # mask and output counts, allocated on first use and updated by one scatter per step;
         # ``counted``: how many of a slot's tokens they hold.
         self.penalties = np.tile(np.array(NO_PENALTY, dtype=np.float32), (num_slots, 1))
-        self.penalised = np.zeros(num_slots, dtype=bool)  # some penalty: the slot's tokens are counted
+        self.counts_tokens = np.zeros(num_slots, dtype=bool)  # some penalty needs the slot's tokens
         self.expert_penalty = np.ones(num_slots, dtype=np.float32)
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
         self.counted = np.zeros(num_slots, dtype=np.int64)
@@ -130,9 +130,9 @@ class PluginBank:
         self.mode[slot] = mode
         self.penalties[slot] = penalties if g >= 0 else NO_PENALTY
         self.expert_penalty[slot] = expert_penalty if g >= 0 else 1.0
-        self.penalised[slot] = g >= 0 and (tuple(penalties) != NO_PENALTY or expert_penalty != 1.0)
+        self.counts_tokens[slot] = g >= 0 and (tuple(penalties) != NO_PENALTY or expert_penalty != 1.0)
         # The repetition penalty is not shift-invariant: it needs the plugin's true log-probs.
-        self.normalise[slot] = self.penalised[slot] and penalties[0] != 1.0
+        self.normalise[slot] = g >= 0 and penalties[0] != 1.0
         self.prompt_len[slot] = prompt_len
         self.counted[slot] = 0
         self.top_k[slot] = (self.trained_top_k[g] if top_k is None else top_k) if g >= 0 else 0
@@ -170,7 +170,7 @@ class PluginBank:
         active, plugin_ids = self.active[slots], self.plugin_of[slots]
         groups = tuple(self._group(int(g), np.nonzero(active & (plugin_ids == g))[0], rows, slots, vocab_size)
                        for g in np.unique(plugin_ids[active]))
-        counted = np.nonzero(self.penalised[slots])[0]
+        counted = np.nonzero(self.counts_tokens[slots])[0]
         pen = np.nonzero((self.penalties[slots] != np.array(NO_PENALTY, dtype=np.float32)).any(-1))[0]
         self._plan = _Plan(rows.copy(), slots.copy(), self.version, groups,
                            counted, self._t(rows[counted]), self._t(slots[counted]),
@@ -297,7 +297,7 @@ class PluginBank:
             # without one skip the normalising pass.
             lp = plugin_logits
         lp = lp.to(logits.dtype)
-        gate = self.models[group.plugin].strength(hidden, logits[group.rows_t], plugin_logits)
+        gate = self._gate(group.plugin, hidden, logits, group.rows_t, plugin_logits)
         if gate is not None:
             weight = group.weight if isinstance(group.weight, float) else group.weight[:, 0]
             logits.index_add_(0, group.rows_t, lp.mul_((weight * gate).to(lp.dtype)[:, None]))
@@ -306,12 +306,19 @@ class PluginBank:
         else:
             logits.index_add_(0, group.rows_t, lp.mul_(group.weight.to(lp.dtype)))
 
+    def _gate(self, plugin: int, hidden: torch.Tensor, logits: torch.Tensor, rows_t: torch.Tensor,
+              plugin_logits: torch.Tensor) -> torch.Tensor | None:
+        """[n] the learned per-position strength of a gated plugin's rows ``rows_t``; None for a
+        plugin without a gate, without gathering the base's rows (the common decode step)."""
+        model = self.models[plugin]
+        return None if model.gate is None else model.strength(hidden, logits[rows_t], plugin_logits)
+
     def _combine_modes(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor,
                        hidden: torch.Tensor) -> None:
         """Mixture and plugin-alone rows (baselines), and product rows sharing their plugin."""
         for mode, rows_t, idx_t, weight, bias in group.modes:
             if mode == Mode.PRODUCT:  # a gate scales the product's strength only
-                gate = self.models[group.plugin].strength(hidden[idx_t], logits[rows_t], plugin_logits[idx_t])
+                gate = self._gate(group.plugin, hidden[idx_t], logits, rows_t, plugin_logits[idx_t])
                 weight = weight if gate is None else weight * gate[:, None]
             combined = combine(logits[rows_t], plugin_logits[idx_t], weight, mode, bias=bias)
             logits.index_copy_(0, rows_t, combined.to(logits.dtype))

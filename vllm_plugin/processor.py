@@ -529,10 +529,9 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)
-        penalised = req.penalties != NO_PENALTY or req.expert_penalty != 1.0
-        prompt_len = self.req_states.prompt_len.np[req_idx] if penalised else 0
+        prompt_len = int(self.req_states.prompt_len.np[req_idx]) if req.name is not None else 0
         return self.bank.assign(req_idx, req.name, req.weight, req.mode, req.top_k,
-                                getattr(sampling_params, "logit_bias", None), req.penalties, int(prompt_len),
+                                getattr(sampling_params, "logit_bias", None), req.penalties, prompt_len,
                                 req.expert_penalty)
 
     def apply(self, logits: torch.Tensor, ctx) -> torch.Tensor:
