@@ -74,6 +74,10 @@ def main() -> None:
         "plain_forward_tokens_per_s": round(plain_tps, 1),
         "extraction_vs_plain": round(forwarded / metrics["base_logits_s"] / plain_tps, 3),
         "epochs_run": len(metrics["history"]),
+        "best_epoch": metrics["best_epoch"],
+        # Each epoch's wall time includes its select-split evaluation.
+        "epoch_s": [round(h["seconds"], 1) for h in metrics["history"]],
+        "train_config": metrics["config"],
         "base_select_loss": round(metrics["base_select_loss"], 4),
         "best_select_loss": round(metrics["best_select_loss"], 4),
         "cpu_threads": __import__("torch").get_num_threads(),

@@ -30,7 +30,8 @@ Protocols:
   on ``dev`` entries of the three held-out categories against all their references.
 
 Systems (same prompts; greedy, same max tokens, stop at a newline, penalties chosen per system):
-zero_shot, icl_1, icl_3 (examples from the fitting split), plugin_alone (the small model
+zero_shot, zero_shot_chat (the same prompt as one user turn of the base's chat template, as a
+chat user would send it), icl_1, icl_3 (examples from the fitting split), plugin_alone (the small model
 trained without the base), weighted_mix (w p_small + (1-w) p_base, w fit on the select split),
 plugin_recurrent (GRU, full logits), plugin_transformer (the paper's 1-layer transformer),
 plugin_recurrent_top20 (trained from top-20 log-probs only; decodes, as the processor does by
@@ -55,8 +56,8 @@ from benchmarks.protocols import (DEFAULT_MAX_TOKENS, Protocol, base_name, group
                                   split_sizes, venue_slices)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_SYSTEMS = ["zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix", "plugin_recurrent",
-               "plugin_transformer", "plugin_recurrent_top20", "plugin_recurrent_top20_fullbase",
+ALL_SYSTEMS = ["zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix",
+               "plugin_recurrent", "plugin_transformer", "plugin_recurrent_top20", "plugin_recurrent_top20_fullbase",
                "plugin_recurrent_w0.5", "plugin_recurrent_w2.0"]
 # Which trained plugin each system decodes with (plugin_recurrent_w<weight>: see plugin_of).
 NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "recurrent",
@@ -87,6 +88,15 @@ def parse_systems(arg: str) -> list[str]:
 
 def icl_prompt(prompt: str, shots) -> str:
     return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
+
+
+def system_input(system: str, prompt: str, shots, tokenizer) -> str:
+    """The text a system sends the engine for one task prompt: the prompt itself, after in-context
+    examples (icl_<k>), or as the one user turn of the base's chat template (zero_shot_chat)."""
+    if system == "zero_shot_chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return icl_prompt(prompt, shots[:{"icl_1": 1, "icl_3": 3}.get(system, 0)])
 
 
 def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
@@ -208,24 +218,28 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
 
     Requests are queued job-major, so each prompt is prefilled by its first job and found in the
     prefix cache by the others (the in-context systems share their examples' prefix too). Each
-    chunk is appended to ``<stem>.partial.jsonl``; an interrupted run resumes at the first chunk
-    not written for every job, and a job's file is renamed to ``<stem>.jsonl`` only when complete.
+    chunk is appended to ``<stem>.partial.jsonl``; an interrupted run resumes each job at its
+    first prompt not written (a job added later starts at the beginning, the others go on), and
+    a job's file is renamed to ``<stem>.jsonl`` only when complete.
     """
     from tqdm.auto import tqdm
 
     gen_dir.mkdir(parents=True, exist_ok=True)
     partial = {stem: gen_dir / f"{stem}.partial.jsonl" for stem in jobs}
-    done = min(len(p.read_text().splitlines()) if p.is_file() else 0 for p in partial.values())
-    for path in partial.values():  # drop rows past the common point (a chunk cut short)
-        rows = path.read_text().splitlines(keepends=True)[:done] if path.is_file() else []
+    done = {}
+    for stem, path in partial.items():  # a line cut short by a kill is dropped
+        rows = [r for r in path.read_text().splitlines(keepends=True) if r.endswith("\n")] if path.is_file() else []
         path.write_text("".join(rows))
-    inputs = {stem: [icl_prompt(p, shots[:{"icl_1": 1, "icl_3": 3}.get(system, 0)]) for p in prompts]
-              for stem, (system, _) in jobs.items()}
-    bar = tqdm(total=len(prompts), initial=done, desc=f"{desc}: {len(jobs)} systems x settings", unit="input")
+        done[stem] = len(rows)
+    tokenizer = llm.get_tokenizer()
+    inputs = {stem: [system_input(system, p, shots, tokenizer) for p in prompts] for stem, (system, _) in jobs.items()}
+    total = len(jobs) * len(prompts)
+    bar = tqdm(total=total, initial=sum(done.values()), desc=f"{desc}: {len(jobs)} systems x settings",
+               unit="generation")
     started, generated = time.perf_counter(), 0
-    for start in range(done, len(prompts), chunk):
+    for start in range(min(done.values()), len(prompts), chunk):
         stop = min(start + chunk, len(prompts))
-        requests = [(stem, i) for stem in jobs for i in range(start, stop)]
+        requests = [(stem, i) for stem in jobs for i in range(max(start, done[stem]), stop)]
         outs = llm.generate([inputs[s][i] for s, i in requests], [jobs[s][1] for s, _ in requests], use_tqdm=False)
         lines = {stem: [] for stem in jobs}
         for (stem, i), o in zip(requests, outs):
@@ -234,9 +248,10 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
         for stem in jobs:
             with open(partial[stem], "a") as f:
                 f.writelines(lines[stem])
+            done[stem] = max(done[stem], stop)
         generated += sum(len(o.outputs[0].token_ids) for o in outs)
         bar.set_postfix(output_tok_s=f"{generated / (time.perf_counter() - started):.0f}")
-        bar.update(stop - start)
+        bar.update(len(requests))
     bar.close()
     for stem, path in partial.items():
         path.rename(gen_dir / f"{stem}.jsonl")
@@ -301,7 +316,7 @@ def training_summary(root: Path, names) -> dict:
 
 
 PLUGIN_ROWS = re.compile(r"plugin_r.*|plugin_transformer")
-BASELINES = ("zero_shot", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
+BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
 
 
 def against_targets(systems: dict) -> dict:
@@ -451,12 +466,16 @@ def check_inputs(args):
             Path(args.base).is_absolute() or args.base.startswith(".")):
         raise SystemExit(f"base model {args.base!r}: no such folder (known names: {', '.join(PACKAGED_BASES)})")
     base_path = resolve_base(args.base)
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
+    wants_chat = "zero_shot_chat" in getattr(args, "systems", ())  # benchmarks.levers has no systems
     try:
         base_config = AutoConfig.from_pretrained(base_path)
+        chat = wants_chat and AutoTokenizer.from_pretrained(base_path).chat_template
     except (OSError, ValueError) as e:
         raise SystemExit(f"base model {args.base!r} cannot be loaded: {e}") from e
+    if wants_chat and not chat:
+        raise SystemExit(f"base model {args.base!r} has no chat template: drop zero_shot_chat from --systems")
     return protocol, base_path, base_config, args.base_name or base_name(args.base)
 
 

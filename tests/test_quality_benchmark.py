@@ -26,7 +26,7 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
         assert proc.returncode == 0, proc.stderr[-3000:]
     # plugin_recurrent_w0.3 is not a listed system: any strength can be asked for by name.
     # lora: a second engine, on the merged fine-tune.
-    systems = "zero_shot,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,lora"
+    systems = "zero_shot,zero_shot_chat,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,lora"
     grid = [{"repetition_penalty": 1.0, "frequency_penalty": 0.0}, {"repetition_penalty": 1.1, "frequency_penalty": 0.5}]
     # A dotted base name (like qwen2.5-coder-0.5b) must not lose its tail to a file suffix.
     args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny-0.5b", "--systems", systems,
@@ -91,10 +91,17 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     quality_main(args + ["--score-partial"])
     partial = json.loads((tmp_path / "res" / "e2e_tiny-0.5b_partial.json").read_text())
     assert partial["n_test_inputs"] == 3 and partial["of_test_inputs"] == 5 and "random" in partial["note"]
-    for f in test_dir.glob("*.partial.jsonl"):
-        f.unlink()
+    # Resuming: each job goes on from its own last full line. zero_shot as if added to the run
+    # later (nothing written), plugin_recurrent killed mid-line; the others keep their 3 rows.
+    for f in test_dir.glob("zero_shot@*.partial.jsonl"):
+        f.write_text("")
+    for f in test_dir.glob("plugin_recurrent@*.partial.jsonl"):
+        f.write_text(f.read_text() + '{"prompt": "cut sh')
+    quality_main(args)
     for f in test_dir.glob("*.done"):
-        f.rename(f.with_suffix(".jsonl"))
+        assert f.with_suffix(".jsonl").read_text() == f.read_text(), f.name
+        f.unlink()
+    assert not list(test_dir.glob("*.partial.jsonl"))
 
     # What the chunked, prefix-cached, all-systems-at-once generation produced at each system's
     # chosen setting is what the reference decoder produces with the same penalties, token for
@@ -106,13 +113,15 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
 
     tok = AutoTokenizer.from_pretrained(tiny.base_dir)
 
-    def check(system, model, **kw):
+    def check(system, model, chat=False, **kw):
         setting = result["decoding"]["chosen"][system]
         label = f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"
         rows = [json.loads(line) for line in (test_dir / f"{system}@{label}.jsonl").read_text().splitlines()]
         assert len(rows) == 5
         for row in rows:
-            (want,) = reference_generate(model, [tok(row["prompt"]).input_ids], max_new_tokens=8, **setting, **kw)
+            text = row["prompt"] if not chat else tok.apply_chat_template(
+                [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True)
+            (want,) = reference_generate(model, [tok(text).input_ids], max_new_tokens=8, **setting, **kw)
             got = row["token_ids"]
             assert got == want[:len(got)] and (len(got) == 8 or "\n" in tok.decode(got[-1:])), (system, row)
         return rows
@@ -121,6 +130,9 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     for system, weight in (("plugin_recurrent", 1.0), ("plugin_recurrent_w0.3", 0.3)):
         check(system, tiny.base, plugin=plugin, weight=weight)
     zero_rows = check("zero_shot", tiny.base)
+    # The chat row sends the same prompt as one user turn of the base's chat template.
+    chat_rows = check("zero_shot_chat", tiny.base, chat=True)
+    assert [r["token_ids"] for r in chat_rows] != [r["token_ids"] for r in zero_rows]
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "lora" / "merged").eval()
     lora_rows = check("lora", merged)
     assert [r["token_ids"] for r in lora_rows] != [r["token_ids"] for r in zero_rows]  # the fine-tune is served
