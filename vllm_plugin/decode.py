@@ -70,6 +70,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     """
     if base is None and plugin is None:
         raise ValueError("need a base model, a plugin, or both")
+    mode = Mode.parse(mode)
     slot = torch.zeros(1, dtype=torch.long)
     results = []
     for prompt in prompts:
@@ -105,7 +106,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                 scores = torch.log_softmax(plugin_logits, -1)
             else:
                 strength = weight
-                if Mode.parse(mode) == Mode.PRODUCT:  # a gated plugin's strength at this position
+                if mode == Mode.PRODUCT:  # a gated plugin's strength at this position
                     gate = plugin.strength(state["out"][slot], base_logits[None], plugin_logits[None])
                     strength = weight if gate is None else weight * float(gate[0])
                 scores = combine(base_logits, plugin_logits, strength, mode, None, bias)
