@@ -309,6 +309,33 @@ def write_plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+LABELS = {
+    "none": "`none`: vLLM, processor not installed",
+    "inert": "`inert`: processor and plugins loaded, unused",
+    "plugin": "`plugin`: every row with plugin A",
+    "two_plugins": "`two_plugins`: half A, half B",
+    "hf_generate": "`hf_generate`: transformers `generate` + a LogitsProcessor with plugin A",
+    "hf_generate_no_plugin": "transformers `generate`, no plugin (reference)",
+    "none_bf16": "`none` in bfloat16, vLLM's default dtype (reference)",
+    "recompute": "`recompute`: the paper's loop, base and plugin over the whole sequence each step",
+}
+
+
+def write_table(result: dict, path: Path) -> None:
+    """The README's table: output tokens/s per config and batch size, ms per token in brackets."""
+    rows = result["rows"] + result.get("reference_rows", [])
+    batches = sorted({r["batch_size"] for r in rows})
+    lines = ["| config | " + " | ".join(f"batch {b}" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    for config in dict.fromkeys(r["config"] for r in rows):
+        cells = {r["batch_size"]: r for r in rows if r["config"] == config}
+        fmt = lambda r: f"{r['tokens_per_s']:.1f}" if config == "recompute" \
+            else f"{r['tokens_per_s']:.1f} ({r['ms_per_token']:.0f} ms)"
+        lines.append(f"| {LABELS.get(config, config)} | "
+                     + " | ".join(fmt(cells[b]) if b in cells else "" for b in batches) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m")
@@ -330,6 +357,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--bf16-batch-sizes", default="32",
                         help="also time vLLM without the processor in bfloat16 (its default dtype) at these "
                              "batch sizes ('' to skip)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite the table and plot from the JSON at --out, without timing anything")
     parser.add_argument("--worker", choices=["none", "none_bf16", "plugins"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
@@ -467,10 +496,11 @@ def write_report(result: dict, profiled: dict | None, args, out: Path) -> None:
         table.write_text(f"torch.profiler, {profiled['steps']} decode steps at batch {args.profile_batch}, plugin "
                          f"on every row; 'vllm_plugin' is the processor's apply()\n\n{profiled['table']}\n")
     out.write_text(json.dumps(result, indent=2) + "\n")
+    write_table(result, out.with_suffix(".md"))
     write_plot(result, out.with_suffix(".png"))
     print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate",
                                              "compute_ceiling")}, indent=1))
-    print(f"wrote {out} and {out.with_suffix('.png')}")
+    print(f"wrote {out}, its table (.md) and plot (.png)")
 
 
 def main(argv=None) -> None:
@@ -481,8 +511,14 @@ def main(argv=None) -> None:
     if args.worker:
         _engine_worker(args.worker, base, args.eager, args.max_num_seqs)
         return
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     out = Path(args.out)
+    if args.report_only:
+        result = json.loads(out.read_text())
+        write_table(result, out.with_suffix(".md"))
+        write_plot(result, out.with_suffix(".png"))
+        print(out.with_suffix(".md").read_text())
+        return
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(out.parent, os.W_OK):
         raise SystemExit(f"results folder {out.parent} is not writable")
