@@ -9,7 +9,8 @@ with it (processor arguments). For each lever this trains the plugin on the prot
 a fixed random sample of the select inputs through vLLM with the processor (greedy, stop at a
 newline, the quality benchmark's sample and prompts), and scores BLEU and ROUGE-L against the
 select references, overall and (E2E) on select inputs whose venue the fit split saw or did not
-see. The zero-shot base decodes the same inputs as the reference row. The table also carries
+see. The zero-shot base decodes the same inputs as the reference row (and the in-context base
+beside a lever that prompts with an example, ``on_icl_1``). The table also carries
 each run's select cross-entropy (exact, nats per target token), its epochs, best epoch and
 seconds per epoch.
 
@@ -22,31 +23,47 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, venue_slices
-from benchmarks.quality import RESULTS, check_inputs, engine, generate_jobs, read_generations, score_sliced
+from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
+                                score_sliced)
 
-# name: (what it changes, training overrides ({"train": {...}} for TrainConfig), processor arguments)
-LEVERS: dict[str, tuple[str, dict, dict]] = {
-    "default": ("the default plugin: GRU d=256, 5 epochs, exact softmax", {}, {}),
-    "frequency_penalty": ("decode with vLLM's frequency penalty 0.5 (plugin_frequency_penalty)", {},
-                          {"plugin_frequency_penalty": 0.5}),
-    "expert_penalty": ("decode with the paper's penalty 1.1: each expert, generated tokens only", {},
-                       {"plugin_expert_repetition_penalty": 1.1}),
-    "sampled": ("train with a sampled softmax (1,024 negatives, the base's top 32 exact), 5 epochs",
-                {"train": {"negatives": 1024}}, {}),
-    "converge": ("sampled softmax, batches by prompt, up to 40 epochs, patience 3",
-                 {"train": {"negatives": 1024, "group_by_prompt": True, "epochs": 40, "patience": 3}}, {}),
-    "converge_wd": ("converge, with AdamW weight decay 0.1",
-                    {"train": {"negatives": 1024, "group_by_prompt": True, "epochs": 40, "patience": 3,
-                               "weight_decay": 0.1}}, {}),
-    "half_strength": ("the default plugin at strength 0.5", {}, {"plugin_weight": 0.5}),
-    "name_swap": ("half the fit inputs with invented venue names (training.data.swap_names)",
-                  {"name_swap": 0.5}, {}),
-    "gate": ("the default plugin with a per-position strength fitted on select (CombLM-style)",
-             {"gate": True}, {}),
+
+class Lever(NamedTuple):
+    """One change from the default plugin: how it trains (``RunSpec`` fields, ``{"train": {...}}``
+    for ``TrainConfig``), how it decodes (processor arguments) and what text the engine gets
+    (``prompt``: a system of the quality benchmark, e.g. ``icl_1`` for one in-context example)."""
+    what: str
+    training: dict = {}
+    decoding: dict = {}
+    prompt: str = "zero_shot"
+
+
+LEVERS: dict[str, Lever] = {
+    "default": Lever("the default plugin: GRU d=256, 5 epochs, exact softmax"),
+    "frequency_penalty": Lever("decode with vLLM's frequency penalty 0.5 (plugin_frequency_penalty)",
+                               decoding={"plugin_frequency_penalty": 0.5}),
+    "expert_penalty": Lever("decode with the paper's penalty 1.1: each expert, generated tokens only",
+                            decoding={"plugin_expert_repetition_penalty": 1.1}),
+    "half_strength": Lever("the default plugin at strength 0.5", decoding={"plugin_weight": 0.5}),
+    "on_icl_1": Lever("the default plugin on the base prompted with one in-context example", prompt="icl_1"),
+    "sampled": Lever("train with a sampled softmax (1,024 negatives, the base's top 32 exact), 5 epochs",
+                     training={"train": {"negatives": 1024}}),
+    "converge": Lever("sampled softmax, batches by prompt, up to 40 epochs, patience 3",
+                      training={"train": {"negatives": 1024, "group_by_prompt": True, "epochs": 40, "patience": 3}}),
+    "converge_wd": Lever("converge, with AdamW weight decay 0.1",
+                         training={"train": {"negatives": 1024, "group_by_prompt": True, "epochs": 40, "patience": 3,
+                                             "weight_decay": 0.1}}),
+    "name_swap": Lever("sampled, with invented venue names in half the fit inputs (training.data.swap_names)",
+                       training={"name_swap": 0.5, "train": {"negatives": 1024}}),
+    "gate": Lever("the default plugin with a per-position strength fitted on select (CombLM-style)",
+                  training={"gate": True}),
 }
+# Base rows decoded beside the levers, from the quality benchmark's files where it made them.
+REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}
 
 
 def train_key(overrides: dict) -> str:
@@ -62,6 +79,11 @@ def decoding_key(extra: dict) -> str:
     return hashlib.sha256(json.dumps(extra, sort_keys=True).encode()).hexdigest()[:8]
 
 
+# RunSpec fields that act only after training (a gate fitted on the trained plugin): a lever that
+# changes only these starts from the default's resume point and checkpoint instead of retraining.
+AFTER_TRAINING = {"gate"}
+
+
 def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[str, dict]:
     """Train (or reuse) a lever's plugin; (checkpoint folder, its metrics)."""
     from vllm_plugin.training.pipeline import RunSpec, run
@@ -75,6 +97,11 @@ def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[
             raise SystemExit(f"{out} was trained on another split than {protocol.split!r}: move it away "
                              f"(or pass another --runs) to retrain")
     else:
+        default = root / train_key({})
+        if overrides and set(overrides) <= AFTER_TRAINING and (default / "metrics.json").is_file() \
+                and not out.exists():
+            for part in ("resume", "checkpoint"):
+                shutil.copytree(default / part, out / part)
         spec_fields = {k: v for k, v in overrides.items() if k != "train"}
         spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
                        train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)
@@ -86,7 +113,7 @@ def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[
 def lever_params(name: str, extra: dict, max_tokens: int):
     from vllm import SamplingParams
 
-    args = None if name == "zero_shot" else {"plugin": name, **extra}
+    args = None if name in REFERENCES else {"plugin": name, **extra}
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=args)
 
 
@@ -147,22 +174,29 @@ def main(argv=None) -> None:
     prompts, references = grouped_test(protocol.select, args.select_subset)
     slices = venue_slices(protocol.select, {dict(e.meta).get("venue") for e in protocol.fit}) \
         if protocol.dataset == "e2e" else {}
-    trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name][1]) for name in names}
+    trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name].training) for name in names}
     gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
-    stems = {"zero_shot": "zero_shot@rp1-fp0", **{n: f"lever-{n}-{train_key(LEVERS[n][1])}-{decoding_key(LEVERS[n][2])}"
-                                                  for n in names}}
-    todo = {stems[n]: (n, lever_params(n, LEVERS[n][2] if n in LEVERS else {}, args.max_tokens))
-            for n in stems if not (gen_dir / f"{stems[n]}.jsonl").is_file()}
+    # The prompt style is in the stem only when it is not the default, so earlier files stay valid.
+    stems = {**{r: f"{r}@rp1-fp0" for r in REFERENCES if r == "zero_shot" or any(
+                 LEVERS[n].prompt == r for n in names)},
+             **{n: f"lever-{n}-{train_key(LEVERS[n].training)}-{decoding_key(LEVERS[n].decoding)}"
+                   + ("" if LEVERS[n].prompt == "zero_shot" else f"-{LEVERS[n].prompt}") for n in names}}
+    todo = {stem: (n if n in REFERENCES else LEVERS[n].prompt,
+                   lever_params(n, LEVERS[n].decoding if n in LEVERS else {}, args.max_tokens))
+            for n, stem in stems.items() if not (gen_dir / f"{stem}.jsonl").is_file()}
     if todo:
         llm = engine(str(base_path), {n: trained[n][0] for n in names}, base_config, args)
-        generate_jobs(llm, todo, prompts, [], gen_dir, args.chunk, "select levers")
+        # The quality benchmark's in-context examples, so its icl files are reused as they are.
+        generate_jobs(llm, todo, prompts, icl_shots(protocol), gen_dir, args.chunk, "select levers")
         del llm
     rows = {}
     for n, stem in stems.items():
         outputs = [r["output"] for r in read_generations(gen_dir / f"{stem}.jsonl", prompts)]
-        rows[n] = {"what": "the base alone, no plugin" if n == "zero_shot" else LEVERS[n][0],
-                   "training": None if n == "zero_shot" else {"overrides": LEVERS[n][1], "decoding": LEVERS[n][2],
-                                                              **run_summary(trained[n][1])},
+        rows[n] = {"what": REFERENCES[n] if n in REFERENCES else LEVERS[n].what,
+                   "training": None if n in REFERENCES else {"overrides": LEVERS[n].training,
+                                                             "decoding": LEVERS[n].decoding,
+                                                             "prompt": LEVERS[n].prompt,
+                                                             **run_summary(trained[n][1])},
                    "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"))}
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}

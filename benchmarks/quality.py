@@ -86,6 +86,11 @@ def parse_systems(arg: str) -> list[str]:
     return systems
 
 
+def icl_shots(protocol: Protocol) -> list:
+    """The in-context examples of every icl system: 3 fit examples, seeded, the same in every run."""
+    return random.Random(0).sample(protocol.fit, 3)
+
+
 def icl_prompt(prompt: str, shots) -> str:
     return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
 
@@ -529,7 +534,7 @@ def main(argv=None) -> None:
     tag = f"max{args.max_tokens}-{args.dtype}"
     select_dir = root / "generations" / f"select{args.select_subset or '-all'}" / tag
     test_dir = root / "generations" / (f"test{args.subset}" if args.subset else "test-all") / tag
-    shots = random.Random(0).sample(protocol.fit, 3)
+    shots = icl_shots(protocol)
     # Select inputs are sliced by whether the fit split saw their venue (E2E; none for WebNLG).
     fit_venues = {dict(e.meta).get("venue") for e in protocol.fit}
     select_prompts, select_refs = grouped_test(protocol.select, args.select_subset)

@@ -41,6 +41,21 @@ def test_generate_shows_base_and_plugin_as_decoded(tiny, capsys, plugin, penalti
     assert lines["base alone"] == tiny.tokenizer.decode(alone, skip_special_tokens=True).strip()
 
 
+def test_demo_decodes_at_the_setting_chosen_on_select(capsys):
+    """`make demo` shows the default plugin at the penalties its quality-benchmark row chose on
+    the E2E select split (the committed result), not at an arbitrary setting."""
+    from pathlib import Path
+
+    from vllm_plugin.cli import E2E_SELECTED_FREQUENCY_PENALTY
+
+    chosen = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "e2e_smollm2-135m_select.json")
+                        .read_text())["decoding"]["chosen"]["plugin_recurrent"]
+    assert chosen == {"repetition_penalty": 1.0, "frequency_penalty": E2E_SELECTED_FREQUENCY_PENALTY}
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert f"(default {E2E_SELECTED_FREQUENCY_PENALTY})" in capsys.readouterr().out
+
+
 def test_serving_helpers(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     set_plugins({"e2e": tmp_path / "ckpt"})

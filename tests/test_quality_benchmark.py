@@ -196,27 +196,34 @@ def test_targets_are_computed_from_the_scores():
 
 def test_levers_are_measured_on_select_only(tiny, tmp_path):
     """The lever search reads no test data (there is none here), shares one training between
-    levers that differ only in decoding, and reports select scores, slices and cross-entropy."""
+    levers that differ only in decoding or prompt, and reports select scores, slices and
+    cross-entropy, with the in-context base beside the lever that prompts the same way."""
     data = tmp_path / "data"
     (data / "e2e").mkdir(parents=True)
     write_e2e(data / "e2e" / "devel.csv", synthetic_rows(24))
     env = {**os.environ, "VLLM_PLUGIN_DATA": str(data)}
-    args = ["--base", str(tiny.base_dir), "--base-name", "tiny", "--levers", "default,expert_penalty,sampled",
-            "--select-subset", "6", "--max-tokens", "6", "--eager", "--runs", str(tmp_path / "runs"),
+    args = ["--base", str(tiny.base_dir), "--base-name", "tiny",
+            "--levers", "default,expert_penalty,on_icl_1,sampled,gate", "--select-subset", "6",
+            "--max-tokens", "6", "--eager", "--runs", str(tmp_path / "runs"),
             "--results", str(tmp_path / "res")]
     proc = subprocess.run([sys.executable, "-m", "benchmarks.levers", *args], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "res" / "levers_e2e_tiny.json").read_text())
-    assert list(result["rows"]) == ["zero_shot", "default", "expert_penalty", "sampled"]
+    assert list(result["rows"]) == ["zero_shot", "icl_1", "default", "expert_penalty", "on_icl_1", "sampled", "gate"]
     assert result["select_inputs"] == 6
     trained = sorted(p.name for p in (tmp_path / "runs" / "e2e-tiny").iterdir() if p.name != "generations")
-    assert trained[0].startswith("lever-") and trained[1:] == ["recurrent"]  # default and expert_penalty share
+    # Only sampled and gate get folders of their own; gate starts from the default's training.
+    assert len(trained) == 3 and trained[2] == "recurrent"
+    gate = result["rows"]["gate"]["training"]
+    assert gate["epochs_run"] == result["rows"]["default"]["training"]["epochs_run"]
+    assert gate["best_epoch"] == result["rows"]["default"]["training"]["best_epoch"]
     for name in ("default", "expert_penalty", "sampled"):
         row = result["rows"][name]
         assert row["training"]["select_ce"] < row["training"]["base_select_ce"]
         assert {"venue_seen", "venue_unseen"} <= set(row["select"])
     assert result["rows"]["expert_penalty"]["training"]["decoding"] == {"plugin_expert_repetition_penalty": 1.1}
+    assert result["rows"]["on_icl_1"]["training"]["prompt"] == "icl_1" and result["rows"]["icl_1"]["training"] is None
     assert "| expert_penalty |" in (tmp_path / "res" / "levers_e2e_tiny.md").read_text()
 
 

@@ -99,11 +99,17 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
-def _add_decoding_args(p: argparse.ArgumentParser) -> None:
+# The setting every system of the E2E quality benchmark chose on its select split (greedy,
+# benchmarks/results/e2e_smollm2-135m_select.json): the demo shows the plugin at it.
+E2E_SELECTED_FREQUENCY_PENALTY = 0.5
+
+
+def _add_decoding_args(p: argparse.ArgumentParser, frequency_penalty: float = 0.0) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="vLLM's formula on the combined logits; prompt tokens count too, so it discourages "
                         "copying the input's names (default 1.0: off)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0, help="vLLM's, on generated tokens")
+    p.add_argument("--frequency-penalty", type=float, default=frequency_penalty,
+                   help=f"vLLM's, on generated tokens, both rows (default {frequency_penalty})")
     p.add_argument("--expert-repetition-penalty", type=float, default=1.0,
                    help="the paper's: each expert's logits, generated tokens only, before the product "
                         "(the plugin row only)")
@@ -138,6 +144,8 @@ def cmd_generate(args) -> None:
     ids = [tok(p).input_ids for p in prompts]
     kw = dict(max_new_tokens=args.max_tokens, stop_token_ids=stop_ids(tok),
               repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty)
+    print(f"greedy, at most {args.max_tokens} tokens; repetition penalty {args.repetition_penalty}, frequency "
+          f"penalty {args.frequency_penalty}, the paper's per-expert penalty {args.expert_repetition_penalty}")
     alone = reference_generate(base, ids, None, **kw)
     combined = reference_generate(base, ids, plugin, weight=args.weight,
                                   expert_repetition_penalty=args.expert_repetition_penalty,
@@ -219,7 +227,7 @@ def main(argv=None) -> int:
     _add_train_args(p)
     p.add_argument("--weight", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=64)
-    _add_decoding_args(p)
+    _add_decoding_args(p, frequency_penalty=E2E_SELECTED_FREQUENCY_PENALTY)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("serve", help="`vllm serve` the base with plugins (other arguments go to vllm serve)")
