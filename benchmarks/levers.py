@@ -23,13 +23,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, venue_slices
 from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
-                                score_sliced)
+                                score_sliced, start_from)
 
 
 class Lever(NamedTuple):
@@ -80,7 +79,7 @@ def decoding_key(extra: dict) -> str:
 
 
 # RunSpec fields that act only after training (a gate fitted on the trained plugin): a lever that
-# changes only these starts from the default's resume point and checkpoint instead of retraining.
+# changes only these starts from the default's training instead of repeating it.
 AFTER_TRAINING = {"gate"}
 
 
@@ -97,11 +96,8 @@ def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[
             raise SystemExit(f"{out} was trained on another split than {protocol.split!r}: move it away "
                              f"(or pass another --runs) to retrain")
     else:
-        default = root / train_key({})
-        if overrides and set(overrides) <= AFTER_TRAINING and (default / "metrics.json").is_file() \
-                and not out.exists():
-            for part in ("resume", "checkpoint"):
-                shutil.copytree(default / part, out / part)
+        if overrides and set(overrides) <= AFTER_TRAINING:
+            start_from(root / train_key({}), out)
         spec_fields = {k: v for k, v in overrides.items() if k != "train"}
         spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
                        train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)

@@ -25,8 +25,10 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
                               text=True, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     # plugin_recurrent_w0.3 is not a listed system: any strength can be asked for by name.
-    # lora: a second engine, on the merged fine-tune.
-    systems = "zero_shot,zero_shot_chat,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,lora"
+    # lora: a second engine, on the merged fine-tune. plugin_recurrent_gate: the recurrent plugin's
+    # training, then a gate fitted on select.
+    systems = ("zero_shot,zero_shot_chat,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,"
+               "plugin_recurrent_gate,lora")
     grid = [{"repetition_penalty": 1.0, "frequency_penalty": 0.0}, {"repetition_penalty": 1.1, "frequency_penalty": 0.5}]
     # A dotted base name (like qwen2.5-coder-0.5b) must not lose its tail to a file suffix.
     args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny-0.5b", "--systems", systems,
@@ -66,9 +68,12 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
         assert scores["venue_seen"]["n_inputs"] == 3 and scores["venue_unseen"]["n_inputs"] == 2
     assert 0.0 <= result["mixture_weight"] <= 1.0
     gains = result["targets"]["bleu_gain_over_zero_shot"]
-    assert set(gains) == {"plugin_recurrent", "plugin_recurrent_w0.3"}
-    assert set(result["training"]) == {"recurrent", "small", "lora"}
+    assert set(gains) == {"plugin_recurrent", "plugin_recurrent_w0.3", "plugin_recurrent_gate"}
+    assert set(result["training"]) == {"recurrent", "small", "gated", "lora"}
     assert result["training"]["recurrent"]["epochs_run"] == 1
+    gated, recurrent = result["training"]["gated"], result["training"]["recurrent"]  # one training, not two
+    assert (gated["epochs_run"], gated["best_select_loss"]) == (1, recurrent["best_select_loss"])
+    assert "select_loss_gated" in gated
     assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
     md = (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text()
     assert md.startswith("**e2e**") and "does not occur in devel (2)" in md
@@ -129,6 +134,9 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     plugin = load_plugin(run_dir / "recurrent" / "checkpoint")
     for system, weight in (("plugin_recurrent", 1.0), ("plugin_recurrent_w0.3", 0.3)):
         check(system, tiny.base, plugin=plugin, weight=weight)
+    gated_plugin = load_plugin(run_dir / "gated" / "checkpoint")
+    assert gated_plugin.gate is not None
+    check("plugin_recurrent_gate", tiny.base, plugin=gated_plugin)
     zero_rows = check("zero_shot", tiny.base)
     # The chat row sends the same prompt as one user turn of the base's chat template.
     chat_rows = check("zero_shot_chat", tiny.base, chat=True)
