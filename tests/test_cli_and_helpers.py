@@ -174,3 +174,17 @@ def test_wheel_installs_one_namespace(tmp_path):
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(target)})
     assert out.returncode == 0 and out.stdout.strip() == "['e2e', 'webnlg']", out.stderr[-2000:]
+
+
+def test_readme_throughput_table_is_the_benchmarks_output(tmp_path):
+    """The README's decode-speed table is what `benchmarks.throughput` writes from the committed
+    JSON (`--report-only` rebuilds it), not a hand copy."""
+    from pathlib import Path
+
+    from benchmarks.throughput import write_table
+
+    root = Path(__file__).parents[1]
+    write_table(json.loads((root / "benchmarks" / "results" / "throughput.json").read_text()), tmp_path / "t.md")
+    table = (tmp_path / "t.md").read_text()
+    assert table == (root / "benchmarks" / "results" / "throughput.md").read_text()
+    assert table in (root / "README.md").read_text()
