@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, venue_slices
 from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
-                                score_sliced, start_from)
+                                score_sliced, setting_label, start_from)
 
 
 class Lever(NamedTuple):
@@ -63,6 +63,7 @@ LEVERS: dict[str, Lever] = {
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
 REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}
+NO_PENALTY = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
 
 
 def train_key(overrides: dict) -> str:
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
     trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name].training) for name in names}
     gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
     # The prompt style is in the stem only when it is not the default, so earlier files stay valid.
-    stems = {**{r: f"{r}@rp1-fp0" for r in REFERENCES if r == "zero_shot" or any(
+    stems = {**{r: f"{r}@{setting_label(NO_PENALTY)}" for r in REFERENCES if r == "zero_shot" or any(
                  LEVERS[n].prompt == r for n in names)},
              **{n: f"lever-{n}-{train_key(LEVERS[n].training)}-{decoding_key(LEVERS[n].decoding)}"
                    + ("" if LEVERS[n].prompt == "zero_shot" else f"-{LEVERS[n].prompt}") for n in names}}

@@ -336,6 +336,12 @@ def write_table(result: dict, path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_views(result: dict, out: Path) -> None:
+    """The table (``out`` as .md) and the plot (.png) of a result."""
+    write_table(result, out.with_suffix(".md"))
+    write_plot(result, out.with_suffix(".png"))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="smollm2-135m")
@@ -496,8 +502,7 @@ def write_report(result: dict, profiled: dict | None, args, out: Path) -> None:
         table.write_text(f"torch.profiler, {profiled['steps']} decode steps at batch {args.profile_batch}, plugin "
                          f"on every row; 'vllm_plugin' is the processor's apply()\n\n{profiled['table']}\n")
     out.write_text(json.dumps(result, indent=2) + "\n")
-    write_table(result, out.with_suffix(".md"))
-    write_plot(result, out.with_suffix(".png"))
+    write_views(result, out)
     print(json.dumps({k: result[k] for k in ("flop_share", "ratios_to_none", "ours_over_hf_generate",
                                              "compute_ceiling")}, indent=1))
     print(f"wrote {out}, its table (.md) and plot (.png)")
@@ -505,18 +510,16 @@ def write_report(result: dict, profiled: dict | None, args, out: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.report_only:  # reads only the JSON: no base to materialise
+        write_views(json.loads(out.read_text()), out)
+        print(out.with_suffix(".md").read_text())
+        return
     from vllm_plugin.base_model import resolve_base
 
     base = str(resolve_base(args.base))
     if args.worker:
         _engine_worker(args.worker, base, args.eager, args.max_num_seqs)
-        return
-    out = Path(args.out)
-    if args.report_only:
-        result = json.loads(out.read_text())
-        write_table(result, out.with_suffix(".md"))
-        write_plot(result, out.with_suffix(".png"))
-        print(out.with_suffix(".md").read_text())
         return
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     out.parent.mkdir(parents=True, exist_ok=True)
