@@ -194,7 +194,8 @@ def main(argv=None) -> None:
                                                              "decoding": LEVERS[n].decoding,
                                                              "prompt": LEVERS[n].prompt,
                                                              **run_summary(trained[n][1])},
-                   "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"))}
+                   "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"),
+                                          cache=gen_dir / f"{stem}.scores.json")}
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}
     out = Path(args.results) / f"levers_{protocol.name}_{base_name}"

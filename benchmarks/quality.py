@@ -46,6 +46,7 @@ split (``--gate``; it starts from the recurrent plugin's finished training).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -287,16 +288,26 @@ def read_generations(path: Path, prompts) -> list[dict]:
 
 
 def score_sliced(outputs: list[str], prompts, references, slices: dict[str, set[str]],
-                 only: tuple[str, ...] | None = None) -> dict:
+                 only: tuple[str, ...] | None = None, cache: Path | None = None) -> dict:
     """Five metrics (or ``only`` BLEU and ROUGE-L) over all inputs, and per slice
-    (``{name: prompts}``) with its input count."""
-    from benchmarks.metrics import score
+    (``{name: prompts}``) with its input count. ``cache``: a JSON file that keeps the scores
+    under a hash of everything they depend on, so an unchanged generation file is scored once
+    (METEOR takes about a minute per system on all E2E test inputs)."""
+    from benchmarks.metrics import IMPLEMENTATIONS, score
 
+    key = hashlib.sha256(json.dumps([outputs, list(prompts), references, only, IMPLEMENTATIONS,
+                                     {k: sorted(v) for k, v in sorted(slices.items())}]).encode()).hexdigest()
+    if cache is not None and cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("key") == key:
+            return stored["scores"]
     out = score(outputs, references, only)
     for name, members in slices.items():
         idx = [i for i, p in enumerate(prompts) if p in members]
         if idx:
             out[name] = {"n_inputs": len(idx), **score([outputs[i] for i in idx], [references[i] for i in idx], only)}
+    if cache is not None:
+        cache.write_text(json.dumps({"key": key, "scores": out}) + "\n")
     return out
 
 
@@ -319,7 +330,7 @@ def choose_decoding(systems, grid, gen_dir: Path, prompts, references, slices) -
             label = setting_label(setting)
             rows = read_generations(gen_dir / f"{system}@{label}.jsonl", prompts)
             scores[system][label] = score_sliced([r["output"] for r in rows], prompts, references, slices,
-                                                 CHOICE_METRICS)
+                                                 CHOICE_METRICS, cache=gen_dir / f"{system}@{label}.scores.json")
             if system not in chosen or better(scores[system][label], scores[system][setting_label(chosen[system])]):
                 chosen[system] = setting
     return {"chosen": chosen, "select_scores": scores}
@@ -333,6 +344,7 @@ def training_summary(root: Path, names) -> dict:
         m = json.loads((root / name / "metrics.json").read_text())
         out[name] = {k: m.get(k) for k in ("base_select_loss", "best_select_loss", "best_epoch")}
         out[name]["epochs_run"] = len(m.get("history", []))
+        out[name]["training_seconds"] = sum(h["seconds"] for h in m.get("history", []))  # epochs and select evaluations
         if m.get("gate"):  # fitted on select after training: its loss there, gate on
             out[name]["select_loss_gated"] = m["gate"]["select_loss_gated"]
         if name == "lora":  # its budget is a choice of the run, so the results say what it was
@@ -342,12 +354,27 @@ def training_summary(root: Path, names) -> dict:
 
 PLUGIN_ROWS = re.compile(r"plugin_r.*|plugin_transformer")
 BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
+# Trained on the base's top-20 log-probs and decoded against its top-20 view: the closed-API regime.
+TOP20_ROWS = ("plugin_recurrent_top20",)
+
+
+def chosen_plugins(choice: dict) -> dict:
+    """The headline plugin rows, picked on select only: of the full-logit plugin systems
+    (``"chosen"``) and of the top-20 ones (``"chosen_top20"``), the one whose select score at
+    its own chosen setting is best (BLEU, then ROUGE-L); None where a run has none."""
+    def best(names):
+        return max(names, default=None, key=lambda n: tuple(
+            choice["select_scores"][n][setting_label(choice["chosen"][n])][k] for k in CHOICE_METRICS))
+
+    systems = list(choice["chosen"])
+    return {"chosen": best([n for n in systems if PLUGIN_ROWS.fullmatch(n) and "top20" not in n]),
+            "chosen_top20": best([n for n in systems if n in TOP20_ROWS])}
 
 
 def against_targets(systems: dict) -> dict:
     """The issue's targets, computed from the scores: BLEU gain of each plugin row over zero-shot,
-    the best baseline on BLEU and ROUGE-L, and the share of the full-logit BLEU gain that
-    top-20 training keeps."""
+    the best baseline on BLEU and ROUGE-L, the share of the full-logit BLEU gain that top-20
+    training keeps, and (with a lora row) each plugin's share of the LoRA's BLEU gain."""
     if "zero_shot" not in systems:
         return {}
     zero = systems["zero_shot"]["bleu"]
@@ -362,6 +389,9 @@ def against_targets(systems: dict) -> dict:
     # A share of a loss means nothing (two negative gains would read as a "kept" share).
     if full and top and full["bleu"] > zero:
         out["top20_share_of_full_logit_bleu_gain"] = (top["bleu"] - zero) / (full["bleu"] - zero)
+    if "lora" in systems and systems["lora"]["bleu"] > zero:
+        out["share_of_lora_bleu_gain"] = {n: (systems[n]["bleu"] - zero) / (systems["lora"]["bleu"] - zero)
+                                          for n in plugins}
     return out
 
 
@@ -389,6 +419,11 @@ def write_outputs(result: dict, out_base: Path) -> None:
              "", f"Decoding: greedy, chosen per system on {result['decoding'].get('chosen_on', '?')}.", ""]
     lines += table(result["systems"], extra={n: setting_label(chosen[n]) if n in chosen else "?"
                                              for n in result["systems"]})
+    picked = [f"`{result[k]}` ({what})" for k, what in (("chosen", "full logits"), ("chosen_top20", "top-20"))
+              if result.get(k)]
+    if picked:
+        lines += ["", "Plugin rows chosen on select (BLEU, then ROUGE-L, at each row's own setting): "
+                  + ", ".join(picked) + "."]
     for slice_name in ("venue_seen", "venue_unseen"):
         rows = {n: s[slice_name] for n, s in result["systems"].items() if slice_name in s}
         if rows:
@@ -402,6 +437,9 @@ def write_outputs(result: dict, out_base: Path) -> None:
         if "top20_share_of_full_logit_bleu_gain" in t:
             lines.append(f"Top-20 training keeps {t['top20_share_of_full_logit_bleu_gain']:.1%} of the "
                          f"full-logit BLEU gain (plugin_recurrent_top20 vs plugin_recurrent).")
+        if "share_of_lora_bleu_gain" in t:
+            shares = ", ".join(f"{n} {v:.1%}" for n, v in t["share_of_lora_bleu_gain"].items())
+            lines.append(f"Share of the LoRA's BLEU gain over zero-shot: {shares}.")
     lines += ["", "Metrics: " + "; ".join(f"{k}: {v}" for k, v in IMPLEMENTATIONS.items()) + "."]
     out_base.with_name(out_base.name + ".md").write_text("\n".join(lines) + "\n")
 
@@ -661,7 +699,8 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
     systems = {}
     for name in args.systems:
         rows = [generated[name][p] for p in prompts]
-        systems[name] = score_sliced([r["output"] for r in rows], prompts, references, slices)
+        cache = files[name].with_name(re.sub(r"(\.partial)?\.jsonl$", ".scores.json", files[name].name))
+        systems[name] = score_sliced([r["output"] for r in rows], prompts, references, slices, cache=cache)
         systems[name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in rows) / n
         print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
     return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
@@ -669,7 +708,7 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
             "decoding": {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
                          "dtype": args.dtype,
                          "chosen_on": f"{choice['select_inputs']} select inputs (BLEU, then ROUGE-L)", **choice},
-            "systems": systems, "targets": against_targets(systems)}
+            **chosen_plugins(choice), "systems": systems, "targets": against_targets(systems)}
 
 
 def score_partial(args, protocol: Protocol, base_name, test_dir: Path, choice: dict) -> None:

@@ -117,11 +117,71 @@ def test_lora_keeps_the_base_when_no_epoch_beats_it_and_stops_after_patience(tin
 def test_lora_stops_on_divergence_and_writes_nothing(tiny, tmp_path):
     from vllm_plugin.training.lora import LoraTrainConfig, train_lora
 
-    with pytest.raises(TrainingDivergedError, match=r"is (nan|inf).* at epoch 1, batch \d+ .*nothing was written"):
+    with pytest.raises(TrainingDivergedError, match=r"is (nan|inf).* at epoch 1, batch \d+ .*no merged model was written"):
         train_lora(str(tiny.base_dir), load_examples(tmp_path), tmp_path / "lora",
                    LoraTrainConfig(epochs=1, batch_size=8, lr=1e30, warmup_steps=1), log=lambda *_: None,
                    progress=False)
     assert not (tmp_path / "lora" / "merged").exists() and not (tmp_path / "lora" / "metrics.json").exists()
+
+
+def kill_after_points(monkeypatch, n: int) -> list:
+    """Resume points after every batch (``SAVE_EVERY_S`` 0), and a kill right after the ``n``-th
+    is written; returns the (epoch, batch) of each point written."""
+    real, points = loop.save_point, []
+
+    def save_then_kill(folder, opt, state, *args, **kwargs):
+        real(folder, opt, state, *args, **kwargs)
+        points.append((state.epoch, state.batch))
+        if len(points) == n:
+            raise KeyboardInterrupt("killed after a resume point")
+
+    monkeypatch.setattr(loop, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(loop, "save_point", save_then_kill)
+    return points
+
+
+def test_both_trainers_killed_within_an_epoch_continue_at_the_next_batch(tiny, tmp_path, monkeypatch):
+    """A run killed after a resume point written within an epoch continues at the batch after it
+    and ends exactly as the run that was never killed: same history, same weights (no dropout
+    here, so the continuation is deterministic)."""
+    from safetensors.torch import load_file
+
+    from vllm_plugin.training.base_logits import extract_full, tokenize_examples
+    from vllm_plugin.training.data import split_by_input
+    from vllm_plugin.training.lora import LoraTrainConfig, train_lora
+    from vllm_plugin.training.train import PairSet, train
+    from vllm_plugin.testing import tiny_plugin
+
+    examples = load_examples(tmp_path)
+    shared = dict(epochs=2, batch_size=4, lr=5e-3, warmup_steps=2, max_steps_per_epoch=4, patience=5)
+    pairs = [PairSet(ts, extract_full(tiny.base, ts, progress=False))
+             for ts in (tokenize_examples(part, tiny.tokenizer) for part in split_by_input(examples))]
+
+    def plugin_run(out, log=lambda *_: None):
+        return train(tiny_plugin(tiny.vocab_size), *pairs, TrainConfig(**shared), out, progress=False, log=log)
+
+    def lora_run(out, log=lambda *_: None):
+        train_lora(str(tiny.base_dir), examples, out, LoraTrainConfig(**shared), log=log, progress=False)
+        return json.loads((out / "metrics.json").read_text())
+
+    for name, run_it, weights in [("plugin", plugin_run, "checkpoint/model.safetensors"),
+                                  ("lora", lora_run, "merged/model.safetensors")]:
+        monkeypatch.setattr(loop, "SAVE_EVERY_S", 0.0)
+        whole = run_it(tmp_path / f"{name}-whole")
+        points = kill_after_points(monkeypatch, 6)
+        with pytest.raises(KeyboardInterrupt):
+            run_it(tmp_path / f"{name}-cut")
+        assert points == [(0, 1), (0, 2), (0, 3), (1, 0), (1, 1), (1, 2)], name
+        monkeypatch.undo()
+        logs = []
+        cut = run_it(tmp_path / f"{name}-cut", log=logs.append)
+        assert any("resuming at epoch 2, batch 3" in line for line in logs), (name, logs)
+        for a, b in zip(whole["history"], cut["history"], strict=True):
+            assert (a["fit_loss"], a["select_loss"]) == pytest.approx((b["fit_loss"], b["select_loss"]), abs=1e-5), name
+        assert whole["best_epoch"] == cut["best_epoch"]
+        w_whole, w_cut = (load_file(str(tmp_path / f"{name}-{k}" / weights)) for k in ("whole", "cut"))
+        for key, value in w_whole.items():
+            torch.testing.assert_close(w_cut[key], value, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
 
 
 def test_select_loss_divergence_names_the_last_step():

@@ -70,11 +70,16 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     gains = result["targets"]["bleu_gain_over_zero_shot"]
     assert set(gains) == {"plugin_recurrent", "plugin_recurrent_w0.3", "plugin_recurrent_gate"}
     assert set(result["training"]) == {"recurrent", "small", "gated", "lora"}
-    assert result["training"]["recurrent"]["epochs_run"] == 1
+    assert result["training"]["recurrent"]["epochs_run"] == 1 and result["training"]["recurrent"]["training_seconds"] > 0
     gated, recurrent = result["training"]["gated"], result["training"]["recurrent"]  # one training, not two
     assert (gated["epochs_run"], gated["best_select_loss"]) == (1, recurrent["best_select_loss"])
     assert "select_loss_gated" in gated
     assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
+    # The headline plugin row is named from select scores only (no top-20 row in this run).
+    at_choice = {n: choice["select_scores"][n][f"rp{c['repetition_penalty']:g}-fp{c['frequency_penalty']:g}"]
+                 for n, c in choice["chosen"].items()}
+    assert result["chosen"] == max(gains, key=lambda n: (at_choice[n]["bleu"], at_choice[n]["rouge_l"]))
+    assert result["chosen_top20"] is None
     md = (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text()
     assert md.startswith("**e2e**") and "does not occur in devel (2)" in md
     assert (tmp_path / "res" / "e2e_tiny-0.5b.png").stat().st_size > 1000
@@ -200,6 +205,31 @@ def test_targets_are_computed_from_the_scores():
     lost = against_targets({"zero_shot": row(10, 0.3), "plugin_recurrent": row(6, 0.2),
                             "plugin_recurrent_top20": row(2, 0.1)})
     assert "top20_share_of_full_logit_bleu_gain" not in lost
+    assert "share_of_lora_bleu_gain" not in lost
+    with_lora = against_targets({"zero_shot": row(10, 0.3), "plugin_recurrent": row(18, 0.4), "lora": row(20, 0.5)})
+    assert with_lora["share_of_lora_bleu_gain"] == {"plugin_recurrent": pytest.approx(0.8)}
+
+
+def test_scores_are_kept_per_generation_file_until_it_changes(tmp_path, monkeypatch):
+    """A generation file is scored once: the cache answers while outputs, references and slices
+    are unchanged, and any change of them scores again."""
+    import benchmarks.metrics
+    from benchmarks.quality import score_sliced
+
+    calls = []
+    real = benchmarks.metrics.score
+    monkeypatch.setattr(benchmarks.metrics, "score", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outputs, prompts = ["a cheap pub", "a pub near the river"], ["p1", "p2"]
+    references = [["a cheap pub"], ["the pub is near the river"]]
+    cache = tmp_path / "x@rp1-fp0.5.scores.json"
+    first = score_sliced(outputs, prompts, references, {"seen": {"p1"}}, cache=cache)
+    assert len(calls) == 2 and cache.is_file()  # all inputs, then the slice
+    assert score_sliced(outputs, prompts, references, {"seen": {"p1"}}, cache=cache) == first
+    assert len(calls) == 2
+    changed = score_sliced(["a pub", "a pub near the river"], prompts, references, {"seen": {"p1"}}, cache=cache)
+    assert len(calls) == 4 and changed["bleu"] != first["bleu"]
+    score_sliced(outputs, prompts, references, {"seen": {"p2"}}, cache=cache)
+    assert len(calls) == 6
 
 
 def test_levers_are_measured_on_select_only(tiny, tmp_path):

@@ -279,6 +279,29 @@ def test_gate_is_fitted_on_select_after_training(tiny, e2e_file, tmp_path):
     assert plugin.config.gate and plugin.gate.weight.abs().sum() > 0
 
 
+def test_gate_keeps_its_best_epoch(tiny, e2e_file):
+    """``fit_gate`` returns, and leaves in the plugin, the gate of its best epoch (epoch 0 is the
+    ungated plugin), not its last: an lr far too large makes the epochs overshoot."""
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.training.train import fit_gate
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:24], tiny.tokenizer)
+    data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
+    torch.manual_seed(0)
+    plugin = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, gate=True)).eval()
+    with torch.no_grad():  # a unigram plugin, useful at some strength: the gate has an optimum
+        counts = torch.bincount(torch.tensor([t for ts_t in ts.targets for t in ts_t]), minlength=tiny.vocab_size)
+        plugin.out_bias.copy_(torch.log(counts + 0.1))
+    losses = []
+    gate = fit_gate(plugin, data, epochs=4, lr=3.0, batch_size=8,
+                    log=lambda line: losses.append(float(re.search(r"select (\S+)", line).group(1))))
+    everything = [gate["select_loss_ungated"], *losses]
+    assert min(everything) < everything[-1] - 0.01  # the case this test is for: the last epoch is not the best
+    assert gate["select_loss_gated"] == pytest.approx(min(everything), abs=1e-4)
+    assert everything[gate["best_epoch"]] == pytest.approx(min(everything), abs=1e-4)
+    assert evaluate(plugin, data) == pytest.approx(gate["select_loss_gated"], abs=1e-4)
+
+
 def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=16))
@@ -342,7 +365,7 @@ def test_resume_point_is_atomic_and_a_corrupt_one_names_the_fix(tiny, e2e_file, 
     """The resume point is one folder renamed into place: a kill while writing it (here, the
     optimizer file failing) leaves the previous point whole, and the re-run trains each epoch
     once. A corrupt ``state.json`` is an error naming the file and ``--no-resume``."""
-    import vllm_plugin.training.train as train_mod
+    import vllm_plugin.training.loop as loop_mod
 
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=1))
@@ -350,19 +373,19 @@ def test_resume_point_is_atomic_and_a_corrupt_one_names_the_fix(tiny, e2e_file, 
     resume = tmp_path / "run" / "resume"
     before = {p.relative_to(resume): p.read_bytes() for p in sorted(resume.rglob("*")) if p.is_file()}
 
-    real_save_file = train_mod.save_file
+    real_save_file = loop_mod.save_file
 
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing the resume point")
 
     spec.train.epochs = 2
-    monkeypatch.setattr(train_mod, "save_file", killed)
+    monkeypatch.setattr(loop_mod, "save_file", killed)
     with pytest.raises(KeyboardInterrupt):
         run(spec, progress=False, log=lambda *_: None)
     after = {p.relative_to(resume): p.read_bytes() for p in sorted(resume.rglob("*")) if p.is_file()}
     assert after == before  # the epoch-1 point, whole; no half-written sibling left
     assert sorted(p.name for p in resume.parent.iterdir() if p.name.startswith(".resume")) == []
-    monkeypatch.setattr(train_mod, "save_file", real_save_file)
+    monkeypatch.setattr(loop_mod, "save_file", real_save_file)
     resumed = run(spec, progress=False, log=lambda *_: None)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2]  # epoch 2 trained once, epoch 1 not again
     assert resumed["history"][0] == first["history"][0]

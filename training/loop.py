@@ -12,26 +12,41 @@ held-out (select) loss, and how to keep the best weights. This module does the r
 - ``fit``, the epochs: a seeded shuffle per epoch, gradient clipping, a ``TrainingDivergedError``
   at the first non-finite loss or gradient norm, before the optimizer step that would write it
   into the weights, one history record per epoch; ``summary`` turns them into metrics.json.
+- ``save_point`` / ``load_point``, the resume point: the trainer's weights, the optimizer state
+  (safetensors, never pickled) and ``LoopState``, at the end of every epoch and, for long epochs,
+  every ``save_every_s`` seconds within one; a resumed run continues at the next batch.
 """
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from vllm_plugin.paths import atomic_folder
 
 from .config import TrainConfig
 
 # A select loss counts as better only if it beats the best by more than this (nats/token).
 MIN_IMPROVEMENT = 1e-4
+# Within an epoch, a resume point at most this often: a kill loses no more than this much work,
+# and writing the point (a plugin with its Adam state: ~150 MB for SmolLM2's vocabulary) costs little.
+SAVE_EVERY_S = 600.0
 
 
 class TrainingDivergedError(ValueError):
     """The loss or the gradient norm went non-finite (NaN/inf) during training."""
+
+
+class ResumeError(ValueError):
+    """A resume point that cannot be read (corrupt or incomplete) or that another run wrote."""
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -74,6 +89,12 @@ class LoopState:
     best_epoch: int | None = None  # 1-based epoch of the kept weights; 0: the starting weights
     bad_epochs: int = 0  # consecutive epochs that did not improve on the best
     history: list[dict] = field(default_factory=list)  # one record per finished epoch
+    # The unfinished epoch (a resume point written within it): batches done, their summed loss,
+    # target tokens and seconds.
+    batch: int = 0
+    epoch_loss: float = 0.0
+    epoch_tokens: int = 0
+    epoch_seconds: float = 0.0
 
     def update_best(self, select_loss: float, epoch: int) -> bool:
         """The early stopper: count ``epoch`` (1-based) as an improvement if ``select_loss``
@@ -95,7 +116,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
         select_loss: Callable[[], float], save_best: Callable[[], None],
         save_point: Callable[[LoopState], None] | None = None, kept: Callable[[LoopState], str] = lambda s: "",
         name: str = "epoch", note: str = "", progress: bool = True, log=print,
-        order: Callable[[int], list[int]] | None = None) -> LoopState:
+        order: Callable[[int], list[int]] | None = None, save_every_s: float | None = None) -> LoopState:
     """Train from ``state`` (fresh, or read back from a resume point) until ``cfg.epochs`` epochs
     are done or the early stopper says stop; returns ``state``, updated in place.
 
@@ -106,7 +127,10 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
             with a graph; the number of target tokens). The loop divides by the count.
         select_loss: the held-out loss, mean nats per target token (sets eval mode itself).
         save_best: keep the current weights; called when an epoch improves on the best.
-        save_point: write a resume point from ``state``; called at the end of every epoch.
+        save_point: write a resume point from ``state``; called at the end of every epoch, and
+            within one after the first batch that ends ``save_every_s`` seconds or more after
+            the last point (None: epoch ends only). A state read back from a point written
+            within an epoch continues that epoch at its next batch.
         kept: for a divergence message, what the run has kept so far (e.g. "no checkpoint
             was written").
         name, note: the log line reads "<name> <n>: fit .., select ..<note>".
@@ -134,8 +158,9 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
         else:
             visit = list(range(num_examples))
             random.Random(cfg.seed * 1000 + epoch).shuffle(visit)
-        t0, total, count = time.time(), 0.0, 0
-        bar = tqdm(range(per_epoch), desc=f"{name} {epoch + 1}/{cfg.epochs}", disable=not progress)
+        t0 = last_point = time.time()
+        bar = tqdm(range(state.batch, per_epoch), desc=f"{name} {epoch + 1}/{cfg.epochs}", disable=not progress,
+                   initial=state.batch, total=per_epoch)
         for b in bar:
             lr = lr_at(state.step, total_steps, cfg)
             for group in opt.param_groups:
@@ -150,13 +175,20 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
             if not math.isfinite(norm):  # clipping by an inf norm would write NaN into every weight
                 raise diverged("gradient norm", norm, b, state.step)
             opt.step()
-            state.step += 1
-            total, count = total + loss_value, count + n
-            bar.set_postfix(loss=f"{total / count:.3f}")
+            state.step, state.batch = state.step + 1, b + 1
+            state.epoch_loss, state.epoch_tokens = state.epoch_loss + loss_value, state.epoch_tokens + n
+            bar.set_postfix(loss=f"{state.epoch_loss / state.epoch_tokens:.3f}")
+            if save_point is not None and save_every_s is not None and b + 1 < per_epoch \
+                    and time.time() - last_point >= save_every_s:
+                now = time.time()
+                state.epoch_seconds, t0, last_point = state.epoch_seconds + now - t0, now, now
+                save_point(state)
         loss = select_loss()
         if not math.isfinite(loss):
             raise diverged("select loss", loss, per_epoch - 1, state.step - 1)
-        seconds = time.time() - t0
+        seconds = state.epoch_seconds + time.time() - t0
+        total, count = state.epoch_loss, state.epoch_tokens
+        state.batch, state.epoch_loss, state.epoch_tokens, state.epoch_seconds = 0, 0.0, 0, 0.0
         state.history.append({"epoch": epoch + 1, "fit_loss": total / count, "select_loss": loss,
                               "seconds": seconds, "tokens_per_s": count / seconds})
         log(f"{name} {epoch + 1}: fit {total / count:.4f}  select {loss:.4f}{note}  {seconds:.0f}s")
@@ -166,6 +198,59 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, cfg: TrainConfig, st
         if save_point is not None:
             save_point(state)
     return state
+
+
+def save_point(folder: Path, opt: torch.optim.Optimizer, state: LoopState, write_weights: Callable[[Path], None],
+               settings: dict | None = None) -> None:
+    """A resume point as one folder: ``write_weights(tmp)`` writes the trainer's weights into it,
+    then the optimizer state (``optimizer.safetensors``) and ``state.json`` (``state``, the
+    optimizer's param groups, and the ``settings`` a resumed run must share). Written beside
+    ``folder`` and renamed into place: a kill at any moment leaves the previous point or this one."""
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
+               for i, s in sd["state"].items() for k, v in s.items()}
+    with atomic_folder(folder) as tmp:
+        write_weights(tmp)
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**asdict(state), "param_groups": sd["param_groups"],
+                                                    "settings": settings or {}}))
+
+
+def load_point(folder: Path, opt: torch.optim.Optimizer, read_weights: Callable[[Path], None],
+               settings: dict | None = None) -> LoopState:
+    """Restore the trainer's weights (``read_weights(folder)``) and ``opt`` from ``folder``;
+    returns the loop's counters.
+
+    Raises:
+        ResumeError: ``state.json``, the weights or the optimizer state are missing or corrupt, or
+            the point was written with other ``settings``; the message names the file and says
+            how to start over.
+    """
+    fix = f"delete {folder} or train again with --no-resume to start over"
+    path = folder / "state.json"
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not {"epoch", "step", "param_groups"} <= set(state):
+            raise ValueError("not a resume state (needs epoch, step, param_groups)")
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"cannot resume from {path}: {e}; {fix}") from e
+    stored = state.pop("settings", {})
+    if settings is not None:
+        differ = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+        if differ:
+            raise ResumeError(f"{folder} holds a run with other settings (" + ", ".join(
+                f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items()) + f"); {fix}")
+    try:
+        read_weights(folder)
+        flat = load_file(str(folder / "optimizer.safetensors"))
+        per_param: dict[int, dict] = {}
+        for key, value in flat.items():
+            i, name = key.split(".", 1)
+            per_param.setdefault(int(i), {})[name] = value
+        opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+        return LoopState(**state)
+    except Exception as e:  # noqa: BLE001 - any unreadable part of the point gets the same advice
+        raise ResumeError(f"cannot resume from {folder}: {e}; {fix}") from e
 
 
 def summary(cfg: TrainConfig, state: LoopState, *, base_select_loss: float | None, fit_examples: int,

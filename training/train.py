@@ -5,7 +5,7 @@ the product of experts p_base * p_plugin renormalised. The loop is ``training.lo
 with the LoRA fine-tune: AdamW (decay on dim >= 2), linear warmup then cosine decay to a tenth of
 the rate, early stopping on the held-out (select) loss, a non-finite loss or gradient stopping
 training (``TrainingDivergedError``) before the step that would spread it into the weights. Here
-the best weights go to ``out_dir/checkpoint`` and the run is resumable at epoch boundaries; since
+the best weights go to ``out_dir/checkpoint`` and the run is resumable (``loop.save_point``); since
 a divergence is raised before any save, neither is ever overwritten with it. Nothing is pickled:
 the optimizer state is stored as safetensors too.
 """
@@ -14,20 +14,17 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from vllm_plugin.checkpoint import load_plugin, save_plugin
 from vllm_plugin.model import PluginLM
-from vllm_plugin.paths import atomic_folder
 
 from . import loop
 from .base_logits import BaseLogits, TokenizedSet
-from .loop import LoopState, TrainConfig, TrainingDivergedError  # noqa: F401 - re-exported: the trainer's API
+from .loop import LoopState, ResumeError, TrainConfig, TrainingDivergedError  # noqa: F401 - re-exported: the trainer's API
 
 
 class PairSet:
@@ -133,13 +130,15 @@ def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2,
     """Fit a gated plugin's gate (``PluginLM.strength``) on ``data``, everything else frozen:
     CombLM's recipe, a combination learned on held-out data (the select split) after the
     experts. Adam on the exact loss; the gate starts at strength x 1, so the loss before is the
-    ungated plugin's. Returns {"select_loss_ungated", "select_loss_gated", "epochs"}."""
+    ungated plugin's (epoch 0). The gate of the best epoch is kept, as a plugin's best epoch is.
+    Returns {"select_loss_ungated", "select_loss_gated", "best_epoch", "epochs"}."""
     if plugin.gate is None:
         raise ValueError("the plugin has no gate (PluginConfig.gate)")
     for p in plugin.parameters():
         p.requires_grad_(p is plugin.gate.weight or p is plugin.gate.bias)
     opt = torch.optim.Adam(plugin.gate.parameters(), lr=lr)
-    before = after = evaluate(plugin, data)
+    before = best = evaluate(plugin, data)
+    best_epoch, best_state = 0, {k: v.clone() for k, v in plugin.gate.state_dict().items()}
     rng = random.Random(seed)
     for epoch in range(epochs):
         order = list(range(len(data)))
@@ -151,9 +150,12 @@ def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2,
             opt.step()
         after = evaluate(plugin, data)
         log(f"gate epoch {epoch + 1}: select {after:.4f} (ungated {before:.4f})")
+        if after < best:
+            best, best_epoch, best_state = after, epoch + 1, {k: v.clone() for k, v in plugin.gate.state_dict().items()}
+    plugin.gate.load_state_dict(best_state)
     for p in plugin.parameters():
         p.requires_grad_(True)
-    return {"select_loss_ungated": before, "select_loss_gated": after, "epochs": epochs}
+    return {"select_loss_ungated": before, "select_loss_gated": best, "best_epoch": best_epoch, "epochs": epochs}
 
 
 def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negatives: int, candidate_k: int = 32,
@@ -212,57 +214,14 @@ def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64, negat
     return total / count
 
 
-class ResumeError(ValueError):
-    """A resume point that cannot be read (corrupt or incomplete)."""
-
-
-def _save_resume(folder: Path, plugin, opt, state: LoopState) -> None:
-    """The resume point (plugin weights, optimizer state, counters) as one folder, written beside
-    ``folder`` and renamed into place: a kill at any moment leaves the previous point or this one."""
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().clone() if torch.is_tensor(v) else torch.tensor(v)
-               for i, s in sd["state"].items() for k, v in s.items()}
-    with atomic_folder(folder) as tmp:
-        save_plugin(plugin, tmp / "model")
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**asdict(state), "param_groups": sd["param_groups"]}))
-
-
-def _load_resume(folder: Path, plugin, opt) -> LoopState:
-    """Restore ``plugin`` and ``opt`` from ``folder``; returns the loop's counters.
-
-    Raises:
-        ResumeError: ``state.json``, the weights or the optimizer state are missing or corrupt;
-            the message names the file and says to start over with ``--no-resume``.
-    """
-    fix = f"delete {folder} or train again with --no-resume to start over"
-    path = folder / "state.json"
-    try:
-        state = json.loads(path.read_text())
-        if not isinstance(state, dict) or not {"epoch", "step", "param_groups"} <= set(state):
-            raise ValueError("not a resume state (needs epoch, step, param_groups)")
-    except (OSError, ValueError) as e:
-        raise ResumeError(f"cannot resume from {path}: {e}; {fix}") from e
-    try:
-        plugin.load_state_dict(load_plugin(folder / "model").state_dict())
-        flat = load_file(str(folder / "optimizer.safetensors"))
-        per_param: dict[int, dict] = {}
-        for key, value in flat.items():
-            i, name = key.split(".", 1)
-            per_param.setdefault(int(i), {})[name] = value
-        opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
-        return LoopState(**state)
-    except Exception as e:  # noqa: BLE001 - any unreadable part of the point gets the same advice
-        raise ResumeError(f"cannot resume from {folder}: {e}; {fix}") from e
-
-
 def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out_dir: str | Path,
           resume: bool = True, progress: bool = True, log=print) -> dict:
     """Fit the plugin with ``training.loop``; the best-on-select weights end up in
-    ``out_dir/checkpoint``, a resume point in ``out_dir/resume`` after every epoch, and the
+    ``out_dir/checkpoint``, a resume point in ``out_dir/resume``, and the
     metrics (``loop.summary`` plus the base's fit loss) in ``out_dir/metrics.json``, returned.
 
-    ``resume``: continue from ``out_dir/resume`` if it holds a point (epoch boundaries only).
+    ``resume``: continue from ``out_dir/resume`` if it holds a point (written at the end of every
+    epoch and every ``loop.SAVE_EVERY_S`` seconds within one).
 
     Raises:
         TrainingDivergedError: the training loss, the gradient norm or the select loss went
@@ -275,8 +234,8 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
     opt = loop.optimizer(plugin, cfg)
     state, resume_dir = LoopState(), out_dir / "resume"
     if resume and (resume_dir / "state.json").is_file():
-        state = _load_resume(resume_dir, plugin, opt)
-        log(f"resuming after epoch {state.epoch} (best select loss {state.best_select_loss})")
+        state = loop.load_point(resume_dir, opt, lambda f: plugin.load_state_dict(load_plugin(f / "model").state_dict()))
+        log(f"resuming at epoch {state.epoch + 1}, batch {state.batch + 1} (best select loss {state.best_select_loss})")
     with_base = select.base is not None
     if cfg.negatives and with_base:  # one pass over the vocabulary each, for the whole run
         fit.base.candidates(cfg.candidate_k)
@@ -297,7 +256,8 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
     loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=fit_loss,
              select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
-             save_point=lambda s: _save_resume(resume_dir, plugin, opt, s), kept=kept,
+             save_point=lambda s: loop.save_point(resume_dir, opt, s, lambda f: save_plugin(plugin, f / "model")),
+             save_every_s=loop.SAVE_EVERY_S, kept=kept,
              note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log,
              order=(lambda epoch: fit.grouped_order(cfg.seed * 1000 + epoch)) if cfg.group_by_prompt else None)
     extra = {}
