@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, venue_slices
 from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
-                                score_sliced, setting_label, start_from)
+                                score_sliced, scores_file, setting_label, start_from)
 
 
 class Lever(NamedTuple):
@@ -188,14 +188,15 @@ def main(argv=None) -> None:
         del llm
     rows = {}
     for n, stem in stems.items():
-        outputs = [r["output"] for r in read_generations(gen_dir / f"{stem}.jsonl", prompts)]
+        path = gen_dir / f"{stem}.jsonl"
+        outputs = [r["output"] for r in read_generations(path, prompts)]
         rows[n] = {"what": REFERENCES[n] if n in REFERENCES else LEVERS[n].what,
                    "training": None if n in REFERENCES else {"overrides": LEVERS[n].training,
                                                              "decoding": LEVERS[n].decoding,
                                                              "prompt": LEVERS[n].prompt,
                                                              **run_summary(trained[n][1])},
                    "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"),
-                                          cache=gen_dir / f"{stem}.scores.json")}
+                                          cache=scores_file(path))}
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}
     out = Path(args.results) / f"levers_{protocol.name}_{base_name}"

@@ -287,6 +287,12 @@ def read_generations(path: Path, prompts) -> list[dict]:
     return rows
 
 
+def scores_file(generations: Path) -> Path:
+    """Where ``score_sliced`` keeps the scores of a generation file (``.jsonl`` or, for a run in
+    progress, ``.partial.jsonl``): ``<system>@<setting>.scores.json`` beside it."""
+    return generations.with_name(re.sub(r"(\.partial)?\.jsonl$", ".scores.json", generations.name))
+
+
 def score_sliced(outputs: list[str], prompts, references, slices: dict[str, set[str]],
                  only: tuple[str, ...] | None = None, cache: Path | None = None) -> dict:
     """Five metrics (or ``only`` BLEU and ROUGE-L) over all inputs, and per slice
@@ -328,9 +334,10 @@ def choose_decoding(systems, grid, gen_dir: Path, prompts, references, slices) -
         scores[system] = {}
         for setting in grid:
             label = setting_label(setting)
-            rows = read_generations(gen_dir / f"{system}@{label}.jsonl", prompts)
+            path = gen_dir / f"{system}@{label}.jsonl"
+            rows = read_generations(path, prompts)
             scores[system][label] = score_sliced([r["output"] for r in rows], prompts, references, slices,
-                                                 CHOICE_METRICS, cache=gen_dir / f"{system}@{label}.scores.json")
+                                                 CHOICE_METRICS, cache=scores_file(path))
             if system not in chosen or better(scores[system][label], scores[system][setting_label(chosen[system])]):
                 chosen[system] = setting
     return {"chosen": chosen, "select_scores": scores}
@@ -699,8 +706,8 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
     systems = {}
     for name in args.systems:
         rows = [generated[name][p] for p in prompts]
-        cache = files[name].with_name(re.sub(r"(\.partial)?\.jsonl$", ".scores.json", files[name].name))
-        systems[name] = score_sliced([r["output"] for r in rows], prompts, references, slices, cache=cache)
+        systems[name] = score_sliced([r["output"] for r in rows], prompts, references, slices,
+                                     cache=scores_file(files[name]))
         systems[name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in rows) / n
         print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
     return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,

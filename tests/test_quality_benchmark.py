@@ -214,7 +214,10 @@ def test_scores_are_kept_per_generation_file_until_it_changes(tmp_path, monkeypa
     """A generation file is scored once: the cache answers while outputs, references and slices
     are unchanged, and any change of them scores again."""
     import benchmarks.metrics
-    from benchmarks.quality import score_sliced
+    from benchmarks.quality import score_sliced, scores_file
+
+    for name in ("x@rp1-fp0.5.jsonl", "x@rp1-fp0.5.partial.jsonl"):  # dotted settings keep their tail
+        assert scores_file(tmp_path / name) == tmp_path / "x@rp1-fp0.5.scores.json"
 
     calls = []
     real = benchmarks.metrics.score

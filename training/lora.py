@@ -101,7 +101,7 @@ def train_lora(base_path: str, examples, out: str | Path, config: LoraTrainConfi
 
     Raises:
         TrainingDivergedError: the loss, the gradient norm or the select loss went NaN/inf;
-            nothing is written then.
+            no merged model is written then, and the last resume point is the one before.
         loop.ResumeError: ``out/resume`` is unreadable or holds a fine-tune with other settings.
     """
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
