@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, venue_slices
+from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_names
 from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
                                 score_sliced, scores_file, setting_label, start_from)
 
@@ -60,6 +60,12 @@ LEVERS: dict[str, Lever] = {
                        training={"name_swap": 0.5, "train": {"negatives": 1024}}),
     "gate": Lever("the default plugin with a per-position strength fitted on select (CombLM-style)",
                   training={"gate": True}),
+    "copy": Lever("sampled, with copy scores: a learned per-position bonus on the prompt's tokens",
+                  training={"copy": True, "train": {"negatives": 1024}}),
+    "copy_name_swap": Lever("copy, with invented venue names in half the fit inputs",
+                            training={"copy": True, "name_swap": 0.5, "train": {"negatives": 1024}}),
+    "copy_gate": Lever("copy, with a per-position strength fitted on select",
+                       training={"copy": True, "gate": True, "train": {"negatives": 1024}}),
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
 REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}
@@ -80,7 +86,8 @@ def decoding_key(extra: dict) -> str:
 
 
 # RunSpec fields that act only after training (a gate fitted on the trained plugin): a lever that
-# changes only these starts from the default's training instead of repeating it.
+# adds them starts from the training of the lever without them (the default's, for gate) instead
+# of repeating it.
 AFTER_TRAINING = {"gate"}
 
 
@@ -97,8 +104,9 @@ def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[
             raise SystemExit(f"{out} was trained on another split than {protocol.split!r}: move it away "
                              f"(or pass another --runs) to retrain")
     else:
-        if overrides and set(overrides) <= AFTER_TRAINING:
-            start_from(root / train_key({}), out)
+        trained_as = {k: v for k, v in overrides.items() if k not in AFTER_TRAINING}
+        if trained_as != overrides:  # e.g. copy_gate starts from copy's finished training
+            start_from(root / train_key(trained_as), out)
         spec_fields = {k: v for k, v in overrides.items() if k != "train"}
         spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
                        train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)
@@ -125,10 +133,11 @@ def run_summary(metrics: dict) -> dict:
 
 def write_report(result: dict, out_base: Path) -> None:
     out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    slices = [k for k in ("venue_seen", "venue_unseen") if k in result["rows"]["zero_shot"]["select"]]
+    slices = slice_names(result["rows"]["zero_shot"]["select"])
     lines = [f"**{result['protocol_name']}**, base `{result['base_model']}`: levers on {result['select_inputs']} "
              f"select inputs (greedy, stop at a newline). BLEU / ROUGE-L" + (
-                 "; then on select inputs whose venue the fit split saw / did not see" if slices else "")
+                 f"; then on select inputs whose {slices[0].rsplit('_', 1)[0]} the fit split saw / did not see"
+                 if slices else "")
              + "; select cross-entropy (nats/token, exact) of the lever's plugin.", "",
              "| lever | what | BLEU / ROUGE-L" + "".join(f" | {k}" for k in slices) + " | select CE | epochs (best) | s/epoch |",
              "|---|---|---|" + "---|" * len(slices) + "---|---|---|"]
@@ -147,7 +156,7 @@ def write_report(result: dict, out_base: Path) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "input"])
+    parser.add_argument("--split", choices=["venue", "input", "category", "target"])
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--base-name")
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
@@ -169,8 +178,7 @@ def main(argv=None) -> None:
     protocol, base_path, base_config, base_name = check_inputs(args)
     root = Path(args.runs) / f"{protocol.name}-{base_name}"
     prompts, references = grouped_test(protocol.select, args.select_subset)
-    slices = venue_slices(protocol.select, {dict(e.meta).get("venue") for e in protocol.fit}) \
-        if protocol.dataset == "e2e" else {}
+    slices = select_slices(protocol)
     trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name].training) for name in names}
     gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
     # The prompt style is in the stem only when it is not the default, so earlier files stay valid.

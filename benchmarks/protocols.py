@@ -3,10 +3,15 @@ and ``benchmarks.strength``.
 
 - e2e (``split="venue"``, default): fit 60% / select 40% of the distinct MRs of E2E-cleaned
   ``devel``, about a third of the select MRs naming venues the fit split never saw
-  (``training.data.split_by_venue``), as test does; scored on all ``test`` MRs.
+  (``training.data.split_by_held_out``), as test does; scored on all ``test`` MRs.
 - e2e_by_mr (``split="input"``): the paper's split, 60/40 by distinct MR.
-- webnlg: category shift: fit/select on ``train`` entries of seven categories (first reference
-  each), scored on ``dev`` entries of the three others (every third by sorted name).
+- webnlg (``split="category"``, default): category shift: fit/select on ``train`` entries of
+  seven categories (first reference each), scored on ``dev`` entries of the three others (every
+  third by sorted name). Select mirrors test: whole seen categories go to it
+  (``training.data.split_by_held_out``), so what is chosen on select (decoding, strength, gate,
+  early stopping) is chosen on categories the plugin never saw, and none of the held-out ones.
+- webnlg_by_entry (``split="input"``): the same, fit/select split by entry (every select
+  category is also a fit category).
 - webnlg_target (``split="target"``): the paper's own protocol as closely as our data allows:
   the entries (``train`` and ``dev`` pooled) of the person-like categories we have (Astronaut,
   ComicsCharacter, SportsTeam; the paper's also had Artist, Politician and Athlete) halved by
@@ -86,7 +91,7 @@ def split_webnlg_train(data_dir: Path):
 class Protocol:
     """What a quality run fits, selects and scores on."""
 
-    name: str  # results and run folders: e2e, e2e_by_mr, webnlg
+    name: str  # results and run folders: e2e, e2e_by_mr, webnlg, webnlg_by_entry, webnlg_target
     dataset: str
     split: str  # training.data.split_examples kind the plugins (and LoRA) train with
     train_examples: list  # fit + select
@@ -99,7 +104,8 @@ def load_protocol(dataset: str, split: str | None = None) -> Protocol:
     """The fitting side of a protocol (see the module docstring); the test set is ``load_test``'s.
 
     Raises:
-        training.data.DataError: missing or malformed data; ``venue`` split for WebNLG.
+        training.data.DataError: missing or malformed data; a split the dataset has no field for
+            (``venue`` for WebNLG, ``category`` for E2E).
         ValueError: an unknown dataset.
     """
     from vllm_plugin.training.data import DataError, load_examples, split_examples
@@ -120,14 +126,17 @@ def load_protocol(dataset: str, split: str | None = None) -> Protocol:
                        f"(seed 0); fit/select 60/40 by entry on one half (first reference of each), score on "
                        f"the other half, all references")
     elif dataset == "webnlg":
-        split = split or "input"
-        if split != "input":
-            raise DataError(f"split {split!r} is for E2E; WebNLG splits by entry within its seen categories "
-                            f"(or 'target': the paper's protocol)")
+        split = split or "category"
+        if split not in ("category", "input"):
+            raise DataError(f"split {split!r} is for E2E; WebNLG's category-shift protocol splits its seen "
+                            f"categories by category (default) or by entry ('input'), or use 'target' (the "
+                            f"paper's protocol)")
         train_examples, held_out = split_webnlg_train(data_dir("webnlg"))
-        name = "webnlg"
-        description = (f"category shift: fit/select 60/40 by entry on train entries of the 7 other categories "
-                       f"(first reference of each); score on dev entries of held-out categories {held_out}, "
+        name = "webnlg" if split == "category" else "webnlg_by_entry"
+        how = ("by category: whole seen categories, which the fit split never sees, fill most of select"
+               if split == "category" else "by entry")
+        description = (f"category shift: fit/select 60/40 on train entries of the 7 other categories ({how}; "
+                       f"first reference of each); score on dev entries of held-out categories {held_out}, "
                        f"all references")
     else:
         raise ValueError(f"unknown dataset {dataset!r}; expected e2e or webnlg")
@@ -135,14 +144,29 @@ def load_protocol(dataset: str, split: str | None = None) -> Protocol:
     return Protocol(name, dataset, split, train_examples, fit, select, description)
 
 
+def slice_key(protocol: Protocol) -> str | None:
+    """The meta field by which select inputs are new to the fit split or not, as test inputs are
+    to training: E2E's venue; WebNLG's category under the ``category`` split; else None."""
+    return "venue" if protocol.dataset == "e2e" else ("category" if protocol.split == "category" else None)
+
+
 def split_sizes(protocol: Protocol) -> dict:
-    """Distinct inputs in fit and select, and (E2E) select inputs whose venue fit never saw."""
+    """Distinct inputs in fit and select, and select inputs whose venue (E2E) or category
+    (WebNLG, ``category`` split) fit never saw."""
     out = {"fit_inputs": len({e.group for e in protocol.fit}), "select_inputs": len({e.group for e in protocol.select})}
-    if protocol.dataset == "e2e":
-        fit_venues = {dict(e.meta)["venue"] for e in protocol.fit}
-        out["select_inputs_venue_unseen"] = len({e.group for e in protocol.select
-                                                 if dict(e.meta)["venue"] not in fit_venues})
+    key = slice_key(protocol)
+    if key:
+        fit_values = {dict(e.meta)[key] for e in protocol.fit}
+        out[f"select_inputs_{key}_unseen"] = len({e.group for e in protocol.select
+                                                  if dict(e.meta)[key] not in fit_values})
     return out
+
+
+def select_slices(protocol: Protocol) -> dict[str, set[str]]:
+    """Select inputs by whether the fit split saw their venue or category (``slice_key``); {} for
+    protocols without one."""
+    key = slice_key(protocol)
+    return held_out_slices(protocol.select, {dict(e.meta).get(key) for e in protocol.fit}, key) if key else {}
 
 
 def load_test(protocol: Protocol) -> list:
@@ -161,10 +185,16 @@ def load_test(protocol: Protocol) -> list:
     return [e for e in load_webnlg(data_dir("webnlg") / "webnlg" / "dev.jsonl") if dict(e.meta)["category"] in held_out]
 
 
-def venue_slices(examples, known) -> dict[str, set[str]]:
-    """E2E inputs by whether their venue is among ``known`` venues: {slice name: prompts}."""
-    inside = {e.prompt for e in examples if dict(e.meta).get("venue") in known}
-    return {"venue_seen": inside, "venue_unseen": {e.prompt for e in examples} - inside}
+def held_out_slices(examples, known, key: str = "venue") -> dict[str, set[str]]:
+    """Inputs by whether their ``key`` value (E2E venue, WebNLG category) is among ``known``:
+    {``<key>_seen``: prompts, ``<key>_unseen``: prompts}."""
+    inside = {e.prompt for e in examples if dict(e.meta).get(key) in known}
+    return {f"{key}_seen": inside, f"{key}_unseen": {e.prompt for e in examples} - inside}
+
+
+def slice_names(keys) -> list[str]:
+    """The slice names (``*_seen``, ``*_unseen``) among a score row's keys, seen first."""
+    return sorted((k for k in keys if k.endswith(("_seen", "_unseen"))), key=lambda k: (k.rsplit("_", 1)[0], k.endswith("_unseen")))
 
 
 def grouped_test(test, subset: int | None, seed: int = 0):

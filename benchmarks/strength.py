@@ -34,14 +34,17 @@ def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
     import torch.nn.functional as F
 
     from vllm_plugin.experts import combine
+    from vllm_plugin.training.train import with_copy_score
 
     totals, count = torch.zeros(len(weights), dtype=torch.float64), 0
     plugin.eval()
     with torch.no_grad():
         for i in range(0, len(data), 64):
-            ids, pos_b, pos_t, rows, targets = data.batch(list(range(i, min(i + 64, len(data)))))
+            idx = list(range(i, min(i + 64, len(data))))
+            ids, pos_b, pos_t, rows, targets = data.batch(idx)
             base = data.base.scores(rows)
-            plugin_logits = plugin.head(plugin(ids)[pos_b, pos_t])
+            hidden = plugin(ids)[pos_b, pos_t]
+            plugin_logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
             for j, w in enumerate(weights):
                 scores = combine(base, plugin_logits, weight=w, top_k=top_k)
                 totals[j] += F.cross_entropy(scores, targets, reduction="sum").item()
@@ -52,8 +55,8 @@ def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="webnlg", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "input", "target"],
-                        help="E2E's fit/select split, or WebNLG's target protocol (see benchmarks.quality)")
+    parser.add_argument("--split", choices=["venue", "input", "category", "target"],
+                        help="the protocol's fit/select split (see benchmarks.quality)")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--weights", default=",".join(map(str, WEIGHTS)))
     parser.add_argument("--runs", default="runs/quality")

@@ -45,8 +45,8 @@ TINY_TOP_K = 5
 
 
 class Tiny:
-    """The tiny base (as an HF folder and a loaded model) and four saved plugins (k: trained,
-    as its config says, from the base's top-5 log-probs)."""
+    """The tiny base (as an HF folder and a loaded model) and six saved plugins (k: trained,
+    as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -63,6 +63,7 @@ class Tiny:
             "k": tiny_plugin(self.vocab_size, "gru", seed=4, fingerprint=self.fingerprint,
                              training={"source": "vllm", "top_k": TINY_TOP_K}),
             "g": tiny_plugin(self.vocab_size, "gru", seed=5, fingerprint=self.fingerprint, gate=True),
+            "c": tiny_plugin(self.vocab_size, "gru", seed=6, fingerprint=self.fingerprint, copy=True),
         }
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
 
@@ -88,7 +89,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, given
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, given
     as LLM(additional_config=...)."""
     from vllm import LLM
 

@@ -125,7 +125,7 @@ def test_configuration_parsing(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match=msg):
             configured_plugins({"PLUGIN_LM_TABLE": bad})
     assert request_plugin(params(), {})[:4] == (None, 0.0, 0, None)
-    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None, (1.0, 0.0, 0.0), 1.0)
+    assert request_plugin(params("a", 2), {"a": "/x"}) == ("a", 2.0, 0, None, (1.0, 0.0, 0.0), 1.0, 0)
     mixture = SamplingParams(extra_args={"plugin": "a", "plugin_weight": 0.3, "plugin_mode": "mixture"})
     assert request_plugin(mixture, {"a": "/x"})[:4] == ("a", 0.3, 1, None)
     top = SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 20})

@@ -50,7 +50,8 @@ def reference(tiny, ids, plugin, weight, max_tokens, mode=None):
 
 CASES = [(None, None, None), ("a", None, None), ("b", None, None), ("t", None, None), ("a", 0.5, None),
          ("b", 2.0, None), ("a", 0.0, None), ("b", 0.4, "mixture"), ("t", None, "alone"),
-         ("g", None, None), ("g", 1.5, None), ("g", 0.6, "mixture")]  # g: a gated plugin
+         ("g", None, None), ("g", 1.5, None), ("g", 0.6, "mixture"),  # g: a gated plugin
+         ("c", None, None), ("c", 0.7, "mixture")]  # c: a plugin with copy scores
 
 
 def test_entry_point_is_installed_and_registered_twice(engine):
@@ -84,27 +85,50 @@ def test_mixed_batch_equals_reference(tiny, engine):
     assert all(zero_weight)
 
 
+def assert_served_as_reference_and_feature_matters(tiny, engine, plugin: str, feature: str):
+    """The engine decodes every prompt with ``plugin`` exactly as the reference does, and the same
+    plugin without its ``feature`` module (set to None) decodes at least one differently."""
+    import copy
+
+    without = copy.deepcopy(tiny.plugins[plugin])
+    setattr(without, feature, None)
+    prompts = [tiny.encode(p) for p in PROMPTS]
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [greedy(12, plugin)] * len(prompts),
+                           use_tqdm=False)
+    differs = 0
+    for ids, out in zip(prompts, outs):
+        want = reference_generate(tiny.base, [ids], tiny.plugins[plugin], max_new_tokens=12)[0]
+        assert list(out.outputs[0].token_ids) == want
+        differs += want != reference_generate(tiny.base, [ids], without, max_new_tokens=12)[0]
+    assert differs >= 1
+
+
 def test_gated_plugin_strength_varies_by_position(tiny, engine):
     """Plugin g has a gate: its strength is the request's weight times 2 sigmoid(gate(hidden,
     entropies)) at each position, in the processor as in the reference; without the gate the same
     weights would decode differently."""
-    import copy
-
-    ungated = copy.deepcopy(tiny.plugins["g"])
-    ungated.gate = None
-    prompts = [tiny.encode(p) for p in PROMPTS]
-    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [greedy(12, "g")] * len(prompts),
-                           use_tqdm=False)
-    differs = 0
-    for ids, out in zip(prompts, outs):
-        want = reference_generate(tiny.base, [ids], tiny.plugins["g"], max_new_tokens=12)[0]
-        assert list(out.outputs[0].token_ids) == want
-        differs += want != reference_generate(tiny.base, [ids], ungated, max_new_tokens=12)[0]
-    assert differs >= 1
+    assert_served_as_reference_and_feature_matters(tiny, engine, "g", "gate")
     with torch.no_grad():
         hidden = torch.randn(3, 32)
         strength = tiny.plugins["g"].strength(hidden, torch.randn(3, tiny.vocab_size), torch.randn(3, tiny.vocab_size))
     assert strength.shape == (3,) and ((strength > 0) & (strength < 2)).all() and strength.std() > 1e-3
+
+
+def test_copy_scores_lift_the_prompt_tokens(tiny, engine):
+    """Plugin c has copy scores: a learned per-position bonus on the tokens of the request's
+    prompt, in the processor as in the reference (one prompt's tokens never leak into another
+    row's); without them the same plugin decodes differently, and the bonus lands exactly on
+    the prompt's tokens."""
+    from vllm_plugin.decode import prompt_mask
+
+    assert_served_as_reference_and_feature_matters(tiny, engine, "c", "copy_score")
+    prompts = [tiny.encode(p) for p in PROMPTS]
+    with torch.no_grad():
+        hidden, logits = torch.randn(2, 32), torch.randn(2, tiny.vocab_size)
+        mask = torch.cat([prompt_mask(prompts[0], tiny.vocab_size), prompt_mask(prompts[3], tiny.vocab_size)])
+        lifted = tiny.plugins["c"].add_copy_score(hidden, logits, mask) - logits
+    bonus = tiny.plugins["c"].copy_score(hidden)
+    assert torch.equal(lifted != 0, mask) and torch.allclose(lifted, bonus * mask)
 
 
 def penalised(max_tokens, plugin=None, weight=None, mode=None, **penalties):
@@ -180,7 +204,8 @@ def test_vllm_penalties_on_a_plugin_request_are_refused(tiny, engine):
             engine.generate([ids], [greedy(3, "a", **penalty)], use_tqdm=False)
     for bad in ({"plugin_repetition_penalty": 0}, {"plugin_frequency_penalty": 2.5},
                 {"plugin_expert_repetition_penalty": -1.1},
-                {"plugin_presence_penalty": True}, {"plugin_repetition_penalty": float("nan")}):
+                {"plugin_presence_penalty": True}, {"plugin_repetition_penalty": float("nan")},
+                {"plugin_beam_tokens": -1}, {"plugin_beam_tokens": 1.5}):
         with pytest.raises(VLLMValidationError, match=next(iter(bad))):
             engine.generate([ids], [SamplingParams(max_tokens=3, extra_args={"plugin": "a", **bad})], use_tqdm=False)
     with pytest.raises(VLLMValidationError, match="given without 'plugin'"):

@@ -167,8 +167,34 @@ def test_e2e_venue_split_mirrors_test():
     unseen = {e.group for e in select if dict(e.meta)["venue"] not in fit_venues}
     assert 0.2 <= len(unseen) / len(select_groups) <= 0.5
     assert split_examples(examples, "venue", seed=1) != (fit, select)
-    with pytest.raises(ValueError, match="split 'venue' needs E2E"):
+    with pytest.raises(ValueError, match="split 'venue' needs examples with a venue"):
         split_examples([Example("a", "p", "t"), Example("b", "q", "u")], "venue")
+
+
+def test_webnlg_category_split_holds_out_whole_categories():
+    """Select is filled with whole categories the fit split never sees, never past its 40%; the
+    rest of select is drawn by entry from the fit categories; seeded; sliced by category."""
+    from benchmarks.protocols import Protocol, select_slices, split_sizes
+    from vllm_plugin.training.data import Example, split_examples
+
+    sizes = {"A": 30, "B": 25, "C": 20, "D": 12, "E": 8, "F": 5}
+    examples = [Example(group=f"{c}/{i}", prompt=f"{c}-{i}", target="t", meta=(("category", c),))
+                for c, n in sizes.items() for i in range(n)]
+    fit, select = split_examples(examples, "category")
+    assert split_examples(examples, "category") == (fit, select)
+    n_select = len({e.group for e in select})
+    assert n_select == len(examples) - round(0.6 * len(examples))
+    fit_categories = {dict(e.meta)["category"] for e in fit}
+    whole = {dict(e.meta)["category"] for e in select} - fit_categories
+    assert whole and sum(sizes[c] for c in whole) <= n_select  # whole categories only, never past select's size
+    assert all(sum(dict(e.meta)["category"] == c for e in select) == sizes[c] for c in whole)
+    protocol = Protocol("webnlg", "webnlg", "category", examples, fit, select, "")
+    slices = select_slices(protocol)
+    assert len(slices["category_unseen"]) == sum(sizes[c] for c in whole) == split_sizes(protocol)[
+        "select_inputs_category_unseen"]
+    assert len(slices["category_seen"]) == n_select - len(slices["category_unseen"])
+    with pytest.raises(ValueError, match="split 'category' needs examples with a category"):
+        split_examples([Example("a", "p", "t", (("venue", "V"),)), Example("b", "q", "u")], "category")
 
 
 def test_e2e_examples_carry_their_venue(tmp_path):

@@ -222,6 +222,40 @@ def test_sampled_softmax_is_exact_when_the_candidates_cover_the_vocabulary(tiny,
     assert covered.item() == pytest.approx(exact.item(), rel=1e-5)
 
 
+def test_copy_scores_in_both_losses_and_their_gradient(tiny, e2e_file):
+    """A plugin with copy scores: both losses add the same bonus on each target's prompt tokens
+    (the sampled one is exact once its candidates cover the vocabulary); a fresh one starts as
+    the plugin without them, and its copy scores get a gradient from the first batch."""
+    import copy
+
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.testing import tiny_plugin
+    from vllm_plugin.training.train import batch_loss, sampled_batch_loss
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:6], tiny.tokenizer)
+    data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
+    idx = [0, 3, 5]
+    mask = data.in_prompt(idx, tiny.vocab_size)
+    assert mask.shape == (sum(len(ts.targets[e]) for e in idx), tiny.vocab_size)
+    assert mask[0].nonzero()[:, 0].tolist() == sorted(set(ts.prompts[ts.example_prompt[0]]))
+    plugin = tiny_plugin(tiny.vocab_size, copy=True)
+    plain = copy.deepcopy(plugin)
+    plain.copy_score = None
+    with torch.no_grad():
+        exact = batch_loss(plugin, data, idx)[0]
+        covered = sampled_batch_loss(plugin, data, idx, negatives=8, candidate_k=10 * tiny.vocab_size)[0]
+        assert covered.item() == pytest.approx(exact.item(), rel=1e-5)
+        assert abs(exact.item() - batch_loss(plain, data, idx)[0].item()) > 1e-3
+    torch.manual_seed(0)
+    fresh = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, dropout=0.0, copy=True))
+    without = copy.deepcopy(fresh)
+    without.copy_score = None
+    loss = batch_loss(fresh, data, idx)[0]
+    assert loss.item() == pytest.approx(batch_loss(without, data, idx)[0].item(), rel=1e-6)
+    loss.backward()
+    assert fresh.copy_score.weight.grad.abs().sum() > 0
+
+
 def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_path):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))

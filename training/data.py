@@ -5,7 +5,8 @@ triples and references), and a generic JSON Lines of ``{"prompt", "completion"}`
 own tasks. Splits (``split_examples``): ``input``, the paper's: distinct inputs, shuffled with a
 seed, 60% to fit and 40% to select; ``venue`` (E2E): the same sizes, but about a third of the
 select inputs name venues that the fit split never sees, as about a third of E2E's test MRs name
-venues that never occur in ``devel``.
+venues that never occur in ``devel``; ``category`` (WebNLG): select holds whole categories the fit
+split never sees, as the category-shift test set does.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATASETS = ("e2e", "webnlg", "jsonl")
-SPLITS = ("input", "venue")
+SPLITS = ("input", "venue", "category")
 
 # The paper's E2E prompt (its Llama-3.1 experiments), and the same shape for WebNLG.
 PROMPT_TEMPLATES = {
@@ -215,58 +216,66 @@ def split_by_input(examples: list[Example], fit_fraction: float = 0.6, seed: int
     return fit, select
 
 
-# Of E2E's 1,847 test MRs, 596 (32%) name a venue that no devel MR names.
-UNSEEN_VENUE_SHARE = 1 / 3
+# The share of select inputs whose key (E2E venue, WebNLG category) the fit split never sees,
+# as in the test set (596 of E2E's 1,847 test MRs, 32%, name a venue no devel MR names; every
+# test input of WebNLG's category-shift protocol is of a category training never sees), and how
+# far a whole value may overshoot it: venues are small, but a WebNLG category holds up to a
+# quarter of the inputs, and overshooting would take the fit split's 60%.
+HELD_OUT_SHARE = {"venue": (1 / 3, 1.5), "category": (1.0, 1.0)}
 
 
-def split_by_venue(examples: list[Example], fit_fraction: float = 0.6, seed: int = 0,
-                   unseen_share: float = UNSEEN_VENUE_SHARE):
+def split_by_held_out(examples: list[Example], key: str, fit_fraction: float = 0.6, seed: int = 0):
     """The paper's sizes (``fit_fraction`` of the distinct inputs to fit), but the select split
-    mirrors a test set whose venues are partly new: whole venues, drawn in a seeded order, go to
-    select until they hold about ``unseen_share`` of its inputs (a venue that would overshoot by
-    half is passed over); the rest of select is drawn by input from the remaining venues (and
-    the MRs without one).
+    mirrors a test set whose ``key`` values (``venue`` or ``category``, from ``Example.meta``) are
+    partly or wholly new: whole values, drawn in a seeded order, go to select until they hold
+    about ``HELD_OUT_SHARE[key]``'s share of its inputs (a value that would overshoot that
+    share by its factor is passed over); the rest of select is drawn by input from the remaining
+    values (and the inputs without one).
 
     Raises:
-        DataError: an example without a ``venue`` (only E2E examples have one).
+        DataError: an example without ``key`` in its meta (E2E examples have a venue, WebNLG
+            examples a category).
     """
-    venue_inputs: dict[str, set[str]] = {}
+    unseen_share, overshoot = HELD_OUT_SHARE[key]
+    value_inputs: dict[str, set[str]] = {}
     for e in examples:
-        if "venue" not in dict(e.meta):
-            raise DataError(f"split 'venue' needs E2E examples (a name[...] per MR); {e.group!r} has none")
-        venue_inputs.setdefault(dict(e.meta)["venue"], set()).add(e.group)
-    n_inputs = sum(map(len, venue_inputs.values()))
+        if key not in dict(e.meta):
+            raise DataError(f"split {key!r} needs examples with a {key} (E2E: venue, WebNLG: category); "
+                            f"{e.group!r} has none")
+        value_inputs.setdefault(dict(e.meta)[key], set()).add(e.group)
+    n_inputs = sum(map(len, value_inputs.values()))
     n_select = n_inputs - min(max(1, round(fit_fraction * n_inputs)), n_inputs - 1)
     target = unseen_share * n_select
     rng = random.Random(seed)
-    venues = sorted(v for v in venue_inputs if v)
-    rng.shuffle(venues)
+    values = sorted(v for v in value_inputs if v)
+    rng.shuffle(values)
     held_out, held = set(), 0
-    for v in venues:
+    for v in values:
         if held >= target:
             break
-        if held + len(venue_inputs[v]) <= 1.5 * target:
+        if held + len(value_inputs[v]) <= overshoot * target:
             held_out.add(v)
-            held += len(venue_inputs[v])
-    rest = sorted(g for v, gs in venue_inputs.items() if v not in held_out for g in gs)
+            held += len(value_inputs[v])
+    rest = sorted(g for v, gs in value_inputs.items() if v not in held_out for g in gs)
     rng.shuffle(rest)
-    select_groups = {g for v in held_out for g in venue_inputs[v]} | set(rest[:max(0, n_select - held)])
+    select_groups = {g for v in held_out for g in value_inputs[v]} | set(rest[:max(0, n_select - held)])
     fit = [e for e in examples if e.group not in select_groups]
     select = [e for e in examples if e.group in select_groups]
     return fit, select
 
 
 def split_examples(examples: list[Example], split: str = "input", fit_fraction: float = 0.6, seed: int = 0):
-    """(fit, select) examples: ``split`` is ``input`` (``split_by_input``, the paper's) or ``venue``
-    (``split_by_venue``, E2E only). No input has references on both sides.
+    """(fit, select) examples: ``split`` is ``input`` (``split_by_input``, the paper's), ``venue``
+    (E2E) or ``category`` (WebNLG; both ``split_by_held_out``). No input has references on both
+    sides.
 
     Raises:
         DataError: an unknown split, or too few inputs.
     """
     if split == "input":
         return split_by_input(examples, fit_fraction, seed)
-    if split == "venue":
-        return split_by_venue(examples, fit_fraction, seed)
+    if split in HELD_OUT_SHARE:
+        return split_by_held_out(examples, split, fit_fraction, seed)
     raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")
 
 

@@ -67,6 +67,7 @@ class RunSpec:
     alone: bool = False  # train the small model on its own (the paper's "small model alone" baseline)
     name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
     gate: bool = False  # after training, fit a per-position strength on the select split (train.fit_gate)
+    copy: bool = False  # the plugin learns copy scores for the prompt's tokens (PluginLM.add_copy_score)
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -206,7 +207,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     vocab_size = fit_bl.vocab_size if fit_bl is not None else base_vocab_size(base_path)
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
-        tokenizer_fingerprint=fingerprint, base_model=base_path,
+        copy=spec.copy, tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
@@ -218,13 +219,14 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if resume_model.is_dir():
         previous = read_config(resume_model)
         if (previous.tokenizer_fingerprint, previous.vocab_size, previous.architecture, previous.d_model,
-                previous.n_layers) != (fingerprint, config.vocab_size, spec.arch, spec.d_model, spec.n_layers):
+                previous.n_layers, previous.copy) != (fingerprint, config.vocab_size, spec.arch, spec.d_model,
+                                                      spec.n_layers, spec.copy):
             raise ValueError(
                 f"{spec.out_dir()} holds a run for another base or plugin (tokenizer "
                 f"{previous.tokenizer_fingerprint}, vocabulary {previous.vocab_size}, {previous.architecture}, "
-                f"d_model {previous.d_model}, {previous.n_layers} layer(s)); this one has tokenizer {fingerprint}, "
-                f"vocabulary {config.vocab_size}, {spec.arch}, d_model {spec.d_model}, {spec.n_layers} layer(s): "
-                "choose another --out or pass --no-resume")
+                f"d_model {previous.d_model}, {previous.n_layers} layer(s), copy scores {previous.copy}); this one "
+                f"has tokenizer {fingerprint}, vocabulary {config.vocab_size}, {spec.arch}, d_model {spec.d_model}, "
+                f"{spec.n_layers} layer(s), copy scores {spec.copy}: choose another --out or pass --no-resume")
         # Settings a resumed run must share with the one it continues (epochs and patience may grow).
         differ = [f"{k}: {previous.training.get(k, RESUME_DEFAULTS.get(k))!r} then, {v!r} now"
                   for k, v in config.training.items() if k in RESUME_KEYS

@@ -82,6 +82,19 @@ class PairSet:
         return (prompt_ids, torch.tensor(list(map(len, prompts))), cont_ids, prompt_of,
                 torch.tensor(pos_e), torch.tensor(pos_t), torch.tensor(rows), torch.tensor(targets))
 
+    def in_prompt(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, V] bool (or [n, len(cols)]: those columns only): for each target token of examples
+        ``idx`` (in ``batch`` order), which tokens occur in its example's prompt, as the processor
+        marks them for a plugin with copy scores (``PluginLM.add_copy_score``)."""
+        prompts = sorted({self.ts.example_prompt[e] for e in idx})
+        local = {p: i for i, p in enumerate(prompts)}
+        mask = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            mask[i, torch.tensor(self.ts.prompts[p], dtype=torch.long)] = True
+        if cols is not None:
+            mask = mask[:, cols]
+        return mask[torch.tensor([local[self.ts.example_prompt[e]] for e in idx for _ in self.ts.targets[e]])]
+
     def grouped_order(self, seed: int) -> list[int]:
         """Every example once, the prompts in a seeded random order and each prompt's examples
         together (also shuffled), so that consecutive batches share prompts."""
@@ -107,6 +120,15 @@ def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts
     return plugin(ids)[pos_b, pos_t], rows, targets
 
 
+def with_copy_score(plugin: PluginLM, data: PairSet, idx: list[int], hidden: torch.Tensor, logits: torch.Tensor,
+                    cols: torch.Tensor | None = None) -> torch.Tensor:
+    """The plugin's ``logits`` [n, V] (or at columns ``cols``) before the target tokens of
+    examples ``idx`` (``hidden`` [n, d]), with its copy scores if it has them."""
+    if plugin.copy_score is None:
+        return logits
+    return plugin.add_copy_score(hidden, logits, data.in_prompt(idx, plugin.config.vocab_size, cols))
+
+
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):
     """Summed combined cross-entropy over the batch's target tokens, and their count
     (``share_prompts``: see ``target_hidden``)."""
@@ -117,7 +139,7 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_pro
             return -target.sum(), len(targets)
         return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
-    logits = plugin.head(hidden)
+    logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
     if data.base is not None:  # CE renormalises the sum
         base = data.base.scores(rows)
         gate = plugin.strength(hidden, base, logits)
@@ -185,7 +207,8 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     if len(rest):
         draw = torch.Generator().manual_seed(hash((seed, *idx)) & 0x7FFFFFFF)
         cols = torch.cat([exact, rest[torch.randint(len(rest), (negatives,), generator=draw)]])
-    scores = F.linear(hidden, plugin.head_weight()[cols], plugin.out_bias[cols])
+    scores = with_copy_score(plugin, data, idx, hidden, F.linear(hidden, plugin.head_weight()[cols], plugin.out_bias[cols]),
+                             cols)
     if data.base is not None:
         scores = scores + data.base.log_probs_at(rows, cols)
     e = len(exact)

@@ -81,6 +81,9 @@ class PluginBank:
         self.heads = [_fast_head(m, self.device) for m in self.models]
         self.states = [m.new_state(num_slots, self.device) for m in self.models]
         self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None for m in self.models]
+        # A plugin with copy scores reads which tokens each sequence's prompt holds: the
+        # penalties' ``in_prompt`` table, kept for its slots too.
+        self.copies = [m.copy_score is not None for m in self.models]
         # A plugin trained from top-k log-probs learned to correct that view of the base.
         self.trained_top_k = [int(m.config.training.get("top_k") or 0) for m in self.models]
         self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
@@ -94,8 +97,9 @@ class PluginBank:
         # A request's logit_bias as (token ids, biases) on the device, for the paths that must
         # see it apart from the logits (the top-k view, mixture, alone): see experts.combine.
         self.bias: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_slots
-        # Penalties per slot, and for penalised slots the tokens seen so far: [slots, V] prompt
-        # mask and output counts, allocated on first use and updated by one scatter per step;
+        # Penalties per slot, and for penalised slots (and those of plugins with copy scores) the
+        # tokens seen so far: [slots, V] prompt mask and output counts, allocated on first use and
+        # updated by one scatter per step;
         # ``counted``: how many of a slot's tokens they hold.
         self.penalties = np.tile(np.array(NO_PENALTY, dtype=np.float32), (num_slots, 1))
         self.counts_tokens = np.zeros(num_slots, dtype=bool)  # some penalty needs the slot's tokens
@@ -130,7 +134,8 @@ class PluginBank:
         self.mode[slot] = mode
         self.penalties[slot] = penalties if g >= 0 else NO_PENALTY
         self.expert_penalty[slot] = expert_penalty if g >= 0 else 1.0
-        self.counts_tokens[slot] = g >= 0 and (tuple(penalties) != NO_PENALTY or expert_penalty != 1.0)
+        self.counts_tokens[slot] = g >= 0 and (tuple(penalties) != NO_PENALTY or expert_penalty != 1.0
+                                               or self.copies[g])
         # The repetition penalty is not shift-invariant: it needs the plugin's true log-probs.
         self.normalise[slot] = g >= 0 and penalties[0] != 1.0
         self.prompt_len[slot] = prompt_len
@@ -230,6 +235,9 @@ class PluginBank:
             self._advance(group, seq_lens, last_tokens, token_range)
             hidden = self.states[group.plugin]["out"][group.slots_t]
             plugin_logits = self.heads[group.plugin](hidden).float()
+            if self.copies[group.plugin]:
+                plugin_logits = self.models[group.plugin].add_copy_score(hidden, plugin_logits,
+                                                                         self.in_prompt[group.slots_t])
             self._restrict_to_top_k(group, logits)
             self._penalise_experts(group, logits, plugin_logits)
             if group.product:

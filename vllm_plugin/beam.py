@@ -34,7 +34,9 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
 
     Every step is a fresh request per beam (prompt + the beam's tokens so far): the processor
     rebuilds the plugin state from that whole sequence (vLLM's prefix cache spares the base
-    most of the recomputation), so the plugin sees exactly what the beam holds.
+    most of the recomputation), so the plugin sees exactly what the beam holds. The request
+    says how many of those tokens the beam generated (``plugin_beam_tokens``), so a plugin with
+    copy scores marks the user's prompt only, as in greedy decoding.
 
     Scores: ``cum_logprob`` sums, in nats, ``log_softmax`` of the logits vLLM's sampler holds
     after the processor (``experts.combine``). With ``params.temperature`` 0 (the default) that
@@ -72,7 +74,7 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
     from vllm.entrypoints.generate.beam_search.utils import (BeamSearchInstance, BeamSearchOutput,
                                                              create_sort_beams_key_function)
 
-    from .processor import ARG_MODE, ARG_PLUGIN, ARG_TOP_K, ARG_WEIGHT
+    from .processor import ARG_BEAM_TOKENS, ARG_MODE, ARG_PLUGIN, ARG_TOP_K, ARG_WEIGHT
 
     extra = None
     if plugin is not None:
@@ -92,8 +94,12 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
     llm.llm_engine.input_processor.resolve_watermarking(params)
     tokenizer = llm.get_tokenizer()
     sort_key = create_sort_beams_key_function(tokenizer.eos_token_id, params.length_penalty)
-    step_params = SamplingParams(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
-                                 watermarking=False, detokenize=False, extra_args=extra)
+    def step_params(step: int) -> SamplingParams:
+        # Every live beam has generated ``step`` tokens, which its request sends as prompt: the
+        # processor counts them as output (a copy plugin reads the user's prompt only).
+        return SamplingParams(logprobs=2 * params.beam_width, max_tokens=1, temperature=params.temperature,
+                              watermarking=False, detokenize=False,
+                              extra_args=extra and {**extra, ARG_BEAM_TOKENS: step})
     instances = []
     for prompt in llm._preprocess_cmpl(prompts):
         if prompt["type"] == "embeds":
@@ -101,8 +107,8 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
                              "ids, and vLLM's beam search refuses them too); pass token ids or text")
         instances.append(BeamSearchInstance(prompt, lora_request=None, logprobs=None))
     steps = range(params.max_tokens)
-    for _ in tqdm(steps, desc="Beam search", unit="token") if use_tqdm else steps:
-        if llm._beam_search_step(instances_batch=instances, base_sampling_params=step_params,
+    for step in tqdm(steps, desc="Beam search", unit="token") if use_tqdm else steps:
+        if llm._beam_search_step(instances_batch=instances, base_sampling_params=step_params(step),
                                  eos_token_id=tokenizer.eos_token_id, ignore_eos=params.ignore_eos,
                                  beam_width=params.beam_width, sort_beams_key=sort_key,
                                  structured_output_backend=None, structured_output_key=None,

@@ -40,12 +40,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by-prompt", action=argparse.BooleanOptionalAction, default=d.group_by_prompt,
                    help="batches of whole prompt groups, so the GRU reads each prompt once per batch")
     p.add_argument("--max-target-tokens", type=int, default=256)
-    p.add_argument("--split", default="input", choices=["input", "venue"],
-                   help="fit/select split: input (distinct inputs, 60/40) or venue (E2E: about a third of "
-                        "select names venues the fit split never sees, as in E2E's test set)")
+    p.add_argument("--split", default="input", choices=["input", "venue", "category"],
+                   help="fit/select split: input (distinct inputs, 60/40), venue (E2E: about a third of "
+                        "select names venues the fit split never sees, as in E2E's test set) or category "
+                        "(WebNLG: whole categories fill most of select, for a plugin meant for new categories)")
     p.add_argument("--alone", action="store_true", help="train the small model without the base (baseline)")
     p.add_argument("--gate", action="store_true",
                    help="after training, fit a per-position strength on the select split (CombLM-style)")
+    p.add_argument("--copy", action="store_true",
+                   help="learn copy scores: a per-position bonus on the prompt's tokens, so the plugin leaves "
+                        "names and values it never saw to the base")
     p.add_argument("--name-swap", type=float, default=0.0,
                    help="E2E: share of fit inputs whose venue names are replaced by invented ones, so the "
                         "plugin leaves names to the base (0: none)")
@@ -61,7 +65,7 @@ def _spec(args):
         dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
-        split=args.split, name_swap=args.name_swap, gate=args.gate,
+        split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,

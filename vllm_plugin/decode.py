@@ -37,6 +37,13 @@ def constrain(logits: torch.Tensor, out: list[int], grammar=None, allowed_token_
     return logits, bias
 
 
+def prompt_mask(prompt: Sequence[int], vocab_size: int) -> torch.Tensor:
+    """[1, V] bool: the tokens that occur in ``prompt`` (what a plugin's copy scores read)."""
+    mask = torch.zeros(1, vocab_size, dtype=torch.bool)
+    mask[0, torch.tensor(list(prompt), dtype=torch.long)] = True
+    return mask
+
+
 @torch.no_grad()
 def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM | None = None,
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -60,7 +67,8 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     ``expert_repetition_penalty`` is the paper's (``penalise_generated``): on the base's scores
     (its top-k view if ``top_k``) and on the plugin's logits, separately, before they combine,
     for generated tokens only; the processor's ``plugin_expert_repetition_penalty``.
-    ``top_k``: the base shows only its top-k log-probs (``base_top_k``).
+    ``top_k``: the base shows only its top-k log-probs (``base_top_k``). A plugin with copy
+    scores adds them to its logits first, on the tokens of the prompt (``PluginLM.add_copy_score``).
 
     Constraints act on the base's logits before the plugin, as vLLM applies them before logits
     processors: ``grammar(output so far)`` gives a [V] bool mask of allowed next tokens (a
@@ -81,6 +89,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
         if plugin is not None:
             state = plugin.new_state(1)
             plugin.advance(state, slot, torch.tensor([ids]), [len(ids)], [0])
+            in_prompt = prompt_mask(prompt, plugin.config.vocab_size)
         for _ in range(max_new_tokens):
             if base is not None:
                 if use_cache:
@@ -91,7 +100,9 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                     res = base(input_ids=torch.tensor([ids]), use_cache=False)
                 base_logits, bias = constrain(res.logits[0, -1], out, grammar, allowed_token_ids, bad_words,
                                               stop_token_ids if len(out) < min_tokens else (), logit_bias)
-            plugin_logits = plugin.logits(state, slot)[0].float() if plugin is not None else None
+            plugin_logits = None
+            if plugin is not None:
+                plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt)[0].float()
             if plugin is not None and base is not None and top_k:  # the base as the plugin sees it
                 base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
             if expert_repetition_penalty != 1.0 and plugin is not None:
@@ -167,6 +178,7 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
     if beam_width < 1 or max_new_tokens < 1:
         raise ValueError(f"beam_width and max_new_tokens must be >= 1, got {beam_width}, {max_new_tokens}")
     slot = torch.zeros(1, dtype=torch.long)
+    in_prompt = prompt_mask(prompt, plugin.config.vocab_size) if plugin is not None else None
 
     def next_log_probs(tokens: list[int]) -> torch.Tensor:
         base_logits = base(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].float()
@@ -174,7 +186,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
             return torch.log_softmax(base_logits, -1)
         state = plugin.new_state(1)
         plugin.advance(state, slot, torch.tensor([tokens]), [len(tokens)], [0])
-        return torch.log_softmax(combine(base_logits, plugin.logits(state, slot)[0], weight, mode, top_k), -1)
+        plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt)[0]
+        return torch.log_softmax(combine(base_logits, plugin_logits, weight, mode, top_k), -1)
 
     def score(tokens: list[int], cum: float) -> float:
         length = len(tokens) - (tokens[-1] == eos_token_id)

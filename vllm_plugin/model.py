@@ -38,6 +38,10 @@ class PluginConfig:
     # A learned per-position strength (CombLM-style): the request's weight times
     # 2 * sigmoid(gate([hidden, base entropy, plugin entropy])); see PluginLM.strength.
     gate: bool = False
+    # Copy scores (pointer-style): every token of the sequence's prompt gets a learned
+    # per-position bonus on the plugin's logits, so the plugin can leave to the base the names
+    # and values that only the input holds; see PluginLM.add_copy_score.
+    copy: bool = False
     # What the plugin was trained against; checked when it is loaded onto a base.
     tokenizer_fingerprint: str = ""
     base_model: str = ""
@@ -84,6 +88,21 @@ class PluginLM(nn.Module):
         if self.gate is not None:  # starts at strength x 1: the ungated plugin
             nn.init.zeros_(self.gate.weight)
             nn.init.zeros_(self.gate.bias)
+        self.copy_score = nn.Linear(config.d_model, 1) if config.copy else None
+        if self.copy_score is not None:  # starts at no bonus: the plugin without copy scores
+            nn.init.zeros_(self.copy_score.weight)
+            nn.init.zeros_(self.copy_score.bias)
+
+    def add_copy_score(self, hidden: torch.Tensor, logits: torch.Tensor, in_prompt: torch.Tensor) -> torch.Tensor:
+        """``logits`` [n, C] plus the learned bonus ``copy_score(hidden)`` ([n], from ``hidden``
+        [n, d_model]) on the columns whose token occurs in the sequence's prompt (``in_prompt``
+        [n, C] bool; C: the vocabulary, or the columns a sampled softmax scores). A pointer-style
+        copy feature (See et al., 2017, for one score per prompt token): the plugin cannot know
+        a name it never saw, but it can learn where the output copies from the input, and then
+        stop standing in the base's way. ``logits`` itself for a plugin without copy scores."""
+        if self.copy_score is None:
+            return logits
+        return logits + self.copy_score(hidden.to(self.copy_score.weight.dtype)).to(logits.dtype) * in_prompt
 
     def strength(self, hidden: torch.Tensor, base_scores: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor | None:
         """[n] per-position multiplier of the request's strength, in (0, 2): ``2 sigmoid(gate(

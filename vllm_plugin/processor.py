@@ -70,6 +70,10 @@ ARG_PENALTIES = ("plugin_repetition_penalty", "plugin_frequency_penalty", "plugi
 VLLM_PENALTIES = ("repetition_penalty", "frequency_penalty", "presence_penalty")
 # The paper's repetition penalty: on each expert's logits before the product, generated tokens only.
 ARG_EXPERT_PENALTY = "plugin_expert_repetition_penalty"
+# Beam search sends each step as a fresh request whose prompt is the beam so far: this many of
+# its last prompt tokens are the beam's output, not the user's prompt (``beam.plugin_beam_search``
+# sets it; copy scores and penalties then read the prompt as the user sent it).
+ARG_BEAM_TOKENS = "plugin_beam_tokens"
 MAX_WEIGHT = 100.0
 MAX_TOP_K = 1000
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -182,6 +186,7 @@ class RequestPlugin(NamedTuple):
     top_k: int | None = None  # the base's top-k view; None: the plugin's own (its training's)
     penalties: tuple[float, float, float] = NO_PENALTY  # repetition, frequency, presence
     expert_penalty: float = 1.0  # the paper's: each expert, generated tokens, before the product
+    beam_tokens: int = 0  # last prompt tokens that a beam search generated (counted as output)
 
 
 def penalty_args(repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
@@ -221,7 +226,7 @@ def request_plugin(params, known: dict | None = None,
     weight = args.get(ARG_WEIGHT, 1.0)
     mode = args.get(ARG_MODE, "product")
     top_k = args.get(ARG_TOP_K)
-    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K, *ARG_PENALTIES, ARG_EXPERT_PENALTY)
+    ours = (ARG_PLUGIN, ARG_WEIGHT, ARG_MODE, ARG_TOP_K, *ARG_PENALTIES, ARG_EXPERT_PENALTY, ARG_BEAM_TOKENS)
     stray = [k for k in args if isinstance(k, str) and k.startswith("plugin") and k not in ours]
     if stray:
         raise ValueError(f"unknown plugin argument(s) {stray}; expected {', '.join(map(repr, ours))}")
@@ -261,7 +266,11 @@ def request_plugin(params, known: dict | None = None,
                  _check_penalty(ARG_PENALTIES[1], args.get(ARG_PENALTIES[1], 0.0), -2.0, 2.0, False),
                  _check_penalty(ARG_PENALTIES[2], args.get(ARG_PENALTIES[2], 0.0), -2.0, 2.0, False))
     expert = _check_penalty(ARG_EXPERT_PENALTY, args.get(ARG_EXPERT_PENALTY, 1.0), 0.0, MAX_WEIGHT, True)
-    return RequestPlugin(name, float(weight), mode, top_k, penalties, expert)
+    beam_tokens = args.get(ARG_BEAM_TOKENS, 0)
+    if isinstance(beam_tokens, bool) or not isinstance(beam_tokens, int) or beam_tokens < 0:
+        raise ValueError(f"'{ARG_BEAM_TOKENS}' must be a non-negative integer (how many of the prompt's last "
+                         f"tokens a beam search generated), got {beam_tokens!r}")
+    return RequestPlugin(name, float(weight), mode, top_k, penalties, expert, beam_tokens)
 
 
 @functools.lru_cache(maxsize=64)
@@ -354,7 +363,7 @@ def describe(name: str, model, path) -> str:
     k = int(c.training.get("top_k") or 0)
     view = f"top-{k} (the base's top-{k} log-probs + a flat tail)" if k else "full"
     parameters = sum(p.numel() for p in model.parameters())
-    gate = ", strength gated per position" if c.gate else ""
+    gate = (", strength gated per position" if c.gate else "") + (", copy scores on prompt tokens" if c.copy else "")
     return (f"plugin '{name}': {c.architecture}, {count(parameters)} parameters ({c.n_layers} layer(s), "
             f"d_model={c.d_model}), base view {view}{gate}, vocabulary {c.vocab_size}, from {path}")
 
@@ -464,7 +473,7 @@ class PluginProcessorV1(_Admission, V1LogitsProcessor):
                 continue
             slot = self.free_slots.pop()
             self.bank.assign(slot, req.name, req.weight, req.mode, req.top_k, params.logit_bias, req.penalties,
-                             len(prompt_ids), req.expert_penalty)
+                             max(0, len(prompt_ids) - req.beam_tokens), req.expert_penalty)
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -529,7 +538,7 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)
-        prompt_len = int(self.req_states.prompt_len.np[req_idx]) if req.name is not None else 0
+        prompt_len = max(0, int(self.req_states.prompt_len.np[req_idx]) - req.beam_tokens) if req.name is not None else 0
         return self.bank.assign(req_idx, req.name, req.weight, req.mode, req.top_k,
                                 getattr(sampling_params, "logit_bias", None), req.penalties, prompt_len,
                                 req.expert_penalty)

@@ -75,4 +75,7 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
         model.out_bias.normal_(0, 1.0)
         if model.gate is not None:  # a gate with opinions: the strength varies by position
             model.gate.weight.normal_(0, 1.0)
+        if model.copy_score is not None:  # copy scores with opinions: a bonus for prompt tokens that varies
+            model.copy_score.weight.normal_(0, 1.0)
+            model.copy_score.bias.fill_(2.0)
     return model.eval()
