@@ -28,7 +28,7 @@ bench: install
 WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_alone,weighted_mix,plugin_recurrent,plugin_transformer,plugin_recurrent_top20,plugin_recurrent_gate
 
 paper: install
-	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems +lora,plugin_recurrent_gate --lora-epochs 1 --top20-source full_topk
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems +lora,plugin_recurrent_gate,plugin_recurrent_copy,plugin_recurrent_copy_gate --lora-epochs 1 --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --top20-source full_topk
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg

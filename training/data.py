@@ -5,8 +5,8 @@ triples and references), and a generic JSON Lines of ``{"prompt", "completion"}`
 own tasks. Splits (``split_examples``): ``input``, the paper's: distinct inputs, shuffled with a
 seed, 60% to fit and 40% to select; ``venue`` (E2E): the same sizes, but about a third of the
 select inputs name venues that the fit split never sees, as about a third of E2E's test MRs name
-venues that never occur in ``devel``; ``category`` (WebNLG): select holds whole categories the fit
-split never sees, as the category-shift test set does.
+venues that never occur in ``devel``; ``category`` (WebNLG): whole categories the fit split never sees
+fill most of select, as they fill the category-shift test set.
 """
 from __future__ import annotations
 
