@@ -93,13 +93,16 @@ AFTER_TRAINING = {"gate"}
 
 def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[str, dict]:
     """Train (or reuse) a lever's plugin; (checkpoint folder, its metrics)."""
-    from vllm_plugin.training.pipeline import RunSpec, run
+    from vllm_plugin.training.pipeline import RunSpec, run, run_finished
     from vllm_plugin.training.train import TrainConfig
 
     from vllm_plugin.checkpoint import read_config
 
     out = root / train_key(overrides)
-    if (out / "metrics.json").is_file():
+    spec_fields = {k: v for k, v in overrides.items() if k != "train"}
+    spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
+                   train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)
+    if run_finished(spec):
         if read_config(out / "checkpoint").training.get("split", "input") != protocol.split:
             raise SystemExit(f"{out} was trained on another split than {protocol.split!r}: move it away "
                              f"(or pass another --runs) to retrain")
@@ -107,9 +110,6 @@ def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[
         trained_as = {k: v for k, v in overrides.items() if k not in AFTER_TRAINING}
         if trained_as != overrides:  # e.g. copy_gate starts from copy's finished training
             start_from(root / train_key(trained_as), out)
-        spec_fields = {k: v for k, v in overrides.items() if k != "train"}
-        spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
-                       train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)
         print(f"training {out.name}: {overrides}")
         run(spec, examples=protocol.train_examples)
     return str(out / "checkpoint"), json.loads((out / "metrics.json").read_text())

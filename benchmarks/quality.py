@@ -125,7 +125,7 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
     Raises:
         SystemExit: a cached run under ``root`` was trained on another split.
     """
-    from vllm_plugin.training.pipeline import RunSpec, run
+    from vllm_plugin.training.pipeline import RunSpec, run, run_finished
     from vllm_plugin.training.train import TrainConfig
     from vllm_plugin.checkpoint import read_config
 
@@ -145,7 +145,7 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
         spec.out = str(root / name)
         spec.train = TrainConfig(epochs=epochs)
         checkpoint = Path(spec.out) / "checkpoint"
-        if not (Path(spec.out) / "metrics.json").is_file():
+        if not run_finished(spec):
             if name in SAME_TRAINING:
                 start_from(root / SAME_TRAINING[name], Path(spec.out))
             log(f"training {name} ...")

@@ -428,3 +428,18 @@ def test_resume_point_is_atomic_and_a_corrupt_one_names_the_fix(tiny, e2e_file, 
     spec.train.epochs = 3
     with pytest.raises(ValueError, match=rf"cannot resume from {re.escape(str(resume / 'state.json'))}.*--no-resume"):
         run(spec, progress=False, log=lambda *_: None)
+
+
+def test_a_gated_run_stopped_while_fitting_its_gate_is_not_finished(tmp_path):
+    """``train`` writes the training's metrics before the gate is fitted: a gated run stopped in
+    between must run again (it resumes past its last epoch and fits the gate), not be reused."""
+    from vllm_plugin.training.pipeline import run_finished
+
+    gated, plain = RunSpec(out=str(tmp_path / "g"), gate=True), RunSpec(out=str(tmp_path / "p"))
+    assert not run_finished(gated) and not run_finished(plain)
+    for spec in (gated, plain):
+        spec.out_dir().mkdir()
+        (spec.out_dir() / "metrics.json").write_text(json.dumps({"best_epoch": 3}))
+    assert run_finished(plain) and not run_finished(gated)
+    (gated.out_dir() / "metrics.json").write_text(json.dumps({"best_epoch": 3, "gate": {"best_epoch": 2}}))
+    assert run_finished(gated)

@@ -156,6 +156,15 @@ RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False}
 
 
+def run_finished(spec: RunSpec) -> bool:
+    """Whether ``spec``'s run folder holds a finished run: its metrics written and, for a gated
+    run, its gate fitted (``train`` writes the training's metrics before the gate is fitted, so a
+    run stopped while fitting it has them but no gate; running it again resumes past its last
+    epoch and fits the gate)."""
+    path = spec.out_dir() / "metrics.json"
+    return path.is_file() and (not spec.gate or spec.alone or "gate" in json.loads(path.read_text()))
+
+
 def gate_checkpoint(checkpoint: Path, select, log=print) -> dict:
     """Give the plugin at ``checkpoint`` a gate fitted on ``select`` and save it in place."""
     from vllm_plugin.checkpoint import load_plugin, save_plugin
