@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_names
+from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_key, slice_names
 from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
                                 score_sliced, scores_file, setting_label, start_from)
 
@@ -131,13 +131,14 @@ def run_summary(metrics: dict) -> dict:
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history) if history else None}
 
 
-def write_report(result: dict, out_base: Path) -> None:
+def write_report(result: dict, out_base: Path, sliced_by: str | None = None) -> None:
+    """The JSON and a Markdown table; ``sliced_by``: the meta field select scores are sliced by
+    (``protocols.slice_key``), if any."""
     out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     slices = slice_names(result["rows"]["zero_shot"]["select"])
     lines = [f"**{result['protocol_name']}**, base `{result['base_model']}`: levers on {result['select_inputs']} "
              f"select inputs (greedy, stop at a newline). BLEU / ROUGE-L" + (
-                 f"; then on select inputs whose {slices[0].rsplit('_', 1)[0]} the fit split saw / did not see"
-                 if slices else "")
+                 f"; then on select inputs whose {sliced_by} the fit split saw / did not see" if slices else "")
              + "; select cross-entropy (nats/token, exact) of the lever's plugin.", "",
              "| lever | what | BLEU / ROUGE-L" + "".join(f" | {k}" for k in slices) + " | select CE | epochs (best) | s/epoch |",
              "|---|---|---|" + "---|" * len(slices) + "---|---|---|"]
@@ -208,7 +209,7 @@ def main(argv=None) -> None:
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}
     out = Path(args.results) / f"levers_{protocol.name}_{base_name}"
-    write_report(result, out)
+    write_report(result, out, slice_key(protocol))
     print(out.with_suffix(".md").read_text())
 
 

@@ -64,7 +64,7 @@ import time
 from pathlib import Path
 
 from benchmarks.protocols import (DEFAULT_MAX_TOKENS, Protocol, base_name, grouped_test, held_out_slices,
-                                  load_protocol, load_test, select_slices, slice_names, split_sizes)
+                                  load_protocol, load_test, select_slices, slice_key, slice_names, split_sizes)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_SYSTEMS = ["zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix",
@@ -677,12 +677,11 @@ def write_select_report(args, protocol: Protocol, base_name, choice: dict, mix_w
     out_base.with_name(out_base.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     labels = [setting_label(g) for g in choice["grid"]]
     slices = slice_names({k for per in choice["select_scores"].values() for scores in per.values() for k in scores})
-    key = slices[0].rsplit("_", 1)[0] if slices else ""
     lines = [f"**{args.dataset}**, base `{base_name}`: select stage, {choice['select_inputs']} select inputs. "
              f"Protocol: {protocol.description}.", "",
              "BLEU / ROUGE-L on select per decoding setting (rp: vLLM repetition penalty, fp: frequency "
              "penalty); **bold**: the setting chosen for test." + (
-                 f" Then BLEU / ROUGE-L of the chosen setting on select inputs whose {key} the fit split "
+                 f" Then BLEU / ROUGE-L of the chosen setting on select inputs whose {slice_key(protocol)} the fit split "
                  f"saw / did not see." if slices else ""), "",
              "| system | " + " | ".join(labels) + "".join(f" | {k}" for k in slices) + " |",
              "|---|" + "---|" * (len(labels) + len(slices))]

@@ -158,9 +158,9 @@ RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_b
 
 def run_finished(spec: RunSpec) -> bool:
     """Whether ``spec``'s run folder holds a finished run: its metrics written and, for a gated
-    run, its gate fitted (``train`` writes the training's metrics before the gate is fitted, so a
-    run stopped while fitting it has them but no gate; running it again resumes past its last
-    epoch and fits the gate)."""
+    run, its gate fitted (or recorded as None: no epoch to gate). ``train`` writes the training's
+    metrics before the gate is fitted, so a run stopped while fitting it has them but no gate;
+    running it again resumes past its last epoch and fits the gate."""
     path = spec.out_dir() / "metrics.json"
     return path.is_file() and (not spec.gate or spec.alone or "gate" in json.loads(path.read_text()))
 
@@ -249,8 +249,9 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     t1 = time.time()
     metrics = train(plugin, PairSet(fit_ts, fit_bl), PairSet(select_ts, select_bl), spec.train,
                     spec.out_dir(), progress=progress, log=log)
-    if spec.gate and not spec.alone and metrics.get("best_epoch"):
-        metrics["gate"] = gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_ts, select_bl), log)
+    if spec.gate and not spec.alone:  # None: no epoch beat the base, so no plugin to gate
+        metrics["gate"] = (gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_ts, select_bl), log)
+                           if metrics.get("best_epoch") else None)
     metrics.update(
         checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,
         train_s=time.time() - t1, wall_s=time.time() - t_start, source=None if spec.alone else spec.source,

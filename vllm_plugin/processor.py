@@ -188,6 +188,11 @@ class RequestPlugin(NamedTuple):
     expert_penalty: float = 1.0  # the paper's: each expert, generated tokens, before the product
     beam_tokens: int = 0  # last prompt tokens that a beam search generated (counted as output)
 
+    def prompt_len(self, sent: int) -> int:
+        """How many of the ``sent`` prompt tokens are the user's prompt: all but those a beam
+        search generated."""
+        return max(0, sent - self.beam_tokens)
+
 
 def penalty_args(repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
                  presence_penalty: float = 0.0) -> dict:
@@ -473,7 +478,7 @@ class PluginProcessorV1(_Admission, V1LogitsProcessor):
                 continue
             slot = self.free_slots.pop()
             self.bank.assign(slot, req.name, req.weight, req.mode, req.top_k, params.logit_bias, req.penalties,
-                             max(0, len(prompt_ids) - req.beam_tokens), req.expert_penalty)
+                             req.prompt_len(len(prompt_ids)), req.expert_penalty)
             self.row_slot[row] = slot
             self.row_tokens[row] = (prompt_ids, output_ids)  # output_ids is vLLM's live list
         for a, b, direction in batch_update.moved:
@@ -538,7 +543,7 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)
-        prompt_len = max(0, int(self.req_states.prompt_len.np[req_idx]) - req.beam_tokens) if req.name is not None else 0
+        prompt_len = req.prompt_len(int(self.req_states.prompt_len.np[req_idx])) if req.name is not None else 0
         return self.bank.assign(req_idx, req.name, req.weight, req.mode, req.top_k,
                                 getattr(sampling_params, "logit_bias", None), req.penalties, prompt_len,
                                 req.expert_penalty)
