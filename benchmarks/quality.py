@@ -7,7 +7,8 @@ engine per model (the processor for plugin rows, untouched rows for the rest):
 
 1. **select**: decodes (a fixed sample of) the select split's inputs with every system under
    every setting of one small grid of vLLM's own decoding settings (``DECODING_GRID``:
-   repetition penalty x frequency penalty) and keeps, per system, the setting with the best
+   repetition penalty x frequency penalty; ``--decoding-grid ...,beam4`` adds beam search, the
+   plugin's through ``vllm_plugin.beam``) and keeps, per system, the setting with the best
    BLEU (then ROUGE-L) against the select references. Nothing of the test set is read here
    (``--select-only`` stops after it, and runs without a test file).
 2. **test**: decodes every test input with each system at its chosen setting, scores five
@@ -61,6 +62,7 @@ import re
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks.protocols import (DEFAULT_MAX_TOKENS, Protocol, base_name, grouped_test, held_out_slices,
@@ -198,7 +200,7 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, select) -> float:
 
 # One small grid of vLLM's own penalties, the same for every system: vLLM's repetition penalty
 # also counts prompt tokens (so it discourages copying the input's names and values), its
-# frequency penalty only generated ones.
+# frequency penalty only generated ones. Beam search (``beam<width>``) joins it on request.
 DECODING_GRID = ({"repetition_penalty": 1.0, "frequency_penalty": 0.0},
                  {"repetition_penalty": 1.0, "frequency_penalty": 0.5},
                  {"repetition_penalty": 1.1, "frequency_penalty": 0.0},
@@ -206,24 +208,43 @@ DECODING_GRID = ({"repetition_penalty": 1.0, "frequency_penalty": 0.0},
 
 
 def parse_grid(arg: str) -> list[dict]:
-    """``"1.0:0,1.1:0.5"`` (repetition penalty : frequency penalty, comma-separated) -> settings."""
+    """``"1.0:0,1.1:0.5,beam4"`` (repetition penalty : frequency penalty, or beam search of that
+    width with no penalty; comma-separated) -> settings."""
+    def setting(item: str) -> dict:
+        if item.startswith("beam"):
+            if not item[4:].isdigit() or int(item[4:]) < 1:
+                raise ValueError(item)
+            return {"beam_width": int(item[4:])}
+        rp, fp = item.split(":")
+        return {"repetition_penalty": float(rp), "frequency_penalty": float(fp)}
     try:
-        grid = [{"repetition_penalty": float(rp), "frequency_penalty": float(fp)}
-                for rp, fp in (item.split(":") for item in arg.split(",") if item.strip())]
+        grid = [setting(item.strip()) for item in arg.split(",") if item.strip()]
     except ValueError:
-        raise SystemExit(f"--decoding-grid {arg!r}: expected comma-separated REP:FREQ pairs, e.g. 1.0:0,1.1:0.5")
+        raise SystemExit(f"--decoding-grid {arg!r}: expected comma-separated REP:FREQ pairs or beam<width>, "
+                         f"e.g. 1.0:0,1.1:0.5,beam4")
     if not grid:
         raise SystemExit("--decoding-grid is empty")
     return grid
 
 
 def setting_label(setting: dict) -> str:
+    if "beam_width" in setting:
+        return f"beam{setting['beam_width']}"
     return f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"
 
 
+@dataclass(frozen=True)
+class BeamJob:
+    """A system decoded by beam search (``vllm_plugin.beam.plugin_beam_search``'s arguments)."""
+    params: object  # vllm BeamSearchParams
+    plugin: dict  # plugin, weight, mode, base_top_k
+
+
 def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
-    """vLLM sampling parameters of one system at one decoding ``setting`` (greedy, stop at a newline)."""
+    """vLLM sampling parameters of one system at one decoding ``setting`` (greedy, stop at a
+    newline), or a ``BeamJob`` for a beam setting (stopped at a newline by ``generate_jobs``)."""
     from vllm import SamplingParams
+    from vllm.sampling_params import BeamSearchParams
 
     from vllm_plugin.processor import penalty_args
 
@@ -239,6 +260,12 @@ def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
             extra["plugin_base_top_k"] = 0
         elif strength := STRENGTH_SYSTEM.fullmatch(name):
             extra["plugin_weight"] = float(strength.group(1))
+    if "beam_width" in setting:
+        extra = extra or {}
+        return BeamJob(BeamSearchParams(beam_width=setting["beam_width"], max_tokens=max_tokens),
+                       {"plugin": extra.get("plugin"), "weight": extra.get("plugin_weight", 1.0),
+                        "mode": extra.get("plugin_mode", "product"), "base_top_k": extra.get("plugin_base_top_k")})
+    if extra:
         # The same penalties for every system: on a plugin request the processor applies vLLM's
         # formulas itself (vLLM's own arguments are refused there), so the rows stay comparable.
         extra.update(penalty_args(**setting))
@@ -247,16 +274,19 @@ def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
 
 
 def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, desc: str) -> None:
-    """Generate every job (``{file stem: (system, SamplingParams)}``) on every prompt, ``chunk``
-    prompts at a time, all jobs in one engine call.
+    """Generate every job (``{file stem: (system, SamplingParams or BeamJob)}``) on every prompt,
+    ``chunk`` prompts at a time, every greedy job in one engine call, then each beam job.
 
     Requests are queued job-major, so each prompt is prefilled by its first job and found in the
     prefix cache by the others (the in-context systems share their examples' prefix too). Each
     chunk is appended to ``<stem>.partial.jsonl``; an interrupted run resumes each job at its
     first prompt not written (a job added later starts at the beginning, the others go on), and
-    a job's file is renamed to ``<stem>.jsonl`` only when complete.
+    a job's file is renamed to ``<stem>.jsonl`` only when complete. A beam job keeps the best
+    beam, stopped at its first newline as the greedy jobs are (``stop=["\\n"]``).
     """
     from tqdm.auto import tqdm
+
+    from vllm_plugin.beam import plugin_beam_search, token_ids_containing
 
     gen_dir.mkdir(parents=True, exist_ok=True)
     partial = {stem: gen_dir / f"{stem}.partial.jsonl" for stem in jobs}
@@ -266,6 +296,7 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
         path.write_text("".join(rows))
         done[stem] = len(rows)
     tokenizer = llm.get_tokenizer()
+    newline = token_ids_containing(tokenizer, "\n") if any(isinstance(j, BeamJob) for _, j in jobs.values()) else ()
     inputs = {stem: [system_input(system, p, shots, tokenizer) for p in prompts] for stem, (system, _) in jobs.items()}
     total = len(jobs) * len(prompts)
     bar = tqdm(total=total, initial=sum(done.values()), desc=f"{desc}: {len(jobs)} systems x settings",
@@ -273,19 +304,30 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
     started, generated = time.perf_counter(), 0
     for start in range(min(done.values()), len(prompts), chunk):
         stop = min(start + chunk, len(prompts))
-        requests = [(stem, i) for stem in jobs for i in range(max(start, done[stem]), stop)]
-        outs = llm.generate([inputs[s][i] for s, i in requests], [jobs[s][1] for s, _ in requests], use_tqdm=False)
+        todo = {stem: range(max(start, done[stem]), stop) for stem in jobs}
+        greedy = [(s, i) for s in jobs if not isinstance(jobs[s][1], BeamJob) for i in todo[s]]
+        outs = llm.generate([inputs[s][i] for s, i in greedy], [jobs[s][1] for s, _ in greedy], use_tqdm=False)
+        results = {(s, i): (o.outputs[0].text.strip(), list(o.outputs[0].token_ids)) for (s, i), o in zip(greedy, outs)}
+        for stem, (_, job) in jobs.items():
+            if isinstance(job, BeamJob) and todo[stem]:
+                beams = plugin_beam_search(llm, [inputs[stem][i] for i in todo[stem]], job.params,
+                                           stop_token_ids=newline, **job.plugin)
+                for i, out in zip(todo[stem], beams):
+                    best = out.sequences[0]
+                    ids = best.tokens[len(best.orig_prompt["prompt_token_ids"]):]
+                    text = tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+                    results[stem, i] = (text, ids)
         lines = {stem: [] for stem in jobs}
-        for (stem, i), o in zip(requests, outs):
-            lines[stem].append(json.dumps({"prompt": prompts[i], "output": o.outputs[0].text.strip(),
-                                           "token_ids": list(o.outputs[0].token_ids)}) + "\n")
         for stem in jobs:
+            for i in todo[stem]:
+                text, ids = results[stem, i]
+                lines[stem].append(json.dumps({"prompt": prompts[i], "output": text, "token_ids": ids}) + "\n")
+                generated += len(ids)
             with open(partial[stem], "a") as f:
                 f.writelines(lines[stem])
             done[stem] = max(done[stem], stop)
-        generated += sum(len(o.outputs[0].token_ids) for o in outs)
         bar.set_postfix(output_tok_s=f"{generated / (time.perf_counter() - started):.0f}")
-        bar.update(len(requests))
+        bar.update(sum(len(r) for r in todo.values()))
     bar.close()
     for stem, path in partial.items():
         path.rename(gen_dir / f"{stem}.jsonl")
@@ -497,7 +539,8 @@ def parse_args(argv):
     parser.add_argument("--decoding-grid", default=",".join(f"{s['repetition_penalty']:g}:{s['frequency_penalty']:g}"
                                                              for s in DECODING_GRID),
                         help="settings each system is decoded with on select, as REP:FREQ pairs (vLLM's "
-                             "repetition and frequency penalties); the best on select decodes test")
+                             "repetition and frequency penalties) or beam<width> (beam search, no penalty, "
+                             "stopped at a newline); the best on select decodes test")
     parser.add_argument("--select-only", action="store_true",
                         help="stop after choosing each system's decoding on select (reads no test data)")
     parser.add_argument("--epochs", type=int, default=5)
@@ -589,15 +632,18 @@ def engine(model_path: str, checkpoints: dict, base_config, args):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
     from vllm import LLM
 
+    from vllm_plugin.beam import BEAM_LOGPROBS_MODE
     from vllm_plugin.processor import PluginLogitsProcessor
     from vllm_plugin.serving import set_plugins
 
     set_plugins(checkpoints)
     max_len = min(2048, getattr(base_config.get_text_config(), "max_position_embeddings", 2048))
+    # Processed log-probs: what beam search scores beams by (vllm_plugin.beam); greedy decoding
+    # requests none, so it is unchanged.
     # 32-token KV blocks let requests that share a prompt share its prefill (vLLM's prefix
     # cache only shares full blocks; the default 128 is longer than most E2E prompts).
     return LLM(model=model_path, logits_processors=[PluginLogitsProcessor], enforce_eager=args.eager,
-               max_model_len=max_len, block_size=32, seed=0, dtype=args.dtype)
+               max_model_len=max_len, block_size=32, seed=0, dtype=args.dtype, logprobs_mode=BEAM_LOGPROBS_MODE)
 
 
 def main(argv=None) -> None:
@@ -719,7 +765,8 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
         print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
     return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
             "protocol": description, "split_sizes": split_sizes(protocol), "n_test_inputs": n, "subset": args.subset,
-            "decoding": {"greedy": True, "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
+            "decoding": {"greedy": not any("beam_width" in g for g in choice["chosen"].values()),
+                         "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
                          "dtype": args.dtype,
                          "chosen_on": f"{choice['select_inputs']} select inputs (BLEU, then ROUGE-L)", **choice},
             **chosen_plugins(choice), "systems": systems, "targets": against_targets(systems)}

@@ -31,7 +31,7 @@ if __name__ == "__main__":
 
     for case in job["cases"]:
         out = plugin_beam_search(llm, prompts, params, case["plugin"], weight=case.get("weight", 1.0),
-                                 base_top_k=case.get("top_k"))
+                                 base_top_k=case.get("top_k"), stop_token_ids=case.get("stop", ()))
         result["beams"][case["name"]] = beams(out)
     result["vllm_no_plugin"] = beams(llm.beam_search(prompts, params))
 

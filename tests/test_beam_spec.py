@@ -40,10 +40,15 @@ def beam_result(tiny, tmp_path_factory):
     short = tiny_plugin(tiny.vocab_size, "transformer", seed=5, fingerprint=tiny.fingerprint, max_len=SHORT_MAX_LEN)
     table = {**{n: str(p) for n, p in tiny.plugin_dirs.items()},
              "short": str(save_plugin(short, tmp_path_factory.mktemp("short") / "plugin"))}
-    job = {"prompts": [tiny.encode(p) for p in BEAM_PROMPTS], "beam_width": BEAM_WIDTH, "max_tokens": BEAM_TOKENS,
+    prompts = [tiny.encode(p) for p in BEAM_PROMPTS]
+    # Stop tokens the search meets: the second token of each prompt's best beam without them.
+    stop = sorted({reference_beam_search(tiny.base, ids, tiny.plugins["a"], BEAM_WIDTH, BEAM_TOKENS,
+                                         eos_token_id=tiny.tokenizer.eos_token_id)[0][0][len(ids) + 1]
+                   for ids in prompts})
+    job = {"prompts": prompts, "beam_width": BEAM_WIDTH, "max_tokens": BEAM_TOKENS,
            "cases": [{"name": "a", "plugin": "a"}, {"name": "k", "plugin": "k"}, {"name": "t", "plugin": "t"},
                      {"name": "a_half", "plugin": "a", "weight": 0.5}, {"name": "c", "plugin": "c"},
-                     {"name": "none", "plugin": None}],
+                     {"name": "a_stop", "plugin": "a", "stop": stop}, {"name": "none", "plugin": None}],
            "hidden": tiny.base.config.hidden_size, "short_prompt": tiny.encode("Aromi is a coffee shop"),
            "short_max_tokens": [12, SHORT_MAX_LEN - len(tiny.encode("Aromi is a coffee shop")) + 1]}
     return {"job": job, "short": short, **run("beam_run.py", str(tiny.base_dir), json.dumps(table), json.dumps(job))}
@@ -56,21 +61,24 @@ def assert_beams_equal(got, want, label):
         assert abs(g_cum - w_cum) < CUM_LOGPROB_TOL, (label, g_cum, w_cum)
 
 
-@pytest.mark.parametrize("case", ["a", "k", "t", "a_half", "c", "none"])
+@pytest.mark.parametrize("case", ["a", "k", "t", "a_half", "c", "a_stop", "none"])
 def test_plugin_beam_search_equals_the_reference(tiny, beam_result, case):
     """Beams scored by the combined distribution (full-base plugin a, top-k plugin k, transformer t,
     a at half strength, c with copy scores) equal a plain beam search over ``decode.combine``:
     tokens, and cumulative log-probs within a tolerance. Every step is a fresh request per beam,
     so this also checks that the processor catches the plugin state up from the whole beam, and
-    (c) that copy scores read the user's prompt only, not the beam's tokens sent with it."""
+    (c) that copy scores read the user's prompt only, not the beam's tokens sent with it; a_stop
+    finishes beams at stop tokens."""
     spec = next(c for c in beam_result["job"]["cases"] if c["name"] == case)
     plugin = tiny.plugins[spec["plugin"]] if spec["plugin"] else None
     top_k = plugin.config.training.get("top_k") if plugin is not None else None
     eos = tiny.tokenizer.eos_token_id
     for ids, got in zip(beam_result["job"]["prompts"], beam_result["beams"][case]):
         want = reference_beam_search(tiny.base, ids, plugin, BEAM_WIDTH, BEAM_TOKENS, weight=spec.get("weight", 1.0),
-                                     top_k=top_k, eos_token_id=eos)
+                                     top_k=top_k, eos_token_id=eos, stop_token_ids=spec.get("stop", ()))
         assert_beams_equal(got, [(t, c) for t, c in want], (case, ids))
+        if "stop" in spec:  # not vacuous: a beam ended at a stop token, short of max_tokens
+            assert any(len(t) < len(ids) + BEAM_TOKENS and t[-1] in spec["stop"] for t, _ in got), got
 
 
 def test_plugin_beams_differ_from_the_base_beams(beam_result):

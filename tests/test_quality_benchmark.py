@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from benchmarks.quality import setting_label
+
 from .test_data import write_e2e
 from .test_training import synthetic_rows
 
@@ -29,11 +31,13 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     # training, then a gate fitted on select.
     systems = ("zero_shot,zero_shot_chat,icl_1,plugin_alone,weighted_mix,plugin_recurrent,plugin_recurrent_w0.3,"
                "plugin_recurrent_gate,lora")
-    grid = [{"repetition_penalty": 1.0, "frequency_penalty": 0.0}, {"repetition_penalty": 1.1, "frequency_penalty": 0.5}]
+    # beam2: beam search joins the grid for every system, LoRA and plugins alike.
+    grid = [{"repetition_penalty": 1.0, "frequency_penalty": 0.0}, {"repetition_penalty": 1.1, "frequency_penalty": 0.5},
+            {"beam_width": 2}]
     # A dotted base name (like qwen2.5-coder-0.5b) must not lose its tail to a file suffix.
     args = ["--dataset", "e2e", "--base", str(tiny.base_dir), "--base-name", "tiny-0.5b", "--systems", systems,
             "--epochs", "1", "--lora-epochs", "6", "--max-tokens", "8", "--eager", "--chunk", "3",
-            "--decoding-grid", "1.0:0,1.1:0.5",
+            "--decoding-grid", "1.0:0,1.1:0.5,beam2",
             "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
     # Choosing needs no test set at all: it runs, and chooses, before test.csv exists.
     quality_main(args + ["--select-only"])
@@ -49,10 +53,15 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     for system, setting in choice["chosen"].items():
         scores = choice["select_scores"][system]
         best = max(scores, key=lambda label: (scores[label]["bleu"], scores[label]["rouge_l"]))
-        assert scores[best] == scores[f"rp{setting['repetition_penalty']:g}-fp{setting['frequency_penalty']:g}"]
+        assert scores[best] == scores[setting_label(setting)] and "beam2" in scores
         assert set(scores[best]) - {"venue_seen", "venue_unseen"} == {"bleu", "rouge_l"}  # what the choice reads
         # Select inputs are sliced by whether the fit split saw their venue (split by venue).
         assert scores[best]["venue_unseen"]["n_inputs"] >= 1 and scores[best]["venue_seen"]["n_inputs"] >= 1
+    beams = sorted(run_dir.rglob("*@beam2.jsonl"))
+    assert len(beams) == len(systems.split(","))
+    for path in beams:  # the best beam, cut at a newline like greedy's stop
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        assert rows and all("\n" not in r["output"] and r["token_ids"] for r in rows), path
 
     write_e2e(data / "e2e" / "test.csv", test_rows)
     quality_main(args)
@@ -76,8 +85,7 @@ def test_quality_benchmark_chooses_decoding_on_select_and_writes_the_results_for
     assert "select_loss_gated" in gated
     assert gains["plugin_recurrent"] == result["systems"]["plugin_recurrent"]["bleu"] - result["systems"]["zero_shot"]["bleu"]
     # The headline plugin row is named from select scores only (no top-20 row in this run).
-    at_choice = {n: choice["select_scores"][n][f"rp{c['repetition_penalty']:g}-fp{c['frequency_penalty']:g}"]
-                 for n, c in choice["chosen"].items()}
+    at_choice = {n: choice["select_scores"][n][setting_label(c)] for n, c in choice["chosen"].items()}
     assert result["chosen"] == max(gains, key=lambda n: (at_choice[n]["bleu"], at_choice[n]["rouge_l"]))
     assert result["chosen_top20"] is None
     md = (tmp_path / "res" / "e2e_tiny-0.5b.md").read_text()

@@ -11,13 +11,22 @@ a plugin (``middleware.py``).
 """
 from __future__ import annotations
 
+from collections.abc import Collection
+
 # Beam search scores beams by the log-probs the engine returns; only this mode returns those of
 # the distribution our processor leaves (base and plugin combined).
 BEAM_LOGPROBS_MODE = "processed_logprobs"
 
 
+def token_ids_containing(tokenizer, text: str) -> list[int]:
+    """Ids of every token whose text holds ``text``: ``stop_token_ids`` for a stop string
+    (``"\\n"``: about 1% of SmolLM2's 49,152 tokens). One decode per vocabulary entry, ~1 s."""
+    return [i for i in range(len(tokenizer)) if text in tokenizer.decode([i])]
+
+
 def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float = 1.0, mode: str = "product",
-                       base_top_k: int | None = None, use_tqdm: bool = False) -> list:
+                       base_top_k: int | None = None, stop_token_ids: Collection[int] = (),
+                       use_tqdm: bool = False) -> list:
     """``LLM.beam_search`` with a plugin: beams scored by the combined distribution.
 
         llm = plugin_llm(base, {"e2e": ckpt}, logprobs_mode="processed_logprobs")
@@ -29,8 +38,13 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
     EOS candidate is set aside as finished unless ``ignore_eos``; the ``beam_width`` best live
     on) and its ``create_sort_beams_key_function`` (final ranking by
     ``cum_logprob / length ** length_penalty``), as in ``LLM.beam_search``; only the step
-    requests differ, carrying the plugin's arguments. ``decode.reference_beam_search`` is the
-    plain-PyTorch oracle the tests hold it to.
+    requests differ, carrying the plugin's arguments. ``stop_token_ids`` adds what vLLM's beam
+    search lacks, a stop (e.g. every token whose text holds a newline, as greedy decoding's
+    ``stop=["\\n"]``): a beam that ends in one after a step is finished. Unlike an EOS candidate,
+    which vLLM sets aside before the best live on, it has to be among the ``beam_width`` best
+    first, as in Hugging Face's beam search, so stopping early does not flood the finished list
+    with short beams. ``decode.reference_beam_search`` is the plain-PyTorch oracle the tests
+    hold it to.
 
     Every step is a fresh request per beam (prompt + the beam's tokens so far): the processor
     rebuilds the plugin state from that whole sequence (vLLM's prefix cache spares the base
@@ -54,6 +68,7 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
         plugin: a configured plugin name; None runs plain beam search (any logprobs mode).
         weight, mode, base_top_k: the request's ``plugin_weight``, ``plugin_mode`` and
             ``plugin_base_top_k`` (None: the plugin's own view of the base).
+        stop_token_ids: token ids that finish a beam (after ranking, see above); empty: EOS only.
         use_tqdm: a progress bar over steps.
 
     Returns:
@@ -106,6 +121,7 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
             raise ValueError("plugin_beam_search: embedding prompts are not supported (the plugin reads token "
                              "ids, and vLLM's beam search refuses them too); pass token ids or text")
         instances.append(BeamSearchInstance(prompt, lora_request=None, logprobs=None))
+    stop = frozenset(stop_token_ids)
     steps = range(params.max_tokens)
     for step in tqdm(steps, desc="Beam search", unit="token") if use_tqdm else steps:
         if llm._beam_search_step(instances_batch=instances, base_sampling_params=step_params(step),
@@ -114,6 +130,10 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
                                  structured_output_backend=None, structured_output_key=None,
                                  structured_output_bitmask=None):
             break
+        if stop:
+            for instance in instances:
+                instance.completed += [b for b in instance.beams if b.tokens[-1] in stop]
+                instance.beams = [b for b in instance.beams if b.tokens[-1] not in stop]
     outputs = []
     for instance in instances:
         best = sorted(instance.completed + instance.beams, key=sort_key, reverse=True)[:params.beam_width]

@@ -6,7 +6,7 @@ follows). It is the oracle the vLLM processor must match token for token.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 
@@ -148,7 +148,8 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
 def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None = None, beam_width: int = 2,
                           max_new_tokens: int = 16, weight: float = 1.0, mode: str = "product",
                           top_k: int | None = None, eos_token_id: int | None = None, ignore_eos: bool = False,
-                          length_penalty: float = 1.0) -> list[tuple[list[int], float]]:
+                          length_penalty: float = 1.0, stop_token_ids: Collection[int] = ()
+                          ) -> list[tuple[list[int], float]]:
     """Beam search over the combined distribution, one sequence (and one beam) at a time.
 
     The oracle for ``serving.plugin_beam_search``; it follows vLLM's beam search
@@ -156,7 +157,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
     each live beam proposes its ``2 * beam_width`` most likely next tokens under
     ``log_softmax(combine(base, plugin))`` (the base alone when ``plugin`` is None); a
     candidate ending in ``eos_token_id`` is set aside as finished (unless ``ignore_eos``), the
-    others compete and the ``beam_width`` best by cumulative log-prob live on. At the end the
+    others compete and the ``beam_width`` best by cumulative log-prob live on, less those that
+    end in one of ``stop_token_ids``, which finish (``beam.plugin_beam_search``). At the end the
     finished and live beams are ranked by ``cum_logprob / length ** length_penalty``, where
     ``length`` counts the prompt and the generated tokens but not a final EOS.
 
@@ -203,6 +205,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
                 new = (tokens + [tok], cum + lp)
                 (finished if tok == eos_token_id and not ignore_eos else candidates).append(new)
         beams = sorted(candidates, key=lambda b: score(*b), reverse=True)[:beam_width]
+        finished += [b for b in beams if b[0][-1] in stop_token_ids]
+        beams = [b for b in beams if b[0][-1] not in stop_token_ids]
         if not beams:
             break
     return sorted(finished + beams, key=lambda b: score(*b), reverse=True)[:beam_width]
