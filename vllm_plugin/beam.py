@@ -43,7 +43,8 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
     ``stop=["\\n"]``): a beam that ends in one after a step is finished. Unlike an EOS candidate,
     which vLLM sets aside before the best live on, it has to be among the ``beam_width`` best
     first, as in Hugging Face's beam search, so stopping early does not flood the finished list
-    with short beams. ``decode.reference_beam_search`` is the plain-PyTorch oracle the tests
+    with short beams; and a prompt's search ends once ``beam_width`` beams have finished (Hugging
+    Face's ``early_stopping=True``), where vLLM's would run every prompt to ``max_tokens``. ``decode.reference_beam_search`` is the plain-PyTorch oracle the tests
     hold it to.
 
     Every step is a fresh request per beam (prompt + the beam's tokens so far): the processor
@@ -133,7 +134,10 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
         if stop:
             for instance in instances:
                 instance.completed += [b for b in instance.beams if b.tokens[-1] in stop]
-                instance.beams = [b for b in instance.beams if b.tokens[-1] not in stop]
+                # Done once beam_width beams have finished (Hugging Face's early_stopping=True):
+                # the live ones would be refilled every step until max_tokens otherwise.
+                instance.beams = [] if len(instance.completed) >= params.beam_width else [
+                    b for b in instance.beams if b.tokens[-1] not in stop]
     outputs = []
     for instance in instances:
         best = sorted(instance.completed + instance.beams, key=sort_key, reverse=True)[:params.beam_width]

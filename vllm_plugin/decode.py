@@ -158,7 +158,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
     ``log_softmax(combine(base, plugin))`` (the base alone when ``plugin`` is None); a
     candidate ending in ``eos_token_id`` is set aside as finished (unless ``ignore_eos``), the
     others compete and the ``beam_width`` best by cumulative log-prob live on, less those that
-    end in one of ``stop_token_ids``, which finish (``beam.plugin_beam_search``). At the end the
+    end in one of ``stop_token_ids``, which finish; with stop tokens, the search ends once
+    ``beam_width`` beams have finished (``beam.plugin_beam_search``). At the end the
     finished and live beams are ranked by ``cum_logprob / length ** length_penalty``, where
     ``length`` counts the prompt and the generated tokens but not a final EOS.
 
@@ -205,8 +206,9 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
                 new = (tokens + [tok], cum + lp)
                 (finished if tok == eos_token_id and not ignore_eos else candidates).append(new)
         beams = sorted(candidates, key=lambda b: score(*b), reverse=True)[:beam_width]
-        finished += [b for b in beams if b[0][-1] in stop_token_ids]
-        beams = [b for b in beams if b[0][-1] not in stop_token_ids]
+        if stop_token_ids:
+            finished += [b for b in beams if b[0][-1] in stop_token_ids]
+            beams = [] if len(finished) >= beam_width else [b for b in beams if b[0][-1] not in stop_token_ids]
         if not beams:
             break
     return sorted(finished + beams, key=lambda b: score(*b), reverse=True)[:beam_width]
