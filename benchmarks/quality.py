@@ -306,7 +306,8 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
         stop = min(start + chunk, len(prompts))
         todo = {stem: range(max(start, done[stem]), stop) for stem in jobs}
         greedy = [(s, i) for s in jobs if not isinstance(jobs[s][1], BeamJob) for i in todo[s]]
-        outs = llm.generate([inputs[s][i] for s, i in greedy], [jobs[s][1] for s, _ in greedy], use_tqdm=False)
+        outs = llm.generate([inputs[s][i] for s, i in greedy], [jobs[s][1] for s, _ in greedy],
+                            use_tqdm=False) if greedy else []
         results = {(s, i): (o.outputs[0].text.strip(), list(o.outputs[0].token_ids)) for (s, i), o in zip(greedy, outs)}
         for stem, (_, job) in jobs.items():
             if isinstance(job, BeamJob) and todo[stem]:
