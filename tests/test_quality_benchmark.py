@@ -224,6 +224,17 @@ def test_systems_are_named_or_added_to_the_default_list():
         parse_systems("zero_shot,plugin_recurrent_wx")
 
 
+def test_decoding_grid_takes_penalty_pairs_and_beam_widths():
+    from benchmarks.quality import parse_grid
+
+    assert parse_grid("1.0:0, 1.1:0.5,beam4") == [{"repetition_penalty": 1.0, "frequency_penalty": 0.0},
+                                                 {"repetition_penalty": 1.1, "frequency_penalty": 0.5},
+                                                 {"beam_width": 4}]
+    for bad in ("beam0", "beamx", "beam", "1.1", "1.1:x:2", ","):
+        with pytest.raises(SystemExit, match="decoding-grid"):
+            parse_grid(bad)
+
+
 def test_targets_are_computed_from_the_scores():
     from benchmarks.quality import against_targets
 
