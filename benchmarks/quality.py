@@ -201,6 +201,8 @@ def fit_mixture_weight(base_path: str, small_ckpt: str, select) -> float:
 # One small grid of vLLM's own penalties, the same for every system: vLLM's repetition penalty
 # also counts prompt tokens (so it discourages copying the input's names and values), its
 # frequency penalty only generated ones. Beam search (``beam<width>``) joins it on request.
+# Where every system's output ends, greedy (vLLM's stop string) or beam (stop tokens holding it).
+STOP = "\n"
 DECODING_GRID = ({"repetition_penalty": 1.0, "frequency_penalty": 0.0},
                  {"repetition_penalty": 1.0, "frequency_penalty": 0.5},
                  {"repetition_penalty": 1.1, "frequency_penalty": 0.0},
@@ -270,7 +272,7 @@ def system_params(name: str, mix_weight: float, max_tokens: int, setting: dict):
         # formulas itself (vLLM's own arguments are refused there), so the rows stay comparable.
         extra.update(penalty_args(**setting))
         setting = {}
-    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=["\n"], extra_args=extra, **setting)
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[STOP], extra_args=extra, **setting)
 
 
 def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, desc: str) -> None:
@@ -296,7 +298,7 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
         path.write_text("".join(rows))
         done[stem] = len(rows)
     tokenizer = llm.get_tokenizer()
-    newline = token_ids_containing(tokenizer, "\n") if any(isinstance(j, BeamJob) for _, j in jobs.values()) else ()
+    stop_ids = token_ids_containing(tokenizer, STOP) if any(isinstance(j, BeamJob) for _, j in jobs.values()) else ()
     inputs = {stem: [system_input(system, p, shots, tokenizer) for p in prompts] for stem, (system, _) in jobs.items()}
     total = len(jobs) * len(prompts)
     bar = tqdm(total=total, initial=sum(done.values()), desc=f"{desc}: {len(jobs)} systems x settings",
@@ -312,20 +314,20 @@ def generate_jobs(llm, jobs: dict, prompts, shots, gen_dir: Path, chunk: int, de
         for stem, (_, job) in jobs.items():
             if isinstance(job, BeamJob) and todo[stem]:
                 beams = plugin_beam_search(llm, [inputs[stem][i] for i in todo[stem]], job.params,
-                                           stop_token_ids=newline, **job.plugin)
+                                           stop_token_ids=stop_ids, **job.plugin)
                 for i, out in zip(todo[stem], beams):
                     best = out.sequences[0]
                     ids = best.tokens[len(best.orig_prompt["prompt_token_ids"]):]
-                    text = tokenizer.decode(ids, skip_special_tokens=True).split("\n")[0].strip()
+                    text = tokenizer.decode(ids, skip_special_tokens=True).split(STOP)[0].strip()
                     results[stem, i] = (text, ids)
-        lines = {stem: [] for stem in jobs}
         for stem in jobs:
+            lines = []
             for i in todo[stem]:
                 text, ids = results[stem, i]
-                lines[stem].append(json.dumps({"prompt": prompts[i], "output": text, "token_ids": ids}) + "\n")
+                lines.append(json.dumps({"prompt": prompts[i], "output": text, "token_ids": ids}) + "\n")
                 generated += len(ids)
             with open(partial[stem], "a") as f:
-                f.writelines(lines[stem])
+                f.writelines(lines)
             done[stem] = max(done[stem], stop)
         bar.set_postfix(output_tok_s=f"{generated / (time.perf_counter() - started):.0f}")
         bar.update(sum(len(r) for r in todo.values()))

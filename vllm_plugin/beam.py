@@ -44,8 +44,8 @@ def plugin_beam_search(llm, prompts, params, plugin: str | None, weight: float =
     which vLLM sets aside before the best live on, it has to be among the ``beam_width`` best
     first, as in Hugging Face's beam search, so stopping early does not flood the finished list
     with short beams; and a prompt's search ends once ``beam_width`` beams have finished (Hugging
-    Face's ``early_stopping=True``), where vLLM's would run every prompt to ``max_tokens``. ``decode.reference_beam_search`` is the plain-PyTorch oracle the tests
-    hold it to.
+    Face's ``early_stopping=True``), where vLLM's would run every prompt to ``max_tokens``.
+    ``decode.reference_beam_search`` is the plain-PyTorch oracle the tests hold it to.
 
     Every step is a fresh request per beam (prompt + the beam's tokens so far): the processor
     rebuilds the plugin state from that whole sequence (vLLM's prefix cache spares the base
