@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_key, slice_names
-from benchmarks.quality import (RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
+from benchmarks.quality import (DTYPE, RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
                                 score_sliced, scores_file, setting_label, start_from)
 
 
@@ -66,6 +66,20 @@ LEVERS: dict[str, Lever] = {
                             training={"copy": True, "name_swap": 0.5, "train": {"negatives": 1024}}),
     "copy_gate": Lever("copy, with a per-position strength fitted on select",
                        training={"copy": True, "gate": True, "train": {"negatives": 1024}}),
+    "shortlist": Lever("a shortlist: the plugin scores the fit split's tokens, one shared logit for the rest; "
+                       "the exact loss at the shortlist's cost, 5 epochs",
+                       training={"shortlist_min_count": 1}),
+    "shortlist_copy": Lever("shortlist, with copy scores", training={"shortlist_min_count": 1, "copy": True}),
+    "shortlist_copy_gate": Lever("shortlist_copy, with a per-position strength fitted on select",
+                                 training={"shortlist_min_count": 1, "copy": True, "gate": True}),
+    "shortlist_copy_converge": Lever("shortlist_copy, batches by prompt, up to 40 epochs, patience 3",
+                                     training={"shortlist_min_count": 1, "copy": True,
+                                               "train": {"group_by_prompt": True, "epochs": 40, "patience": 3}}),
+    "shortlist_copy_converge_gate": Lever("shortlist_copy_converge, with a per-position strength fitted on select",
+                                          training={"shortlist_min_count": 1, "copy": True, "gate": True,
+                                                    "train": {"group_by_prompt": True, "epochs": 40, "patience": 3}}),
+    "shortlist_copy_wide": Lever("shortlist_copy with d_model 512 (3.9x the GRU's parameters)",
+                                 training={"shortlist_min_count": 1, "copy": True, "d_model": 512}),
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
 REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}
@@ -164,6 +178,7 @@ def main(argv=None) -> None:
     parser.add_argument("--select-subset", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, help="output token limit (default per dataset, as the quality benchmark)")
     parser.add_argument("--eager", action="store_true")
+    parser.add_argument("--dtype", default=DTYPE, help="the engine's dtype (default float32, as the quality benchmark)")
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--results", default=str(RESULTS))
@@ -172,9 +187,6 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    from vllm_plugin.serving import fast_dtype
-
-    args.dtype = fast_dtype()
     args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
     protocol, base_path, base_config, base_name = check_inputs(args)
     root = Path(args.runs) / f"{protocol.name}-{base_name}"
@@ -206,9 +218,15 @@ def main(argv=None) -> None:
                                                              **run_summary(trained[n][1])},
                    "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"),
                                           cache=scores_file(path))}
+    out = Path(args.results) / f"levers_{protocol.name}_{base_name}"
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}
-    out = Path(args.results) / f"levers_{protocol.name}_{base_name}"
+    if out.with_suffix(".json").is_file():  # a run of some levers adds their rows to the table
+        previous = json.loads(out.with_suffix(".json").read_text())
+        if (previous["protocol"], previous["select_inputs"]) == (result["protocol"], result["select_inputs"]):
+            order = list(REFERENCES) + list(LEVERS)
+            merged = {**previous["rows"], **rows}
+            result["rows"] = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0])))
     write_report(result, out, slice_key(protocol))
     print(out.with_suffix(".md").read_text())
 

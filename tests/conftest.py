@@ -45,8 +45,9 @@ TINY_TOP_K = 5
 
 
 class Tiny:
-    """The tiny base (as an HF folder and a loaded model) and six saved plugins (k: trained,
-    as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores)."""
+    """The tiny base (as an HF folder and a loaded model) and seven saved plugins (k: trained,
+    as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores; s: with
+    copy scores and a shortlist of a quarter of the vocabulary)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -64,6 +65,8 @@ class Tiny:
                              training={"source": "vllm", "top_k": TINY_TOP_K}),
             "g": tiny_plugin(self.vocab_size, "gru", seed=5, fingerprint=self.fingerprint, gate=True),
             "c": tiny_plugin(self.vocab_size, "gru", seed=6, fingerprint=self.fingerprint, copy=True),
+            "s": tiny_plugin(self.vocab_size, "gru", seed=7, fingerprint=self.fingerprint, copy=True,
+                             shortlist_size=self.vocab_size // 4),
         }
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
 
@@ -89,7 +92,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, given
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, given
     as LLM(additional_config=...)."""
     from vllm import LLM
 

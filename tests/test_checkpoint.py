@@ -29,6 +29,30 @@ def test_round_trip(tmp_path, arch):
     assert sorted(p.name for p in tmp_path.iterdir()) == [arch]
 
 
+@pytest.mark.parametrize("index_of", ["out_of_range", "row_twice"])
+def test_shortlist_round_trips_and_a_broken_one_is_refused(tmp_path, index_of):
+    """A shortlisted plugin keeps its shortlist through a checkpoint; an ``index_of`` that is not
+    a shortlist (a row past the rest row would fail inside the engine's decode step, a row used
+    twice would serve two tokens one logit silently) is refused, naming the tensor."""
+    from safetensors.torch import load_file, save_file
+
+    plugin = tiny_plugin(V, "gru", shortlist_size=20)
+    folder = save_plugin(plugin, tmp_path / "s")
+    loaded = load_plugin(folder, vocab_size=V)
+    assert torch.equal(loaded.shortlist(), plugin.shortlist()) and len(plugin.shortlist()) == 20
+    tensors = load_file(str(folder / "model.safetensors"))
+    first, second = plugin.shortlist()[:2]
+    if index_of == "out_of_range":
+        tensors["index_of"][0] = 21
+    else:
+        tensors["index_of"][second] = tensors["index_of"][first]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "vllm_plugin/1"})
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: 'index_of' is not a shortlist of 20 tokens.*retrain"):
+        load_plugin(folder, vocab_size=V)
+    with pytest.raises(ValueError, match="shortlist_size=101 must be 0"):
+        tiny_plugin(V, "gru", shortlist_size=V)
+
+
 def test_wrong_vocab(saved):
     with pytest.raises(CheckpointError, match="vocabulary of 101 tokens.*has 50"):
         load_plugin(saved[1], vocab_size=50)

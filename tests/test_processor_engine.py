@@ -51,7 +51,8 @@ def reference(tiny, ids, plugin, weight, max_tokens, mode=None):
 CASES = [(None, None, None), ("a", None, None), ("b", None, None), ("t", None, None), ("a", 0.5, None),
          ("b", 2.0, None), ("a", 0.0, None), ("b", 0.4, "mixture"), ("t", None, "alone"),
          ("g", None, None), ("g", 1.5, None), ("g", 0.6, "mixture"),  # g: a gated plugin
-         ("c", None, None), ("c", 0.7, "mixture")]  # c: a plugin with copy scores
+         ("c", None, None), ("c", 0.7, "mixture"),  # c: a plugin with copy scores
+         ("s", None, None), ("s", 0.8, "mixture")]  # s: copy scores and a shortlist
 
 
 def test_entry_point_is_installed_and_registered_twice(engine):
@@ -129,6 +130,19 @@ def test_copy_scores_lift_the_prompt_tokens(tiny, engine):
         lifted = tiny.plugins["c"].add_copy_score(hidden, logits, mask) - logits
     bonus = tiny.plugins["c"].copy_score(hidden)
     assert torch.equal(lifted != 0, mask) and torch.allclose(lifted, bonus * mask)
+
+
+def test_shortlisted_plugin_leaves_off_list_tokens_to_the_base(tiny, engine):
+    """Plugin s scores a shortlist of its own and gives every other token one shared logit: served
+    exactly as the reference decodes it, and without its copy scores it decodes differently; among
+    off-list tokens its log-probs add the same amount to each, so the base alone orders them."""
+    assert_served_as_reference_and_feature_matters(tiny, engine, "s", "copy_score")
+    plugin = tiny.plugins["s"]
+    off = plugin.index_of == plugin.config.shortlist_size
+    with torch.no_grad():
+        logits = plugin.head(torch.randn(3, 32))
+    assert 0 < int(off.sum()) < tiny.vocab_size
+    assert (logits[:, off] == logits[:, off][:, :1]).all() and logits[:, ~off].std() > 0.1
 
 
 def penalised(max_tokens, plugin=None, weight=None, mode=None, **penalties):

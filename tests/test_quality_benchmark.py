@@ -311,6 +311,16 @@ def test_levers_are_measured_on_select_only(tiny, tmp_path):
     assert result["rows"]["expert_penalty"]["training"]["decoding"] == {"plugin_expert_repetition_penalty": 1.1}
     assert result["rows"]["on_icl_1"]["training"]["prompt"] == "icl_1" and result["rows"]["icl_1"]["training"] is None
     assert "| expert_penalty |" in (tmp_path / "res" / "levers_e2e_tiny.md").read_text()
+    # A later run of other levers adds its rows to the same table and keeps the others.
+    args[args.index("--levers") + 1] = "shortlist_copy"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.levers", *args], env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((tmp_path / "res" / "levers_e2e_tiny.json").read_text())
+    assert list(merged["rows"]) == list(result["rows"]) + ["shortlist_copy"]
+    assert merged["rows"]["default"] == result["rows"]["default"]
+    short = merged["rows"]["shortlist_copy"]["training"]
+    assert short["select_ce"] < short["base_select_ce"]
 
 
 def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, monkeypatch):

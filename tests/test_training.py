@@ -443,3 +443,67 @@ def test_a_gated_run_stopped_while_fitting_its_gate_is_not_finished(tmp_path):
     assert run_finished(plain) and not run_finished(gated)
     (gated.out_dir() / "metrics.json").write_text(json.dumps({"best_epoch": 3, "gate": {"best_epoch": 2}}))
     assert run_finished(gated)
+
+
+def full_vocabulary_loss(plugin, data, idx):
+    """``batch_loss`` of any plugin the plain way: its head over the whole vocabulary."""
+    import torch.nn.functional as F
+
+    from vllm_plugin.training.train import target_hidden, with_copy_score
+
+    hidden, rows, targets = target_hidden(plugin, data, idx)
+    logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
+    if data.base is not None:
+        logits = logits + data.base.log_probs(rows)
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@pytest.mark.parametrize("kind", ["full", "topk", "alone"])
+@pytest.mark.parametrize("copy_scores", [False, True])
+def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores):
+    """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
+    and gradient as its head spread over the whole vocabulary, against a full base, a top-k
+    view and no base; its head gives every off-list token the rest row's logit."""
+    from vllm_plugin.testing import tiny_plugin
+    from vllm_plugin.training.train import batch_loss
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:12], tiny.tokenizer)
+    bl = None if kind == "alone" else extract_full(tiny.base, ts, progress=False)
+    if kind == "topk":
+        bl = bl_mod.topk_view(bl, ts, 5, progress=False)
+    data = PairSet(ts, bl)
+    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, shortlist_size=tiny.vocab_size // 3)
+    off = plugin.index_of == plugin.config.shortlist_size
+    assert off.sum() == tiny.vocab_size - tiny.vocab_size // 3
+    logits = plugin.head(torch.randn(2, 32))
+    assert torch.equal(logits[:, off], logits[:, off][:, :1].expand(2, int(off.sum())))
+    idx = [0, 3, 5, 7, 11]
+    fast, n = batch_loss(plugin, data, idx)
+    assert n == sum(len(ts.targets[e]) for e in idx)
+    fast.backward()
+    fast_grad = {k: p.grad.clone() for k, p in plugin.named_parameters()}
+    plugin.zero_grad()
+    slow = full_vocabulary_loss(plugin, data, idx)
+    slow.backward()
+    assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
+    for k, p in plugin.named_parameters():
+        torch.testing.assert_close(fast_grad[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_path):
+    """``RunSpec(shortlist_min_count=...)``: the plugin's shortlist is the tokens that occur that
+    often in the fit split's prompts and targets; it learns (select loss below the base's), its
+    checkpoint round-trips, and a resumed run must keep the same setting."""
+    from vllm_plugin.training.train import task_shortlist
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), copy=True,
+                   shortlist_min_count=2, train=TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_steps=2))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    assert metrics["best_select_loss"] < metrics["base_select_loss"] - 0.2
+    plugin = load_plugin(tmp_path / "run" / "checkpoint")
+    fit, _ = split_by_input(load_e2e(e2e_file), 0.6, seed=0)
+    want = task_shortlist(tokenize_examples(fit, tiny.tokenizer), 2)
+    assert plugin.shortlist().tolist() == want and 0 < len(want) < tiny.vocab_size
+    spec.shortlist_min_count = 1
+    with pytest.raises(ValueError, match=r"shortlist_min_count: 2 then, 1 now"):
+        run(spec, progress=False, log=lambda *_: None)

@@ -165,12 +165,14 @@ class BaseLogits:
     def log_probs_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """[n, m] exact base log-probs of tokens ``cols`` (int64 [m]) at flat rows ``rows`` (int64
         [n]), without touching the rest of the vocabulary: the full source computes only those
-        columns of the head (``candidates`` must have run, for the normaliser); a top-k cache
+        columns of the head (the first call runs ``candidates``, for the normaliser); a top-k cache
         reads its top-k log-probs and the flat tail elsewhere. Differentiable in nothing."""
         from vllm_plugin.experts import flat_tail
 
         cols, repeat = torch.unique(cols, return_inverse=True)  # a token asked for twice: one column, read twice
         if self.kind == "full":
+            if self.log_normaliser is None:
+                self.candidates()
             logits = self._capped(F.linear(self.hidden[rows].float(), self.head_weight[cols],
                                            None if self.head_bias is None else self.head_bias[cols]))
             return (logits - self.log_normaliser[rows, None])[:, repeat]

@@ -17,7 +17,7 @@ from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_t
 from .config import SOURCES, TrainConfig
 from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples, swap_names
 from .fetch import data_root
-from .train import PairSet, train
+from .train import PairSet, task_shortlist, train
 
 # Files each dataset trains on (the paper fits and selects on E2E's validation split).
 TRAIN_FILES = {"e2e": "e2e/devel.csv", "webnlg": "webnlg/train.jsonl"}
@@ -68,6 +68,9 @@ class RunSpec:
     name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
     gate: bool = False  # after training, fit a per-position strength on the select split (train.fit_gate)
     copy: bool = False  # the plugin learns copy scores for the prompt's tokens (PluginLM.add_copy_score)
+    # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
+    # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
+    shortlist_min_count: int = 0
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -86,6 +89,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--name-swap is for E2E (it rewrites name[...] and near[...] values), not {spec.dataset!r}")
     if not 0.0 <= spec.name_swap <= 1.0:
         raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
+    if spec.shortlist_min_count < 0:
+        raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.train.negatives < 0 or spec.train.candidate_k < 1:
         raise ValueError(f"--negatives must be >= 0 and --candidate-k >= 1; got {spec.train.negatives}, "
                          f"{spec.train.candidate_k}")
@@ -152,8 +157,9 @@ def base_vocab_size(base_path: str) -> int:
 
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
-               "candidate_k", "group_by_prompt")
-RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False}
+               "candidate_k", "group_by_prompt", "shortlist_min_count")
+RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
+                   "shortlist_min_count": 0}
 
 
 def run_finished(spec: RunSpec) -> bool:
@@ -214,15 +220,18 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     load_base = None  # free the base before training
 
     vocab_size = fit_bl.vocab_size if fit_bl is not None else base_vocab_size(base_path)
+    shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
-        copy=spec.copy, tokenizer_fingerprint=fingerprint, base_model=base_path,
+        copy=spec.copy, shortlist_size=0 if shortlist is None else len(shortlist),
+        tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
                   "split": spec.split, "name_swap": spec.name_swap,
                   "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
-                  "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt},
+                  "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
+                  "shortlist_min_count": spec.shortlist_min_count},
     )
     resume_model = spec.out_dir() / "resume" / "model"
     if resume_model.is_dir():
@@ -245,7 +254,10 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                              "choose another --out or pass --no-resume")
     torch.manual_seed(spec.train.seed)
     plugin = build_plugin(config)
-    log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters")
+    if shortlist is not None:
+        plugin.set_shortlist(shortlist)
+    log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters"
+        + (f", a shortlist of {len(shortlist)} of {vocab_size} tokens" if shortlist is not None else ""))
     t1 = time.time()
     metrics = train(plugin, PairSet(fit_ts, fit_bl), PairSet(select_ts, select_bl), spec.train,
                     spec.out_dir(), progress=progress, log=log)

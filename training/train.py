@@ -107,6 +107,21 @@ class PairSet:
         return [e for g in groups for e in rng.sample(g, len(g))]
 
 
+def task_shortlist(ts: TokenizedSet, min_count: int = 1) -> list[int]:
+    """The token ids that occur at least ``min_count`` times in ``ts``'s prompts (each distinct
+    prompt once) and targets, sorted: a shortlisted plugin's own tokens (``PluginConfig.shortlist_size``).
+    Built from the fit split only, so that nothing is learnt from select.
+
+    Raises:
+        ValueError: no token occurs that often.
+    """
+    counts = torch.bincount(torch.tensor([t for seq in ts.prompts + ts.targets for t in seq]))
+    ids = (counts >= min_count).nonzero()[:, 0].tolist()
+    if not ids:
+        raise ValueError(f"no token occurs {min_count} times in the fit split: lower --shortlist-min-count")
+    return ids
+
+
 def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
     """The plugin's hidden state [n, d] before each target token of examples ``idx``, their flat
     rows [n] and ids [n]. ``share_prompts``: a plugin that can (the GRU) reads each distinct
@@ -138,6 +153,8 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_pro
         if target is not None:
             return -target.sum(), len(targets)
         return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
+    if plugin.index_of is not None and plugin.gate is None:
+        return shortlist_batch_loss(plugin, data, idx, share_prompts)
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
     if data.base is not None:  # CE renormalises the sum
@@ -219,6 +236,39 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     return (log_z - target_scores).sum(), len(targets)
 
 
+def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
+    """``batch_loss`` of a shortlisted plugin, exact, at the cost of its shortlist: (summed
+    cross-entropy, target-token count).
+
+    Every token off the shortlist gets the plugin's one rest logit z_r, so the product's
+    normaliser over the vocabulary splits into the columns E that differ (the shortlist, the
+    batch's targets, and for copy scores its prompts' tokens) and the rest R, which share z_r:
+    ``log Z = logsumexp_E(log p_base + z) (+) (z_r + log p_base(R))`` with ``p_base(R) =
+    1 - p_base(E)``. So the base's head is computed at |E| columns, not V (the full cache's
+    ``log_probs_at``; a top-k cache's view is exact too), and without a base ``p_base`` is
+    uniform. Equal to ``batch_loss`` of the same plugin through ``plugin.head`` (tested).
+    """
+    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
+    extra = [targets]
+    if plugin.copy_score is not None:
+        extra += [torch.tensor(data.ts.prompts[p]) for p in {data.ts.example_prompt[e] for e in idx}]
+    cols = torch.unique(torch.cat([plugin.shortlist(), *extra]))  # sorted: E
+    row_logits = plugin.head_rows(hidden)
+    z = with_copy_score(plugin, data, idx, hidden, row_logits[:, plugin.index_of[cols]], cols)
+    z_rest = row_logits[:, -1]
+    vocab = plugin.config.vocab_size
+    if data.base is not None:
+        base = data.base.log_probs_at(rows, cols)
+        scores = z + base
+        # p_base(R) = 1 - p_base(E), clamped: E can hold all the mass up to rounding.
+        log_rest = torch.log1p(-base.logsumexp(-1).exp().clamp(max=1 - 1e-6))
+    else:
+        scores, log_rest = z, torch.full_like(z_rest, math.log(vocab - len(cols)) if vocab > len(cols) else -math.inf)
+    log_z = torch.logaddexp(scores.logsumexp(-1), z_rest + log_rest)
+    target_scores = scores.gather(1, torch.searchsorted(cols, targets)[:, None])[:, 0]
+    return (log_z - target_scores).sum(), len(targets)
+
+
 @torch.no_grad()
 def evaluate(plugin: PluginLM | None, data: PairSet, batch_size: int = 64, negatives: int = 0,
              candidate_k: int = 32) -> float:
@@ -260,7 +310,9 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         state = loop.load_point(resume_dir, opt, lambda f: plugin.load_state_dict(load_plugin(f / "model").state_dict()))
         log(f"resuming at epoch {state.epoch + 1}, batch {state.batch + 1} (best select loss {state.best_select_loss})")
     with_base = select.base is not None
-    if cfg.negatives and with_base:  # one pass over the vocabulary each, for the whole run
+    # A shortlisted plugin's loss is exact at the cost of its shortlist: nothing to sample.
+    negatives = 0 if plugin.index_of is not None else cfg.negatives
+    if (negatives or plugin.index_of is not None) and with_base:  # one pass over the vocabulary each, for the run
         fit.base.candidates(cfg.candidate_k)
         select.base.candidates(cfg.candidate_k)
     base_select = evaluate(None, select) if with_base else None
@@ -270,21 +322,21 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         return (f"the best checkpoint ({out_dir / 'checkpoint'}, epoch {s.best_epoch}) and the resume point "
                 f"(after epoch {s.epoch}) are untouched" if s.best_epoch else "no checkpoint was written")
 
-    if cfg.negatives:
+    if negatives:
         def fit_loss(idx):
-            return sampled_batch_loss(plugin, fit, idx, cfg.negatives, cfg.candidate_k, cfg.seed, cfg.group_by_prompt)
+            return sampled_batch_loss(plugin, fit, idx, negatives, cfg.candidate_k, cfg.seed, cfg.group_by_prompt)
     else:
         def fit_loss(idx):
             return batch_loss(plugin, fit, idx, cfg.group_by_prompt)
     loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=fit_loss,
-             select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
+             select_loss=lambda: evaluate(plugin, select, negatives=negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
              save_point=lambda s: loop.save_point(resume_dir, opt, s, lambda f: save_plugin(plugin, f / "model")),
              save_every_s=loop.SAVE_EVERY_S, kept=kept,
              note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log,
              order=(lambda epoch: fit.grouped_order(cfg.seed * 1000 + epoch)) if cfg.group_by_prompt else None)
     extra = {}
-    if cfg.negatives and state.best_epoch:  # the estimate chose the epoch; report the exact loss too
+    if negatives and state.best_epoch:  # the estimate chose the epoch; report the exact loss too
         extra["best_select_loss_exact"] = evaluate(load_plugin(out_dir / "checkpoint"), select)
     metrics = loop.summary(cfg, state, base_select_loss=base_select, base_fit_loss=base_fit, fit_examples=len(fit),
                            select_examples=len(select), fit_target_tokens=fit.ts.num_target_tokens, **extra)

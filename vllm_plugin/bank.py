@@ -389,7 +389,7 @@ class PluginBank:
 
 
 def _fast_head(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The vocabulary head through vLLM's own CPU GEMM (oneDNN, prepacked weight), as vLLM runs
+    """The head (``model.head``) through vLLM's own CPU GEMM (oneDNN, prepacked weight), as vLLM runs
     the base's layers: much faster than aten's matmul at decode batch sizes on CPU (see README).
     Elsewhere, or if vLLM's CPU ops are missing, the model's head."""
     if device.type != "cpu":
@@ -404,4 +404,4 @@ def _fast_head(model, device: torch.device) -> Callable[[torch.Tensor], torch.Te
         logger.info("vllm_plugin: oneDNN head unavailable (%s); using torch", e)
         return model.head
     bias = model.out_bias.detach()
-    return lambda hidden: ops.onednn_mm(handler, hidden.contiguous(), bias)
+    return lambda hidden: model.to_vocab(ops.onednn_mm(handler, hidden.contiguous(), bias))

@@ -99,7 +99,8 @@ def load_plugin(folder: str | Path, vocab_size: int | None = None,
 
     Raises:
         CheckpointError: the folder, its config or its weights are missing or unreadable, the
-            weights do not match the config, any tensor holds NaN or +-inf, or the vocabulary
+            weights do not match the config, any tensor holds NaN or +-inf, a shortlist's
+            ``index_of`` is not one, or the vocabulary
             size / tokenizer fingerprint differ from the ones given.
     """
     folder = Path(folder)
@@ -133,4 +134,12 @@ def load_plugin(folder: str | Path, vocab_size: int | None = None,
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{weights} does not match its config.json: {e}") from e
+    k = config.shortlist_size
+    if k:  # out-of-range rows would fail inside the engine's decode step; a row used twice, silently
+        rows = model.index_of
+        if int(rows.min()) < 0 or int(rows.max()) > k or not torch.equal(
+                torch.bincount(rows, minlength=k + 1)[:k], torch.ones(k, dtype=torch.long)):
+            raise CheckpointError(
+                f"{weights}: 'index_of' is not a shortlist of {k} tokens (each of rows 0..{k - 1} once, row {k} "
+                f"for the rest): the file is corrupt; retrain the plugin or restore this checkpoint from a good copy")
     return model.to(device).eval()

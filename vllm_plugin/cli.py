@@ -50,6 +50,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy", action="store_true",
                    help="learn copy scores: a per-position bonus on the prompt's tokens, so the plugin leaves "
                         "names and values it never saw to the base")
+    p.add_argument("--shortlist-min-count", type=int, default=0,
+                   help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
+                        "split (prompts and targets) and gives every other token one shared logit, leaving them "
+                        "to the base; training costs the shortlist, not the vocabulary (0: the whole vocabulary)")
     p.add_argument("--name-swap", type=float, default=0.0,
                    help="E2E: share of fit inputs whose venue names are replaced by invented ones, so the "
                         "plugin leaves names to the base (0: none)")
@@ -66,6 +70,7 @@ def _spec(args):
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy,
+        shortlist_min_count=args.shortlist_min_count,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,

@@ -42,6 +42,11 @@ class PluginConfig:
     # per-position bonus on the plugin's logits, so the plugin can leave to the base the names
     # and values that only the input holds; see PluginLM.add_copy_score.
     copy: bool = False
+    # A shortlist (vocabulary-restricted plugin): 0 scores every token of the base's vocabulary;
+    # K > 0 scores K tokens of its own (those its training data holds, ``PluginLM.index_of``) and
+    # gives every other token one shared logit, so that a token the plugin never saw is left to
+    # the base, and training and the head cost K + 1 columns instead of the vocabulary.
+    shortlist_size: int = 0
     # What the plugin was trained against; checked when it is loaded onto a base.
     tokenizer_fingerprint: str = ""
     base_model: str = ""
@@ -55,6 +60,9 @@ class PluginConfig:
             )
         if self.vocab_size <= 0 or self.d_model <= 0 or self.n_layers <= 0:
             raise ValueError(f"plugin sizes must be positive: {self}")
+        if not 0 <= self.shortlist_size < self.vocab_size:
+            raise ValueError(f"shortlist_size={self.shortlist_size} must be 0 (the whole vocabulary) or below "
+                             f"vocab_size={self.vocab_size}")
         if self.architecture == "transformer" and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
@@ -73,15 +81,23 @@ class PluginLM(nn.Module):
     ``out`` [num_slots, d_model], the last hidden state after ``ln_f``, and the core's own
     (GRU: ``h`` [num_slots, n_layers, d_model]; transformer: ``k``/``v`` [num_slots, n_layers,
     n_heads, max_len, d_model / n_heads]).
+
+    A shortlisted plugin (``config.shortlist_size`` K > 0) has K + 1 rows of embedding and head:
+    ``index_of`` [V] maps each token of the base's vocabulary to its row, K (the shared "rest"
+    row) for every token off the shortlist; ``set_shortlist`` fills it.
     """
 
     def __init__(self, config: PluginConfig):
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        rows = config.shortlist_size + 1 if config.shortlist_size else config.vocab_size
+        self.embed = nn.Embedding(rows, config.d_model)
         self.ln_f = nn.LayerNorm(config.d_model)
-        self.out_proj = None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.out_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.out_proj = None if config.tie_embeddings else nn.Linear(config.d_model, rows, bias=False)
+        self.out_bias = nn.Parameter(torch.zeros(rows))
+        # None (no state-dict entry) for a plugin of the whole vocabulary.
+        self.register_buffer("index_of", torch.full((config.vocab_size,), config.shortlist_size, dtype=torch.long)
+                             if config.shortlist_size else None)
         self.drop = nn.Dropout(config.dropout)
         nn.init.normal_(self.embed.weight, std=0.02)
         self.gate = nn.Linear(config.d_model + 2, 1) if config.gate else None
@@ -92,6 +108,34 @@ class PluginLM(nn.Module):
         if self.copy_score is not None:  # starts at no bonus: the plugin without copy scores
             nn.init.zeros_(self.copy_score.weight)
             nn.init.zeros_(self.copy_score.bias)
+
+    def set_shortlist(self, token_ids) -> None:
+        """Make ``token_ids`` (``config.shortlist_size`` distinct ids, sorted) the shortlist: token
+        ``token_ids[i]`` gets row i, every other token the rest row.
+
+        Raises:
+            ValueError: the plugin has no shortlist, or ``token_ids`` is not K distinct valid ids.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        k, v = self.config.shortlist_size, self.config.vocab_size
+        if not k or len(ids) != k or len(torch.unique(ids)) != k or int(ids.min()) < 0 or int(ids.max()) >= v:
+            raise ValueError(f"a shortlist must be {k} distinct token ids below {v}, got {len(ids)} "
+                             f"({len(torch.unique(ids))} distinct)")
+        self.index_of.fill_(k)
+        self.index_of[ids] = torch.arange(k, device=self.index_of.device)
+
+    def shortlist(self) -> torch.Tensor | None:
+        """int64 [K]: the shortlisted token ids, sorted (None: the whole vocabulary)."""
+        return None if self.index_of is None else (self.index_of < self.config.shortlist_size).nonzero()[:, 0]
+
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids (any shape) -> their embeddings [..., d_model] (off the shortlist: the rest row)."""
+        return self.embed(ids if self.index_of is None else self.index_of[ids])
+
+    def to_vocab(self, row_logits: torch.Tensor) -> torch.Tensor:
+        """[..., rows] head outputs -> [..., V] logits over the base's vocabulary (a shortlisted
+        plugin: each token reads its row, the rest row for tokens off the shortlist)."""
+        return row_logits if self.index_of is None else row_logits.index_select(-1, self.index_of)
 
     def add_copy_score(self, hidden: torch.Tensor, logits: torch.Tensor, in_prompt: torch.Tensor) -> torch.Tensor:
         """``logits`` [n, C] plus the learned bonus ``copy_score(hidden)`` ([n], from ``hidden``
@@ -117,20 +161,25 @@ class PluginLM(nn.Module):
         return 2 * torch.sigmoid(self.gate(features))[:, 0]
 
     def head_weight(self) -> torch.Tensor:
-        """[V, d_model]: the embedding (tied) or the output projection."""
+        """[rows, d_model] (rows: V, or K + 1 for a shortlist): the embedding (tied) or the
+        output projection."""
         return self.embed.weight if self.out_proj is None else self.out_proj.weight
+
+    def head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., d_model] hidden states -> [..., rows] logits of the head's rows."""
+        return F.linear(hidden, self.head_weight(), self.out_bias)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., d_model] hidden states -> [..., V] logits over the base's vocabulary."""
-        return F.linear(hidden, self.head_weight(), self.out_bias)
+        return self.to_vocab(self.head_rows(hidden))
 
     def logits(self, state: dict, slots: torch.Tensor) -> torch.Tensor:
         """[len(slots), V] next-token logits of the sequences in ``slots`` (int64 [n])."""
         return self.head(state["out"][slots])
 
     def flops_per_token(self) -> int:
-        """Multiply-adds x2 of one decode step: the core's step plus the head over the vocabulary."""
-        return 2 * (self._core_macs_per_token() + self.config.d_model * self.config.vocab_size)
+        """Multiply-adds x2 of one decode step: the core's step plus the head over its rows."""
+        return 2 * (self._core_macs_per_token() + self.config.d_model * self.out_bias.numel())
 
 
 class GRUPlugin(PluginLM):
@@ -145,7 +194,7 @@ class GRUPlugin(PluginLM):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """[B, T] token ids -> [B, T, d_model] hidden states (position t has read ids[:, :t + 1])."""
-        out, _ = self.rnn(self.drop(self.embed(ids)))
+        out, _ = self.rnn(self.drop(self.embed_ids(ids)))
         return self.ln_f(self.drop(out))
 
     def forward_shared(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, conts: torch.Tensor,
@@ -156,10 +205,10 @@ class GRUPlugin(PluginLM):
         ``conts`` [E, Lc] follows prompt ``prompt_of[e]``. Returns the hidden state after each
         prompt [P, d_model] and those along each continuation [E, Lc, d_model]: in eval mode
         exactly ``forward`` of the concatenated sequences at those positions."""
-        packed = pack_padded_sequence(self.drop(self.embed(prompts)), prompt_lens.cpu(), batch_first=True,
+        packed = pack_padded_sequence(self.drop(self.embed_ids(prompts)), prompt_lens.cpu(), batch_first=True,
                                       enforce_sorted=False)
         _, h = self.rnn(packed)  # [n_layers, P, d]: each prompt's state after its last token
-        out, _ = self.rnn(self.drop(self.embed(conts)), h[:, prompt_of].contiguous())
+        out, _ = self.rnn(self.drop(self.embed_ids(conts)), h[:, prompt_of].contiguous())
         return self.ln_f(self.drop(h[-1])), self.ln_f(self.drop(out))
 
     def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
@@ -182,7 +231,7 @@ class GRUPlugin(PluginLM):
         ``slots[r]`` (int64 [n]), updating ``h`` and ``out``. ``start[r]``: how many tokens the
         slot has seen (the GRU does not need it)."""
         if tokens.shape[1] == 1 and not self.training:  # the decode step: the fused cell, a few times cheaper
-            x, h = self.embed(tokens[:, 0]), state["h"][slots]
+            x, h = self.embed_ids(tokens[:, 0]), state["h"][slots]
             layers = []
             for i in range(self.config.n_layers):
                 x = torch.gru_cell(x, h[:, i], *(getattr(self.rnn, f"{w}_l{i}")
@@ -192,7 +241,7 @@ class GRUPlugin(PluginLM):
             state["out"][slots] = self.ln_f(x)
             return
         h0 = state["h"][slots].transpose(0, 1).contiguous()
-        x = self.embed(tokens)
+        x = self.embed_ids(tokens)
         if lengths is None or min(lengths) == tokens.shape[1]:
             _, hn = self.rnn(x, h0)
         else:
@@ -254,7 +303,7 @@ class TransformerPlugin(PluginLM):
         t = ids.shape[1]
         if t > self.config.max_len:
             raise ValueError(f"sequence of {t} tokens exceeds the plugin's max_len={self.config.max_len}")
-        x = self.drop(self.embed(ids) + self.pos(torch.arange(t, device=ids.device)))
+        x = self.drop(self.embed_ids(ids) + self.pos(torch.arange(t, device=ids.device)))
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x)
@@ -288,7 +337,7 @@ class TransformerPlugin(PluginLM):
         valid = torch.arange(t, device=device)[None, :] < lengths_t[:, None]
         max_len = self.config.max_len
         pos_c = pos.clamp(max=max_len - 1)  # rows past max_len are disabled by the caller
-        x = self.embed(tokens) + self.pos(pos_c)
+        x = self.embed_ids(tokens) + self.pos(pos_c)
         # A query at position p sees cache positions <= p of its own slot.
         key_pos = torch.arange(max_len, device=device)
         mask = key_pos[None, None, None, :] <= pos_c[:, None, :, None]  # [r, 1, t, max_len]

@@ -69,6 +69,8 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
                           max_len=kw.pop("max_len", 256), tokenizer_fingerprint=fingerprint, dropout=0.0,
                           tie_embeddings=False, **kw)
     model = build_plugin(config)
+    if model.index_of is not None:  # a seeded random shortlist
+        model.set_shortlist(torch.randperm(vocab_size)[:config.shortlist_size].sort().values)
     with torch.no_grad():
         model.embed.weight.mul_(scale)
         model.out_proj.weight.mul_(scale)
