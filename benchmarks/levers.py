@@ -78,6 +78,10 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_converge_gate": Lever("shortlist_copy_converge, with a per-position strength fitted on select",
                                           training={"shortlist_min_count": 1, "copy": True, "gate": True,
                                                     "train": {"group_by_prompt": True, "epochs": 40, "patience": 3}}),
+    "shortlist_copy_dropout": Lever("shortlist_copy with dropout 0.3 (default 0.1)",
+                                    training={"shortlist_min_count": 1, "copy": True, "dropout": 0.3}),
+    "shortlist_copy_wd": Lever("shortlist_copy with AdamW weight decay 1.0 (default 0.01)",
+                               training={"shortlist_min_count": 1, "copy": True, "train": {"weight_decay": 1.0}}),
     "shortlist_copy_wide": Lever("shortlist_copy with d_model 512 (3.9x the GRU's parameters)",
                                  training={"shortlist_min_count": 1, "copy": True, "d_model": 512}),
 }

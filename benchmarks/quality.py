@@ -423,7 +423,7 @@ def training_summary(root: Path, names) -> dict:
     return out
 
 
-PLUGIN_ROWS = re.compile(r"plugin_r.*|plugin_transformer")
+PLUGIN_ROWS = re.compile(r"plugin_(recurrent|transformer|shortlist).*")
 BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
 # Trained on the base's top-20 log-probs and decoded against its top-20 view: the closed-API regime.
 TOP20_ROWS = ("plugin_recurrent_top20",)

@@ -61,6 +61,7 @@ class RunSpec:
     arch: str = "gru"
     d_model: int = 256
     n_layers: int = 1
+    dropout: float = 0.1  # the plugin's (PluginConfig.dropout)
     max_target_tokens: int = 256
     fit_fraction: float = 0.6
     split: str = "input"  # training.data.split_examples: input (the paper's) or venue (E2E)
@@ -89,6 +90,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--name-swap is for E2E (it rewrites name[...] and near[...] values), not {spec.dataset!r}")
     if not 0.0 <= spec.name_swap <= 1.0:
         raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
+    if not 0.0 <= spec.dropout < 1.0:
+        raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
     if spec.shortlist_min_count < 0:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.train.negatives < 0 or spec.train.candidate_k < 1:
@@ -223,7 +226,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
-        copy=spec.copy, shortlist_size=0 if shortlist is None else len(shortlist),
+        dropout=spec.dropout, copy=spec.copy, shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,

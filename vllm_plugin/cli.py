@@ -24,6 +24,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="gru", choices=["gru", "transformer"])
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--dropout", type=float, default=0.1, help="the plugin's dropout probability")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -68,7 +69,7 @@ def _spec(args):
     return RunSpec(
         dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
-        n_layers=args.layers, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
+        n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy,
         shortlist_min_count=args.shortlist_min_count,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
