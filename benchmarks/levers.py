@@ -224,13 +224,18 @@ def main(argv=None) -> None:
                                           cache=scores_file(path))}
     out = Path(args.results) / f"levers_{protocol.name}_{base_name}"
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
-              "protocol": protocol.description, "select_inputs": len(prompts), "rows": rows}
+              "protocol": protocol.description, "select_inputs": len(prompts), "max_tokens": args.max_tokens,
+              "dtype": args.dtype, "rows": rows}
     if out.with_suffix(".json").is_file():  # a run of some levers adds their rows to the table
         previous = json.loads(out.with_suffix(".json").read_text())
-        if (previous["protocol"], previous["select_inputs"]) == (result["protocol"], result["select_inputs"]):
+        previous.setdefault("max_tokens", args.max_tokens)  # tables from before these were recorded:
+        previous.setdefault("dtype", DTYPE)  # the defaults of then
+        same = ("protocol", "select_inputs", "max_tokens", "dtype")
+        if all(previous[k] == result[k] for k in same):
             order = list(REFERENCES) + list(LEVERS)
-            merged = {**previous["rows"], **rows}
-            result["rows"] = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0])))
+            merged = {**previous["rows"], **rows}  # rows of levers since renamed go last
+            result["rows"] = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                         else len(order)))
     write_report(result, out, slice_key(protocol))
     print(out.with_suffix(".md").read_text())
 

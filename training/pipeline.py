@@ -1,6 +1,7 @@
 """data -> base logits (cached) -> training -> checkpoint, as one call."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -160,9 +161,9 @@ def base_vocab_size(base_path: str) -> int:
 
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
-               "candidate_k", "group_by_prompt", "shortlist_min_count")
+               "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
-                   "shortlist_min_count": 0}
+                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1}
 
 
 def run_finished(spec: RunSpec) -> bool:
@@ -234,7 +235,9 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                   "split": spec.split, "name_swap": spec.name_swap,
                   "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
                   "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
-                  "shortlist_min_count": spec.shortlist_min_count},
+                  "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout,
+                  # Which tokens, not only how often: other data would give another shortlist.
+                  "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},
     )
     resume_model = spec.out_dir() / "resume" / "model"
     if resume_model.is_dir():

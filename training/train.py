@@ -212,6 +212,8 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     """
     if plugin.gate is not None:
         raise ValueError("a gated plugin needs the exact loss: its gate reads each expert's entropy")
+    if plugin.index_of is not None:
+        raise ValueError("a shortlisted plugin's exact loss already costs only its shortlist: use batch_loss")
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     vocab = plugin.config.vocab_size
     candidates = (data.base.candidates(min(candidate_k, vocab))[rows].flatten() if data.base is not None
@@ -260,8 +262,9 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     if data.base is not None:
         base = data.base.log_probs_at(rows, cols)
         scores = z + base
-        # p_base(R) = 1 - p_base(E), clamped: E can hold all the mass up to rounding.
-        log_rest = torch.log1p(-base.logsumexp(-1).exp().clamp(max=1 - 1e-6))
+        # p_base(R) = 1 - p_base(E), in float64 (float32 loses it when E holds nearly all the mass).
+        log_rest = (torch.log1p(-base.double().logsumexp(-1).exp().clamp(max=1.0)).float()
+                    if vocab > len(cols) else torch.full_like(z_rest, -math.inf))
     else:
         scores, log_rest = z, torch.full_like(z_rest, math.log(vocab - len(cols)) if vocab > len(cols) else -math.inf)
     log_z = torch.logaddexp(scores.logsumexp(-1), z_rest + log_rest)
