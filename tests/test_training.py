@@ -507,3 +507,6 @@ def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_pat
     spec.shortlist_min_count = 1
     with pytest.raises(ValueError, match=r"shortlist_min_count: 2 then, 1 now"):
         run(spec, progress=False, log=lambda *_: None)
+    spec.train.negatives = 16
+    with pytest.raises(ValueError, match=r"--negatives samples the vocabulary a shortlisted plugin does not score"):
+        run(spec, progress=False, log=lambda *_: None)

@@ -95,6 +95,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
     if spec.shortlist_min_count < 0:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
+    if spec.shortlist_min_count and spec.train.negatives:
+        raise ValueError("--negatives samples the vocabulary a shortlisted plugin does not score: a shortlist's "
+                         "loss is exact at its own cost; drop --negatives or --shortlist-min-count")
     if spec.train.negatives < 0 or spec.train.candidate_k < 1:
         raise ValueError(f"--negatives must be >= 0 and --candidate-k >= 1; got {spec.train.negatives}, "
                          f"{spec.train.candidate_k}")

@@ -258,15 +258,15 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     row_logits = plugin.head_rows(hidden)
     z = with_copy_score(plugin, data, idx, hidden, row_logits[:, plugin.index_of[cols]], cols)
     z_rest = row_logits[:, -1]
-    vocab = plugin.config.vocab_size
-    if data.base is not None:
-        base = data.base.log_probs_at(rows, cols)
-        scores = z + base
-        # p_base(R) = 1 - p_base(E), in float64 (float32 loses it when E holds nearly all the mass).
-        log_rest = (torch.log1p(-base.double().logsumexp(-1).exp().clamp(max=1.0)).float()
-                    if vocab > len(cols) else torch.full_like(z_rest, -math.inf))
-    else:
-        scores, log_rest = z, torch.full_like(z_rest, math.log(vocab - len(cols)) if vocab > len(cols) else -math.inf)
+    rest = plugin.config.vocab_size - len(cols)  # |R|
+    base = None if data.base is None else data.base.log_probs_at(rows, cols)
+    scores = z if base is None else z + base
+    if not rest:
+        log_rest = torch.full_like(z_rest, -math.inf)
+    elif base is None:  # a uniform base
+        log_rest = torch.full_like(z_rest, math.log(rest))
+    else:  # p_base(R) = 1 - p_base(E), in float64 (float32 loses it when E holds nearly all the mass)
+        log_rest = torch.log1p(-base.double().logsumexp(-1).exp().clamp(max=1.0)).float()
     log_z = torch.logaddexp(scores.logsumexp(-1), z_rest + log_rest)
     target_scores = scores.gather(1, torch.searchsorted(cols, targets)[:, None])[:, 0]
     return (log_z - target_scores).sum(), len(targets)
@@ -313,9 +313,9 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         state = loop.load_point(resume_dir, opt, lambda f: plugin.load_state_dict(load_plugin(f / "model").state_dict()))
         log(f"resuming at epoch {state.epoch + 1}, batch {state.batch + 1} (best select loss {state.best_select_loss})")
     with_base = select.base is not None
-    # A shortlisted plugin's loss is exact at the cost of its shortlist: nothing to sample.
-    negatives = 0 if plugin.index_of is not None else cfg.negatives
-    if (negatives or plugin.index_of is not None) and with_base:  # one pass over the vocabulary each, for the run
+    # The sampled loss and a shortlisted plugin's exact one read the base's log-normaliser: one
+    # pass over the vocabulary each, for the whole run (cached beside the base's log-probs).
+    if (cfg.negatives or plugin.index_of is not None) and with_base:
         fit.base.candidates(cfg.candidate_k)
         select.base.candidates(cfg.candidate_k)
     base_select = evaluate(None, select) if with_base else None
@@ -325,21 +325,21 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
         return (f"the best checkpoint ({out_dir / 'checkpoint'}, epoch {s.best_epoch}) and the resume point "
                 f"(after epoch {s.epoch}) are untouched" if s.best_epoch else "no checkpoint was written")
 
-    if negatives:
+    if cfg.negatives:
         def fit_loss(idx):
-            return sampled_batch_loss(plugin, fit, idx, negatives, cfg.candidate_k, cfg.seed, cfg.group_by_prompt)
+            return sampled_batch_loss(plugin, fit, idx, cfg.negatives, cfg.candidate_k, cfg.seed, cfg.group_by_prompt)
     else:
         def fit_loss(idx):
             return batch_loss(plugin, fit, idx, cfg.group_by_prompt)
     loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=fit_loss,
-             select_loss=lambda: evaluate(plugin, select, negatives=negatives, candidate_k=cfg.candidate_k),
+             select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),
              save_point=lambda s: loop.save_point(resume_dir, opt, s, lambda f: save_plugin(plugin, f / "model")),
              save_every_s=loop.SAVE_EVERY_S, kept=kept,
              note=f"  (base alone {base_select:.4f})" if with_base else "", progress=progress, log=log,
              order=(lambda epoch: fit.grouped_order(cfg.seed * 1000 + epoch)) if cfg.group_by_prompt else None)
     extra = {}
-    if negatives and state.best_epoch:  # the estimate chose the epoch; report the exact loss too
+    if cfg.negatives and state.best_epoch:  # the estimate chose the epoch; report the exact loss too
         extra["best_select_loss_exact"] = evaluate(load_plugin(out_dir / "checkpoint"), select)
     metrics = loop.summary(cfg, state, base_select_loss=base_select, base_fit_loss=base_fit, fit_examples=len(fit),
                            select_examples=len(select), fit_target_tokens=fit.ts.num_target_tokens, **extra)
