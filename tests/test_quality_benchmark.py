@@ -224,6 +224,21 @@ def test_systems_are_named_or_added_to_the_default_list():
         parse_systems("zero_shot,plugin_recurrent_wx")
 
 
+def test_a_plugin_trained_behind_examples_decodes_behind_them():
+    """A ``*_icl<k>`` plugin row sends the engine icl_k's prompt, the one it was trained against
+    (``RunSpec.shots``); other plugin rows send the plain prompt."""
+    from benchmarks.quality import NEEDS, SAME_TRAINING, system_input
+    from vllm_plugin.training.data import Example, with_shots
+
+    shots = [Example(f"g{i}", f"prompt {i}: ", f"target {i}") for i in range(3)]
+    assert system_input("plugin_shortlist_copy_gate_icl1", "P", shots, None) == system_input("icl_1", "P", shots, None) \
+        == with_shots("P", shots[:1]) == "prompt 0: target 0\n\nP"
+    assert system_input("icl_3", "P", shots, None) == with_shots("P", shots)
+    assert system_input("plugin_shortlist_copy_gate", "P", shots, None) == system_input("zero_shot", "P", shots, None) == "P"
+    # The gated row starts from its ungated twin's training, prompted the same way.
+    assert SAME_TRAINING[NEEDS["plugin_shortlist_copy_gate_icl1"]] == NEEDS["plugin_shortlist_copy_icl1"]
+
+
 def test_decoding_grid_takes_penalty_pairs_and_beam_widths():
     from benchmarks.quality import parse_grid
 
@@ -245,6 +260,11 @@ def test_targets_are_computed_from_the_scores():
     assert t["best_baseline_bleu"] == {"system": "icl_3", "score": 12}
     assert t["best_baseline_rouge_l"] == {"system": "weighted_mix", "score": 0.33}
     assert t["top20_share_of_full_logit_bleu_gain"] == pytest.approx(0.75)
+    assert t["top20_share_by_row"] == {"plugin_recurrent_top20": pytest.approx(0.75)}
+    # Each top-20 row is read against its own full-logit twin.
+    twins = against_targets({"zero_shot": row(10, 0.3), "plugin_shortlist_copy_gate": row(20, 0.4),
+                             "plugin_shortlist_copy_top20_gate": row(19, 0.4), "plugin_recurrent_top20": row(12, 0.3)})
+    assert twins["top20_share_by_row"] == {"plugin_shortlist_copy_top20_gate": pytest.approx(0.9)}
     assert against_targets({"icl_1": row(1, 0.1)}) == {}
     # When the full-logit plugin loses to zero-shot there is no gain to keep a share of.
     lost = against_targets({"zero_shot": row(10, 0.3), "plugin_recurrent": row(6, 0.2),

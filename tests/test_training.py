@@ -454,16 +454,20 @@ def full_vocabulary_loss(plugin, data, idx):
     hidden, rows, targets = target_hidden(plugin, data, idx)
     logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
     if data.base is not None:
-        logits = logits + data.base.log_probs(rows)
+        base = data.base.log_probs(rows)
+        gate = plugin.strength(hidden, base, logits)
+        logits = base + (logits if gate is None else gate[:, None] * logits)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-@pytest.mark.parametrize("kind", ["full", "topk", "alone"])
-@pytest.mark.parametrize("copy_scores", [False, True])
-def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores):
+@pytest.mark.parametrize("kind,copy_scores,gate", [(kind, copy_scores, False) for kind in ("full", "topk", "alone")
+                                                    for copy_scores in (False, True)]
+                         + [("full", True, True), ("topk", True, True)])  # a gate weighs the plugin against a base
+def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate):
     """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
     and gradient as its head spread over the whole vocabulary, against a full base, a top-k
-    view and no base; its head gives every off-list token the rest row's logit."""
+    view and no base, with and without a gate (which reads both experts' entropies over the
+    vocabulary); its head gives every off-list token the rest row's logit."""
     from vllm_plugin.testing import tiny_plugin
     from vllm_plugin.training.train import batch_loss
 
@@ -472,7 +476,7 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
     if kind == "topk":
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     data = PairSet(ts, bl)
-    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, shortlist_size=tiny.vocab_size // 3)
+    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, shortlist_size=tiny.vocab_size // 3)
     off = plugin.index_of == plugin.config.shortlist_size
     assert off.sum() == tiny.vocab_size - tiny.vocab_size // 3
     logits = plugin.head(torch.randn(2, 32))
@@ -488,6 +492,31 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
     assert fast.item() == pytest.approx(slow.item(), rel=1e-5)
     for k, p in plugin.named_parameters():
         torch.testing.assert_close(fast_grad[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_a_run_with_shots_trains_against_the_prompted_base(tiny, e2e_file, tmp_path):
+    """``RunSpec(shots=k)``: fit and select prompts follow the fit split's first k drawn
+    examples (those the quality benchmark's icl_k systems prompt with), the checkpoint's
+    prompt template says so, and a resumed run must keep the same number."""
+    from vllm_plugin.training.data import PROMPT_TEMPLATES, in_context_shots, with_shots
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), shots=1,
+                   shortlist_min_count=1, train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    fit, _ = split_by_input(load_e2e(e2e_file), 0.6, seed=0)
+    shot = in_context_shots(fit, 1)[0]
+    assert in_context_shots(fit, 3)[0] == shot  # one shot is the first of three
+    template = load_plugin(tmp_path / "run" / "checkpoint").config.prompt_template
+    assert template == with_shots(PROMPT_TEMPLATES["e2e"], [shot]) and template.startswith(shot.prompt + shot.target)
+    plain = run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "plain"),
+                        shortlist_min_count=1, train=TrainConfig(epochs=1)), progress=False, log=lambda *_: None)
+    assert metrics["base_select_loss"] != pytest.approx(plain["base_select_loss"])  # another prompt, another base
+    spec.shots = 2
+    with pytest.raises(ValueError, match=r"shots: 1 then, 2 now"):
+        run(spec, progress=False, log=lambda *_: None)
+    spec.shots = 4
+    with pytest.raises(ValueError, match=r"--shots is a number of in-context examples, 0 to 3; got 4"):
+        run(spec, progress=False, log=lambda *_: None)
 
 
 def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_path):

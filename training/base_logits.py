@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from vllm_plugin.experts import entropy
 from vllm_plugin.paths import atomic_folder
 
 CACHE_VERSION = 1
@@ -104,9 +105,11 @@ class BaseLogits:
     topk_ids: torch.Tensor | None = None  # topk: [N, k]
     topk_logprobs: torch.Tensor | None = None
     target_logprobs: torch.Tensor | None = None  # topk: [N], exact log-prob of the target token
-    # full, once ``candidates`` ran: [N, k] top-k ids and [N] log-normaliser (not stored on disk)
+    # full, once ``candidates`` ran: [N, k] top-k ids, [N] log-normaliser and [N] entropy (in a
+    # sidecar beside the cache); a top-k cache's entropy once ``entropy`` ran
     candidate_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
     log_normaliser: torch.Tensor | None = field(default=None, init=False, repr=False)
+    entropies: torch.Tensor | None = field(default=None, init=False, repr=False)
     folder: Path | None = field(default=None, init=False, repr=False)  # where it is cached, if it is
 
     def __len__(self):
@@ -132,7 +135,8 @@ class BaseLogits:
     def candidates(self, k: int = 32, rows_per_batch: int = 1024) -> torch.Tensor:
         """[N, k] the base's k most likely token ids at every target token (a top-k cache: its
         own ids, whatever ``k``). For the full source this is one pass over the vocabulary,
-        which also keeps each position's log-normaliser for ``log_probs_at``; computed once."""
+        which also keeps each position's log-normaliser for ``log_probs_at`` and its entropy for
+        ``entropy``; computed once."""
         if self.kind == "topk":
             if self.candidate_ids is None:
                 self.candidate_ids = self.topk_ids.long()
@@ -145,22 +149,36 @@ class BaseLogits:
                 saved = load_file(str(sidecar))
                 if saved["ids"].shape == (len(self), k):
                     self.candidate_ids, self.log_normaliser = saved["ids"], saved["log_normaliser"]
+                    self.entropies = saved["entropy"]
                     return self.candidate_ids
             except (SafetensorError, KeyError, OSError):
                 pass  # recomputed and rewritten below
-        ids, lse = torch.empty(len(self), k, dtype=torch.long), torch.empty(len(self))
+        ids, lse, ent = torch.empty(len(self), k, dtype=torch.long), torch.empty(len(self)), torch.empty(len(self))
         with torch.no_grad():
             for start in tqdm(range(0, len(self), rows_per_batch), desc=f"base top-{k} candidates", unit="batch",
                               disable=len(self) < 50_000):
                 rows = torch.arange(start, min(start + rows_per_batch, len(self)))
                 logits = self.scores(rows)
-                ids[rows], lse[rows] = logits.topk(k).indices, logits.logsumexp(-1)
-        self.candidate_ids, self.log_normaliser = ids, lse
+                ids[rows], lse[rows], ent[rows] = logits.topk(k).indices, logits.logsumexp(-1), entropy(logits)
+        self.candidate_ids, self.log_normaliser, self.entropies = ids, lse, ent
         if sidecar is not None:  # beside the cache, written whole or not at all
             tmp = sidecar.with_suffix(f".tmp{os.getpid()}")
-            save_file({"ids": ids, "log_normaliser": lse}, str(tmp))
+            save_file({"ids": ids, "log_normaliser": lse, "entropy": ent}, str(tmp))
             os.replace(tmp, sidecar)
         return self.candidate_ids
+
+    def entropy(self, rows: torch.Tensor, rows_per_batch: int = 256) -> torch.Tensor:
+        """[n] entropy (nats) of the base's next-token distribution at flat rows ``rows``, as the
+        plugin sees the base (a top-k cache: its view), the feature a gate reads
+        (``PluginLM.strength``). One pass over the vocabulary for every row, on the first call
+        (for the full source, ``candidates``'); then a lookup."""
+        if self.kind == "full" and self.entropies is None:
+            self.candidates()
+        if self.entropies is None:
+            with torch.no_grad():
+                self.entropies = torch.cat([entropy(self.scores(torch.arange(i, min(i + rows_per_batch, len(self)))))
+                                            for i in range(0, len(self), rows_per_batch)])
+        return self.entropies[rows]
 
     def log_probs_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """[n, m] exact base log-probs of tokens ``cols`` (int64 [m]) at flat rows ``rows`` (int64

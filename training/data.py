@@ -203,6 +203,24 @@ def swap_names(examples: list[Example], share: float, seed: int = 0) -> list[Exa
     return out
 
 
+# In-context examples are drawn as a seeded sample of this many fit examples; k shots are its
+# first k, so one shot is the first of three (the quality benchmark's icl_1 and icl_3).
+MAX_SHOTS = 3
+
+
+def in_context_shots(fit: list[Example], k: int, seed: int = 0) -> list[Example]:
+    """The ``k`` (at most ``MAX_SHOTS``) in-context examples drawn from the fit split ``fit``."""
+    if not 0 <= k <= MAX_SHOTS:
+        raise ValueError(f"in-context examples: 0 to {MAX_SHOTS}, got {k}")
+    return random.Random(seed).sample(fit, min(MAX_SHOTS, len(fit)))[:k]
+
+
+def with_shots(prompt: str, shots: list[Example]) -> str:
+    """``prompt`` after the in-context examples ``shots``, each its prompt, its reference and a
+    blank line."""
+    return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
+
+
 def split_by_input(examples: list[Example], fit_fraction: float = 0.6, seed: int = 0):
     """Split so that no input has references on both sides (the paper's 60/40)."""
     groups = sorted({e.group for e in examples})

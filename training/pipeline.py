@@ -16,7 +16,8 @@ from vllm_plugin.paths import cache_root
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
 from .config import SOURCES, TrainConfig
-from .data import PROMPT_TEMPLATES, DataError, load_examples, split_examples, swap_names
+from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, in_context_shots, load_examples, split_examples,
+                   swap_names, with_shots)
 from .fetch import data_root
 from .train import PairSet, task_shortlist, train
 
@@ -73,6 +74,9 @@ class RunSpec:
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
+    # > 0: every prompt (fit and select) follows this many in-context examples drawn from the fit
+    # split (data.in_context_shots): a plugin for a base that will be prompted with them.
+    shots: int = 0
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -93,6 +97,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
     if not 0.0 <= spec.dropout < 1.0:
         raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
+    if not 0 <= spec.shots <= MAX_SHOTS:
+        raise ValueError(f"--shots is a number of in-context examples, 0 to {MAX_SHOTS}; got {spec.shots}")
     if spec.shortlist_min_count < 0:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.shortlist_min_count and spec.train.negatives:
@@ -164,9 +170,9 @@ def base_vocab_size(base_path: str) -> int:
 
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
-               "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout")
+               "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
-                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1}
+                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0}
 
 
 def run_finished(spec: RunSpec) -> bool:
@@ -210,8 +216,11 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if examples is None:
         examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
+    shots = in_context_shots(fit_ex, spec.shots, seed=spec.train.seed)  # drawn before any name swap
     if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
         fit_ex = swap_names(fit_ex, spec.name_swap, seed=spec.train.seed)
+    if shots:  # trained against the base as it will be prompted
+        fit_ex, select_ex = ([replace(e, prompt=with_shots(e.prompt, shots)) for e in part] for part in (fit_ex, select_ex))
     log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
         f"-> fit {len(fit_ex)} / select {len(select_ex)}")
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
@@ -232,13 +241,13 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
-        prompt_template=PROMPT_TEMPLATES.get(spec.dataset, "{input}"),
+        prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), shots),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
                   "split": spec.split, "name_swap": spec.name_swap,
                   "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
                   "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
-                  "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout,
+                  "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
                   # Which tokens, not only how often: other data would give another shortlist.
                   "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},
     )

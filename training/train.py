@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_plugin.checkpoint import load_plugin, save_plugin
+from vllm_plugin.experts import entropy
 from vllm_plugin.model import PluginLM
 
 from . import loop
@@ -153,7 +154,7 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_pro
         if target is not None:
             return -target.sum(), len(targets)
         return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
-    if plugin.index_of is not None and plugin.gate is None:
+    if plugin.index_of is not None:
         return shortlist_batch_loss(plugin, data, idx, share_prompts)
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
@@ -238,6 +239,16 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     return (log_z - target_scores).sum(), len(targets)
 
 
+def split_entropy(z: torch.Tensor, z_rest: torch.Tensor, rest: int) -> torch.Tensor:
+    """[n] entropy (nats) of the softmax over logits ``z`` [n, m] and ``rest`` more columns that
+    all hold ``z_rest`` [n]: ``log Z - E_p[z]``, without the ``rest`` columns."""
+    if not rest:
+        return entropy(z)
+    log_z = torch.logaddexp(z.float().logsumexp(-1), z_rest.float() + math.log(rest))
+    p, p_rest = (z.float() - log_z[:, None]).exp(), (z_rest.float() - log_z).exp()
+    return log_z - (p * z.float()).sum(-1) - rest * p_rest * z_rest.float()
+
+
 def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
     """``batch_loss`` of a shortlisted plugin, exact, at the cost of its shortlist: (summed
     cross-entropy, target-token count).
@@ -248,7 +259,9 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     ``log Z = logsumexp_E(log p_base + z) (+) (z_r + log p_base(R))`` with ``p_base(R) =
     1 - p_base(E)``. So the base's head is computed at |E| columns, not V (the full cache's
     ``log_probs_at``; a top-k cache's view is exact too), and without a base ``p_base`` is
-    uniform. Equal to ``batch_loss`` of the same plugin through ``plugin.head`` (tested).
+    uniform. A gate reads the plugin's entropy over the vocabulary from the same split and the
+    base's from ``data.base.entropy`` (one pass, cached), and scales z and z_r alike. Equal to
+    ``batch_loss`` of the same plugin through ``plugin.head`` (tested).
     """
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     extra = [targets]
@@ -259,6 +272,9 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     z = with_copy_score(plugin, data, idx, hidden, row_logits[:, plugin.index_of[cols]], cols)
     z_rest = row_logits[:, -1]
     rest = plugin.config.vocab_size - len(cols)  # |R|
+    if plugin.gate is not None and data.base is not None:
+        gate = plugin.strength_of(hidden, data.base.entropy(rows), split_entropy(z, z_rest, rest))
+        z, z_rest = gate[:, None] * z, gate * z_rest
     base = None if data.base is None else data.base.log_probs_at(rows, cols)
     scores = z if base is None else z + base
     if not rest:

@@ -55,6 +55,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
                         "split (prompts and targets) and gives every other token one shared logit, leaving them "
                         "to the base; training costs the shortlist, not the vocabulary (0: the whole vocabulary)")
+    p.add_argument("--shots", type=int, default=0,
+                   help="train against the base prompted with this many in-context examples from the fit split "
+                        "(0 to 3; the checkpoint's prompt_template then starts with them: send prompts that way)")
     p.add_argument("--name-swap", type=float, default=0.0,
                    help="E2E: share of fit inputs whose venue names are replaced by invented ones, so the "
                         "plugin leaves names to the base (0: none)")
@@ -71,7 +74,7 @@ def _spec(args):
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy,
-        shortlist_min_count=args.shortlist_min_count,
+        shortlist_min_count=args.shortlist_min_count, shots=args.shots,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,
@@ -144,7 +147,10 @@ def cmd_generate(args) -> None:
         prompts, refs = [args.prompt], [None]
     else:
         seen, prompts, refs = set(), [], []
-        for e in load_examples(args.dataset, args.data or default_data_file(args.dataset, "test")):
+        # The prompt the plugin was trained on (behind in-context examples, if it was), for its dataset.
+        same_task = plugin.config.training.get("dataset") == args.dataset
+        for e in load_examples(args.dataset, args.data or default_data_file(args.dataset, "test"),
+                               template=(plugin.config.prompt_template or None) if same_task else None):
             if e.prompt not in seen:
                 seen.add(e.prompt)
                 prompts.append(e.prompt)

@@ -75,6 +75,12 @@ def flat_tail(top: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return tail.log()
 
 
+def entropy(scores: torch.Tensor) -> torch.Tensor:
+    """[...] entropy (nats) of ``softmax(scores)`` over the last dimension, in float32: what a
+    gated plugin reads of each expert (``PluginLM.strength``)."""
+    return torch.special.entr(torch.softmax(scores.float(), -1)).sum(-1)
+
+
 def penalise_generated(scores: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
     """The paper's repetition penalty on one expert's scores [..., V]: where ``generated`` (bool,
     same shape: tokens this sequence has generated so far, the prompt not counted), positive

@@ -22,6 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from .experts import entropy
+
 ARCHITECTURES = ("gru", "transformer")
 
 
@@ -155,9 +157,12 @@ class PluginLM(nn.Module):
         the base, ``plugin_logits`` [n, V]). None for a plugin without a gate (strength x 1)."""
         if self.gate is None:
             return None
-        def entropy(scores):
-            return torch.special.entr(torch.softmax(scores.float(), -1)).sum(-1, keepdim=True)
-        features = torch.cat([hidden.float(), entropy(base_scores), entropy(plugin_logits)], -1)
+        return self.strength_of(hidden, entropy(base_scores), entropy(plugin_logits))
+
+    def strength_of(self, hidden: torch.Tensor, base_entropy: torch.Tensor, plugin_entropy: torch.Tensor) -> torch.Tensor:
+        """``strength`` from the experts' entropies ([n] each, nats), for callers that have them
+        without the vocabulary-wide scores (the shortlisted loss)."""
+        features = torch.cat([hidden.float(), base_entropy[:, None].float(), plugin_entropy[:, None].float()], -1)
         return 2 * torch.sigmoid(self.gate(features))[:, 0]
 
     def head_weight(self) -> torch.Tensor:
