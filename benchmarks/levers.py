@@ -84,6 +84,12 @@ LEVERS: dict[str, Lever] = {
                                training={"shortlist_min_count": 1, "copy": True, "train": {"weight_decay": 1.0}}),
     "shortlist_copy_wide": Lever("shortlist_copy with d_model 512 (3.9x the GRU's parameters)",
                                  training={"shortlist_min_count": 1, "copy": True, "d_model": 512}),
+    "shortlist_copy_icl1": Lever("shortlist_copy trained against the base prompted with one in-context example, "
+                                 "decoded on that prompt", training={"shortlist_min_count": 1, "copy": True, "shots": 1},
+                                 prompt="icl_1"),
+    "shortlist_copy_gate_icl1": Lever("shortlist_copy_icl1, with a per-position strength fitted on select",
+                                      training={"shortlist_min_count": 1, "copy": True, "shots": 1, "gate": True},
+                                      prompt="icl_1"),
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
 REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}

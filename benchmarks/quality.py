@@ -51,7 +51,11 @@ split (``--gate``; it starts from the recurrent plugin's finished training);
 plugin_recurrent_copy, the recurrent plugin with copy scores (``--copy``), and
 plugin_recurrent_copy_gate, that plugin with the gate; plugin_shortlist_copy and
 plugin_shortlist_copy_gate, the same with a shortlist of the fit split's tokens
-(``--shortlist-min-count 1``: the exact loss at the shortlist's cost).
+(``--shortlist-min-count 1``: the exact loss at the shortlist's cost); plugin_shortlist_copy_top20
+and plugin_shortlist_copy_top20_gate, those trained from (and decoding against) the base's top-20
+log-probs: the closed-API regime of the fast recipe; plugin_shortlist_copy_icl1 and
+plugin_shortlist_copy_gate_icl1, those trained against the base prompted with icl_1's example
+(``--shots 1``) and decoded on icl_1's prompt: the plugin on top of in-context prompting.
 """
 from __future__ import annotations
 
@@ -82,13 +86,18 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_transformer": "transformer", "plugin_recurrent_top20": "top20",
          "plugin_recurrent_top20_fullbase": "top20", "plugin_recurrent_gate": "gated",
          "plugin_recurrent_copy": "copy", "plugin_recurrent_copy_gate": "copy_gated",
-         "plugin_shortlist_copy": "shortlist_copy", "plugin_shortlist_copy_gate": "shortlist_copy_gated"}
+         "plugin_shortlist_copy": "shortlist_copy", "plugin_shortlist_copy_gate": "shortlist_copy_gated",
+         "plugin_shortlist_copy_top20": "shortlist_copy_top20",
+         "plugin_shortlist_copy_top20_gate": "shortlist_copy_top20_gated",
+         "plugin_shortlist_copy_icl1": "shortlist_copy_icl1", "plugin_shortlist_copy_gate_icl1": "shortlist_copy_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
-                    "plugin_shortlist_copy", "plugin_shortlist_copy_gate"]
+                    "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
+                    "plugin_shortlist_copy_top20_gate", "plugin_shortlist_copy_icl1", "plugin_shortlist_copy_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
-SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy"}
+SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
+                 "shortlist_copy_top20_gated": "shortlist_copy_top20", "shortlist_copy_icl1_gated": "shortlist_copy_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -111,21 +120,28 @@ def parse_systems(arg: str) -> list[str]:
 
 
 def icl_shots(protocol: Protocol) -> list:
-    """The in-context examples of every icl system: 3 fit examples, seeded, the same in every run."""
-    return random.Random(0).sample(protocol.fit, 3)
+    """The in-context examples of every icl system: 3 fit examples, seeded, the same in every run
+    (and those a plugin trained with ``RunSpec.shots`` was trained behind)."""
+    from vllm_plugin.training.data import MAX_SHOTS, in_context_shots
+
+    return in_context_shots(protocol.fit, MAX_SHOTS)
 
 
 def icl_prompt(prompt: str, shots) -> str:
-    return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
+    from vllm_plugin.training.data import with_shots
+
+    return with_shots(prompt, shots)
 
 
 def system_input(system: str, prompt: str, shots, tokenizer) -> str:
     """The text a system sends the engine for one task prompt: the prompt itself, after in-context
-    examples (icl_<k>), or as the one user turn of the base's chat template (zero_shot_chat)."""
+    examples (icl_<k>, and a plugin trained behind them, *_icl<k>), or as the one user turn of the
+    base's chat template (zero_shot_chat)."""
     if system == "zero_shot_chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-    return icl_prompt(prompt, shots[:{"icl_1": 1, "icl_3": 3}.get(system, 0)])
+    k = re.search(r"(?:^|_)icl_?(\d)$", system)
+    return icl_prompt(prompt, shots[:int(k.group(1)) if k else 0])
 
 
 def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
@@ -146,6 +162,12 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
         "copy_gated": RunSpec(**common, arch="gru", copy=True, gate=True),
         "shortlist_copy": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1),
         "shortlist_copy_gated": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, gate=True),
+        "shortlist_copy_top20": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1,
+                                        source=top20_source, top_k=20),
+        "shortlist_copy_top20_gated": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1,
+                                              source=top20_source, top_k=20, gate=True),
+        "shortlist_copy_icl1": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, shots=1),
+        "shortlist_copy_icl1_gated": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, shots=1, gate=True),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
@@ -426,7 +448,10 @@ def training_summary(root: Path, names) -> dict:
 PLUGIN_ROWS = re.compile(r"plugin_(recurrent|transformer|shortlist).*")
 BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
 # Trained on the base's top-20 log-probs and decoded against its top-20 view: the closed-API regime.
-TOP20_ROWS = ("plugin_recurrent_top20",)
+TOP20_ROWS = ("plugin_recurrent_top20", "plugin_shortlist_copy_top20", "plugin_shortlist_copy_top20_gate")
+# Each top-20 row and the full-logit row it is the closed-API twin of.
+TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_copy_top20": "plugin_shortlist_copy",
+              "plugin_shortlist_copy_top20_gate": "plugin_shortlist_copy_gate"}
 
 
 def chosen_plugins(choice: dict) -> dict:
@@ -456,10 +481,13 @@ def against_targets(systems: dict) -> dict:
         if baselines:
             best = max(baselines, key=lambda n: systems[n][metric])
             out[f"best_baseline_{metric}"] = {"system": best, "score": systems[best][metric]}
-    full, top = systems.get("plugin_recurrent"), systems.get("plugin_recurrent_top20")
     # A share of a loss means nothing (two negative gains would read as a "kept" share).
-    if full and top and full["bleu"] > zero:
-        out["top20_share_of_full_logit_bleu_gain"] = (top["bleu"] - zero) / (full["bleu"] - zero)
+    shares = {top: (systems[top]["bleu"] - zero) / (systems[full]["bleu"] - zero) for top, full in TOP20_TWIN.items()
+              if top in systems and full in systems and systems[full]["bleu"] > zero}
+    if "plugin_recurrent_top20" in shares:
+        out["top20_share_of_full_logit_bleu_gain"] = shares["plugin_recurrent_top20"]
+    if shares:
+        out["top20_share_by_row"] = shares
     if "lora" in systems and systems["lora"]["bleu"] > zero:
         out["share_of_lora_bleu_gain"] = {n: (systems[n]["bleu"] - zero) / (systems["lora"]["bleu"] - zero)
                                           for n in plugins}
@@ -505,9 +533,8 @@ def write_outputs(result: dict, out_base: Path) -> None:
     if t:
         gains = ", ".join(f"{n} {g:+.2f}" for n, g in t["bleu_gain_over_zero_shot"].items())
         lines += ["", f"BLEU over zero-shot: {gains}."]
-        if "top20_share_of_full_logit_bleu_gain" in t:
-            lines.append(f"Top-20 training keeps {t['top20_share_of_full_logit_bleu_gain']:.1%} of the "
-                         f"full-logit BLEU gain (plugin_recurrent_top20 vs plugin_recurrent).")
+        for top, share in t.get("top20_share_by_row", {}).items():
+            lines.append(f"Top-20 training keeps {share:.1%} of the full-logit BLEU gain ({top} vs {TOP20_TWIN[top]}).")
         if "share_of_lora_bleu_gain" in t:
             shares = ", ".join(f"{n} {v:.1%}" for n, v in t["share_of_lora_bleu_gain"].items())
             lines.append(f"Share of the LoRA's BLEU gain over zero-shot: {shares}.")
