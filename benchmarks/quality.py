@@ -140,8 +140,10 @@ def system_input(system: str, prompt: str, shots, tokenizer) -> str:
     if system == "zero_shot_chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-    k = re.search(r"(?:^|_)icl_?(\d)$", system)
-    return icl_prompt(prompt, shots[:int(k.group(1)) if k else 0])
+    k = int(m.group(1)) if (m := re.search(r"(?:^|_)icl_?(\d)$", system)) else 0
+    if k > len(shots):
+        raise ValueError(f"{system}: {k} in-context examples, but only {len(shots)} are drawn")
+    return icl_prompt(prompt, shots[:k])
 
 
 def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
@@ -534,7 +536,9 @@ def write_outputs(result: dict, out_base: Path) -> None:
         gains = ", ".join(f"{n} {g:+.2f}" for n, g in t["bleu_gain_over_zero_shot"].items())
         lines += ["", f"BLEU over zero-shot: {gains}."]
         for top, share in t.get("top20_share_by_row", {}).items():
-            lines.append(f"Top-20 training keeps {share:.1%} of the full-logit BLEU gain ({top} vs {TOP20_TWIN[top]}).")
+            lines.append(f"Top-20 training keeps {share:.1%} of the full-logit BLEU gain ({top} vs {TOP20_TWIN[top]})."
+                         if share > 0 else f"Top-20 training loses to zero-shot where the full-logit row gains "
+                                           f"({top} vs {TOP20_TWIN[top]}): no share of the gain to keep.")
         if "share_of_lora_bleu_gain" in t:
             shares = ", ".join(f"{n} {v:.1%}" for n, v in t["share_of_lora_bleu_gain"].items())
             lines.append(f"Share of the LoRA's BLEU gain over zero-shot: {shares}.")

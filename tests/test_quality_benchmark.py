@@ -227,6 +227,8 @@ def test_systems_are_named_or_added_to_the_default_list():
 def test_a_plugin_trained_behind_examples_decodes_behind_them():
     """A ``*_icl<k>`` plugin row sends the engine icl_k's prompt, the one it was trained against
     (``RunSpec.shots``); other plugin rows send the plain prompt."""
+    import pytest
+
     from benchmarks.quality import NEEDS, SAME_TRAINING, system_input
     from vllm_plugin.training.data import Example, with_shots
 
@@ -235,6 +237,8 @@ def test_a_plugin_trained_behind_examples_decodes_behind_them():
         == with_shots("P", shots[:1]) == "prompt 0: target 0\n\nP"
     assert system_input("icl_3", "P", shots, None) == with_shots("P", shots)
     assert system_input("plugin_shortlist_copy_gate", "P", shots, None) == system_input("zero_shot", "P", shots, None) == "P"
+    with pytest.raises(ValueError, match="plugin_x_icl5: 5 in-context examples, but only 3 are drawn"):
+        system_input("plugin_x_icl5", "P", shots, None)
     # The gated row starts from its ungated twin's training, prompted the same way.
     assert SAME_TRAINING[NEEDS["plugin_shortlist_copy_gate_icl1"]] == NEEDS["plugin_shortlist_copy_icl1"]
 
