@@ -68,7 +68,7 @@ import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from benchmarks.protocols import (DEFAULT_MAX_TOKENS, Protocol, base_name, grouped_test, held_out_slices,
@@ -159,21 +159,16 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
     common = dict(dataset=protocol.dataset, base=base, split=protocol.split)
     specs = {
         "recurrent": RunSpec(**common, arch="gru"),
-        "gated": RunSpec(**common, arch="gru", gate=True),
         "copy": RunSpec(**common, arch="gru", copy=True),
-        "copy_gated": RunSpec(**common, arch="gru", copy=True, gate=True),
         "shortlist_copy": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1),
-        "shortlist_copy_gated": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, gate=True),
         "shortlist_copy_top20": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1,
                                         source=top20_source, top_k=20),
-        "shortlist_copy_top20_gated": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1,
-                                              source=top20_source, top_k=20, gate=True),
         "shortlist_copy_icl1": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, shots=1),
-        "shortlist_copy_icl1_gated": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, shots=1, gate=True),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
     }
+    specs.update({gated: replace(specs[trained], gate=True) for gated, trained in SAME_TRAINING.items()})
     checkpoints = {}
     for name in sorted(names, key=lambda n: n in SAME_TRAINING):  # what they start from first
         spec = specs[name]
@@ -450,10 +445,10 @@ def training_summary(root: Path, names) -> dict:
 PLUGIN_ROWS = re.compile(r"plugin_(recurrent|transformer|shortlist).*")
 BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
 # Trained on the base's top-20 log-probs and decoded against its top-20 view: the closed-API regime.
-TOP20_ROWS = ("plugin_recurrent_top20", "plugin_shortlist_copy_top20", "plugin_shortlist_copy_top20_gate")
-# Each top-20 row and the full-logit row it is the closed-API twin of.
+# Each of them and the full-logit row it is the closed-API twin of.
 TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_copy_top20": "plugin_shortlist_copy",
               "plugin_shortlist_copy_top20_gate": "plugin_shortlist_copy_gate"}
+TOP20_ROWS = tuple(TOP20_TWIN)
 
 
 def chosen_plugins(choice: dict) -> dict:

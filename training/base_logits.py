@@ -148,8 +148,8 @@ class BaseLogits:
             try:
                 saved = load_file(str(sidecar))
                 if saved["ids"].shape == (len(self), k):
-                    self.candidate_ids, self.log_normaliser = saved["ids"], saved["log_normaliser"]
-                    self.entropies = saved["entropy"]
+                    self.candidate_ids, self.log_normaliser, self.entropies = (saved["ids"], saved["log_normaliser"],
+                                                                              saved["entropy"])
                     return self.candidate_ids
             except (SafetensorError, KeyError, OSError):
                 pass  # recomputed and rewritten below

@@ -244,9 +244,10 @@ def split_entropy(z: torch.Tensor, z_rest: torch.Tensor, rest: int) -> torch.Ten
     all hold ``z_rest`` [n]: ``log Z - E_p[z]``, without the ``rest`` columns."""
     if not rest:
         return entropy(z)
-    log_z = torch.logaddexp(z.float().logsumexp(-1), z_rest.float() + math.log(rest))
-    p, p_rest = (z.float() - log_z[:, None]).exp(), (z_rest.float() - log_z).exp()
-    return log_z - (p * z.float()).sum(-1) - rest * p_rest * z_rest.float()
+    z, z_rest = z.float(), z_rest.float()
+    log_z = torch.logaddexp(z.logsumexp(-1), z_rest + math.log(rest))
+    p, p_rest = (z - log_z[:, None]).exp(), (z_rest - log_z).exp()
+    return log_z - (p * z).sum(-1) - rest * p_rest * z_rest
 
 
 def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
