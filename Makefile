@@ -24,9 +24,10 @@ bench: install
 # about an hour here). WebNLG: category shift, its select split by whole seen categories (the
 # default), then the paper's target-category protocol with a LoRA; strengths measured on select only.
 # WebNLG: the baselines, the default plugin (also at strength 0.5, benchmarks.strength's choice on
-# select) and the fast plugin with copy scores and gate (about 45 minutes here, its select stage
-# on 150 inputs); the E2E table's other rows can be added with --systems.
-WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_recurrent_w0.5
+# select) and the fast plugin with copy scores and gate, on the plain prompt and behind icl_1's
+# example (about 75 minutes here, its select stage on 150 inputs; half of it the base's log-prob
+# pass on the one-example prompts); the E2E table's other rows can be added with --systems.
+WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5
 # Qwen2.5-Coder-0.5B (vocabulary 151,936): the baselines and the fast recipe, full logits and top-20,
 # with and without the gate (about 80 minutes here, 22 of them the base log-prob pass).
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate

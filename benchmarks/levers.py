@@ -90,6 +90,27 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_gate_icl1": Lever("shortlist_copy_icl1, with a per-position strength fitted on select",
                                       training={"shortlist_min_count": 1, "copy": True, "shots": 1, "gate": True},
                                       prompt="icl_1"),
+    "shortlist_copy_gate_icl1_w0.75": Lever("shortlist_copy_gate_icl1 at strength 0.75 (the gate's output times 0.75)",
+                                            training={"shortlist_min_count": 1, "copy": True, "shots": 1,
+                                                      "gate": True},
+                                            decoding={"plugin_weight": 0.75}, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_w1.5": Lever("shortlist_copy_gate_icl1 at strength 1.5 (the gate's output times 1.5)",
+                                           training={"shortlist_min_count": 1, "copy": True, "shots": 1, "gate": True},
+                                           decoding={"plugin_weight": 1.5}, prompt="icl_1"),
+    "transformer_shortlist_copy_icl1": Lever("shortlist_copy_icl1 with the paper's plugin: a 1-layer GPT-2-style "
+                                             "decoder (d=256, 4 heads) that attends over the prompt",
+                                             training={"arch": "transformer", "shortlist_min_count": 1, "copy": True,
+                                                       "shots": 1}, prompt="icl_1"),
+    "transformer_shortlist_copy_gate_icl1": Lever("transformer_shortlist_copy_icl1, with a per-position strength "
+                                                  "fitted on select",
+                                                  training={"arch": "transformer", "shortlist_min_count": 1,
+                                                            "copy": True, "shots": 1, "gate": True}, prompt="icl_1"),
+    "transformer_shortlist_copy_gate_icl1_long": Lever("transformer_shortlist_copy_gate_icl1, up to 15 epochs, "
+                                                       "patience 3",
+                                                       training={"arch": "transformer", "shortlist_min_count": 1,
+                                                                 "copy": True, "shots": 1, "gate": True,
+                                                                 "train": {"epochs": 15, "patience": 3}},
+                                                       prompt="icl_1"),
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
 REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}
@@ -124,7 +145,7 @@ def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[
 
     out = root / train_key(overrides)
     spec_fields = {k: v for k, v in overrides.items() if k != "train"}
-    spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, arch="gru", out=str(out),
+    spec = RunSpec(dataset=protocol.dataset, base=base_path, split=protocol.split, out=str(out),
                    train=TrainConfig(**{"epochs": 5, **overrides.get("train", {})}), **spec_fields)
     if run_finished(spec):
         if read_config(out / "checkpoint").training.get("split", "input") != protocol.split:

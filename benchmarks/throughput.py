@@ -443,6 +443,8 @@ def time_all(rig: Rig, args) -> dict[tuple[str, int], list[float]]:
 
 def summarise(steps: dict[tuple[str, int], list[float]], args, base_config, plugin, machine: str) -> dict:
     """The results JSON from the timed steps: rows, ratios side by side, FLOPs and ceilings."""
+    from vllm_plugin.processor import describe
+
     def row(c, b):
         ms = statistics.median(steps[(c, b)]) * 1000
         return {"batch_size": b, "config": c, "tokens_per_s": b / ms * 1000, "ms_per_token": ms,
@@ -466,6 +468,8 @@ def summarise(steps: dict[tuple[str, int], list[float]], args, base_config, plug
     overhead = {str(b): by[("none", b)] / by[("plugin", b)] - 1 for b in sizes}
     return {
         "base_model": args.base, "plugin": f"{plugin.config.architecture} d={plugin.config.d_model}",
+        # What plugin A is (shortlist, copy scores and gate change its cost), as the server logs it.
+        "plugin_a": describe("a", plugin, args.plugin or "a fresh plugin of the default configuration"),
         "flop_share": flop_share,
         "flops_per_token": {"base": base_flops, "plugin": plugin_flops, "base_context": context},
         "machine": machine,

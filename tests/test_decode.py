@@ -1,8 +1,10 @@
 """The reference decoder: cache or no cache, seeded sampling, plugin alone."""
+import math
+
 import torch
 
 from vllm_plugin.decode import reference_generate
-from vllm_plugin.experts import combine
+from vllm_plugin.experts import combine, entropy
 
 
 def test_kv_cache_does_not_change_greedy_output(tiny):
@@ -28,6 +30,18 @@ def test_combination_is_the_renormalised_product_of_experts():
     product = torch.softmax(base, -1) * torch.softmax(plugin, -1)
     torch.testing.assert_close(p, product / product.sum())
     torch.testing.assert_close(torch.softmax(combine(base, plugin, 0.0), -1), torch.softmax(base, -1))
+
+
+def test_entropy_of_each_expert_counts_masked_tokens_as_zero():
+    """The gate's entropy equals the categorical entropy, in nats, with -inf scores (tokens a
+    grammar or bad words masked) as probability 0 and no NaN from them."""
+    torch.manual_seed(0)
+    scores = torch.randn(4, 300) * 5
+    scores[1, 10:200] = float("-inf")
+    expected = torch.distributions.Categorical(logits=scores).entropy()
+    assert torch.allclose(entropy(scores), expected, atol=1e-5)
+    assert torch.allclose(entropy(torch.zeros(2, 64)), torch.full((2,), math.log(64)), atol=1e-6)
+    assert torch.allclose(entropy(scores.double()), expected, atol=1e-5)  # computed in float32
 
 
 def test_plugin_alone_and_stop_tokens(tiny):

@@ -304,6 +304,20 @@ def test_scores_are_kept_per_generation_file_until_it_changes(tmp_path, monkeypa
     assert len(calls) == 6
 
 
+def test_every_lever_is_a_valid_run_and_prompt():
+    """A typo in a lever (a RunSpec or TrainConfig field, a prompt) fails here, not an hour into a run."""
+    from benchmarks.levers import LEVERS, REFERENCES
+    from vllm_plugin.training.pipeline import RunSpec
+    from vllm_plugin.training.train import TrainConfig
+
+    for name, lever in LEVERS.items():
+        fields = {k: v for k, v in lever.training.items() if k != "train"}
+        spec = RunSpec(train=TrainConfig(**lever.training.get("train", {})), **fields)
+        assert lever.prompt == "zero_shot" or lever.prompt in REFERENCES, name
+        if spec.shots:  # a plugin trained behind k examples decodes behind the same k
+            assert lever.prompt == f"icl_{spec.shots}", name
+
+
 def test_levers_are_measured_on_select_only(tiny, tmp_path):
     """The lever search reads no test data (there is none here), shares one training between
     levers that differ only in decoding or prompt, and reports select scores, slices and
@@ -404,3 +418,23 @@ def test_webnlg_target_protocol_is_the_papers():
     assert len(test) > len({e.group for e in test})  # every reference
     assert abs(len({e.group for e in test}) - len(p.train_examples)) <= 1
     assert {e.group for e in p.fit} | {e.group for e in p.select} == {e.group for e in p.train_examples}
+
+
+def test_e2e_slots_counts_unasked_and_missed_mentions(tmp_path):
+    """The reading aid's shares: an output mentioning an attribute its MR lacks is unasked, one
+    leaving out an attribute its MR holds is missed; a prompt that is no E2E MR is refused."""
+    from benchmarks.e2e_slots import attribute_shares, mention_shares
+
+    mrs = {"p1": {"name": "A", "customer rating": "high"}, "p2": {"name": "B", "area": "riverside"}}
+    path = tmp_path / "x@rp1-fp0.5.jsonl"
+    path.write_text(json.dumps({"prompt": "p1", "output": "A is by the riverside."}) + "\n"
+                    + json.dumps({"prompt": "p2", "output": "B has a high rating, near the river."}) + "\n")
+    got = mention_shares(path, mrs)
+    assert got["outputs"] == 2
+    assert got["customer rating"] == {"unasked": 1.0, "missed": 1.0, "mrs_lacking": 1, "mrs_having": 1}
+    assert got["area"]["unasked"] == 1.0 and got["area"]["missed"] == 0.0
+    assert got["priceRange"]["unasked"] == 0.0
+    assert attribute_shares(mrs) == {"area": 0.5, "customer rating": 0.5, "name": 1.0}
+    path.write_text(json.dumps({"prompt": "p3", "output": "C"}) + "\n")
+    with pytest.raises(SystemExit, match="not E2E devel or test MRs"):
+        mention_shares(path, mrs)
