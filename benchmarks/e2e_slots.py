@@ -46,44 +46,60 @@ def attributes_of(examples) -> dict[str, dict[str, str]]:
 
 
 def attribute_shares(mrs: dict[str, dict[str, str]]) -> dict[str, float]:
+    """Share (0 to 1) of the MRs in ``mrs`` (at least one) that hold each attribute."""
     names = sorted({k for attrs in mrs.values() for k in attrs})
     return {k: sum(k in attrs for attrs in mrs.values()) / len(mrs) for k in names}
 
 
 def mention_shares(path: Path, mrs: dict[str, dict[str, str]]) -> dict:
-    """Unasked and missed shares per attribute of ``MENTIONS`` in one generation file."""
+    """Per attribute of ``MENTIONS``, in the generation file ``path`` (JSON lines with ``prompt``
+    and ``output``): ``unasked``, the share (0 to 1) of outputs mentioning it among rows whose MR
+    lacks it, and ``missed``, the share not mentioning it among rows whose MR holds it (None
+    where no row is of that kind); ``rows_lacking`` and ``rows_having`` count those rows.
+
+    Raises:
+        ValueError: a row's prompt is not one of ``mrs``'s (another dataset or template).
+    """
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     unknown = [r["prompt"] for r in rows if r["prompt"] not in mrs]
     if unknown:
-        raise SystemExit(f"{path}: {len(unknown)} prompts are not E2E devel or test MRs (first: {unknown[0][:80]!r})")
+        raise ValueError(f"{path}: {len(unknown)} prompts are not E2E devel or test MRs (first: {unknown[0][:80]!r})")
     out = {"outputs": len(rows)}
     for attr, pattern in MENTIONS.items():
         said = [(attr in mrs[r["prompt"]], re.search(pattern, r["output"], re.I) is not None) for r in rows]
         lacking = [m for has, m in said if not has]
         having = [m for has, m in said if has]
-        out[attr] = {"unasked": sum(lacking) / max(len(lacking), 1), "missed": 1 - sum(having) / max(len(having), 1),
-                     "mrs_lacking": len(lacking), "mrs_having": len(having)}
+        out[attr] = {"unasked": sum(lacking) / len(lacking) if lacking else None,
+                     "missed": 1 - sum(having) / len(having) if having else None,
+                     "rows_lacking": len(lacking), "rows_having": len(having)}
     return out
 
 
+def _share(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def write_report(result: dict, out_base: Path) -> None:
+    """``result`` as ``<out_base>.json`` and its two tables as ``<out_base>.md``."""
     out_base.parent.mkdir(parents=True, exist_ok=True)
     out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     shares = result["attributes"]
     lines = ["Share of distinct E2E MRs holding each attribute:", "",
              "| attribute | devel | test |", "|---|---|---|"]
-    lines += [f"| {k} | {shares['devel'][k]:.2f} | {shares['test'][k]:.2f} |" for k in shares["test"]]
+    names = sorted(set(shares["devel"]) | set(shares["test"]))
+    lines += [f"| {k} | {shares['devel'].get(k, 0):.2f} | {shares['test'].get(k, 0):.2f} |" for k in names]
     lines += ["", "Outputs that mention an attribute the MR lacks (unasked) / omit one it holds (missed); "
               "regular expressions, approximate (`benchmarks/e2e_slots.py`):", "",
               "| inputs | system | " + " | ".join(MENTIONS) + " |", "|---|---|" + "---|" * len(MENTIONS)]
     for inputs, files in result["mentions"].items():
         for name, row in files.items():
-            cells = [f"{row[a]['unasked']:.2f} / {row[a]['missed']:.2f}" for a in MENTIONS]
+            cells = [f"{_share(row[a]['unasked'])} / {_share(row[a]['missed'])}" for a in MENTIONS]
             lines.append(f"| {inputs} | {name} | " + " | ".join(cells) + " |")
     out_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> None:
+    """Read E2E devel and test and the generation files, write the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generations", nargs="+", default=list(DEFAULT_GENERATIONS),
                         help="folders of <system>@<decoding>.jsonl generation files")
@@ -103,7 +119,12 @@ def main(argv=None) -> None:
         files = [f for f in files if f.is_file()]
         if not files:
             raise SystemExit(f"none of {args.systems} at {args.decoding} in {folder}")
-        mentions[folder.parent.name] = {f.stem: mention_shares(f, mrs) for f in files}
+        if folder.parent.name in mentions:
+            raise SystemExit(f"{folder}: two folders named {folder.parent.name!r} above their files; pass one")
+        try:
+            mentions[folder.parent.name] = {f.stem: mention_shares(f, mrs) for f in files}
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
     result = {"attributes": {s: attribute_shares(m) for s, m in splits.items()},
               "distinct_mrs": {s: len(m) for s, m in splits.items()}, "patterns": MENTIONS, "mentions": mentions}
     out = Path(args.results) / "e2e_slots"
