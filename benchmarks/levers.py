@@ -97,6 +97,13 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_gate_icl1_w1.5": Lever("shortlist_copy_gate_icl1 at strength 1.5 (the gate's output times 1.5)",
                                            training={"shortlist_min_count": 1, "copy": True, "shots": 1, "gate": True},
                                            decoding={"plugin_weight": 1.5}, prompt="icl_1"),
+    "shortlist_copy_icl1_task": Lever("shortlist_copy_icl1 with copy scores on the task's input only, not the "
+                                      "example's (--copy-task-only)",
+                                      training={"shortlist_min_count": 1, "copy": True, "copy_task_only": True,
+                                                "shots": 1}, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task": Lever("shortlist_copy_icl1_task, with a per-position strength fitted on select",
+                                           training={"shortlist_min_count": 1, "copy": True, "copy_task_only": True,
+                                                     "shots": 1, "gate": True}, prompt="icl_1"),
     "transformer_shortlist_copy_icl1": Lever("shortlist_copy_icl1 with the paper's plugin: a 1-layer GPT-2-style "
                                              "decoder (d=256, 4 heads) that attends over the prompt",
                                              training={"arch": "transformer", "shortlist_min_count": 1, "copy": True,

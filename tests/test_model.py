@@ -92,3 +92,21 @@ def test_bank_resets_a_recycled_slot_even_for_a_one_token_prompt(arch):
             want = torch.log_softmax(plugin.head(plugin(ids))[0, -1], -1)
         # Without a penalty the added scores are the log-probs up to a per-row constant.
         torch.testing.assert_close(torch.log_softmax(logits[0], -1), want, atol=1e-5, rtol=1e-5)
+
+
+def test_copy_start_finds_the_last_marker_alike_in_lists_and_batches():
+    """The reference's and training's ``copy_start`` (one prompt) and the processor's
+    ``copy_starts`` (a padded batch) agree: the last occurrence of the marker, 0 without one,
+    never a match that runs into the padding."""
+    from vllm_plugin.model import copy_start, copy_starts
+
+    marker = [7, 8]
+    prompts = [[1, 7, 8, 2, 7, 8, 3], [7, 8, 5], [1, 2, 3], [4, 7], [9, 7, 8]]
+    assert [copy_start(p, marker) for p in prompts] == [4, 0, 0, 0, 1]
+    assert copy_start([1, 2], []) == 0
+    width = 9
+    tokens = torch.tensor([p + [8] * (width - len(p)) for p in prompts])  # padding that could complete [7, 8]
+    lengths = torch.tensor([len(p) for p in prompts])
+    got = copy_starts(tokens, lengths, torch.tensor(marker))
+    assert got.tolist() == [copy_start(p, marker) for p in prompts]
+    assert copy_starts(tokens, lengths, torch.tensor([], dtype=torch.long)).tolist() == [0] * len(prompts)

@@ -77,6 +77,9 @@ REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
     ("Cotto serves", "b", None, 8, 2),
     ("Strada", "a", 0.5, 4, 3),
     ("Loch Fyne is near", "t", None, 6, 6),  # arrives after others leave: reuses a slot
+    # m: copy scores from the last "Sentence:" on, found once the (chunked) prompt is whole
+    ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Cotto\narea -- riverside\n\nSentence:\n",
+     "m", None, 6, 1),
 ]
 
 

@@ -132,6 +132,38 @@ def test_copy_scores_lift_the_prompt_tokens(tiny, engine):
     assert torch.equal(lifted != 0, mask) and torch.allclose(lifted, bonus * mask)
 
 
+def test_copy_scores_read_the_task_after_the_last_marker(tiny, engine):
+    """Plugin m's copy scores lift only the tokens of the prompt from the last ``COPY_MARKER`` on
+    (the task after in-context examples), the whole prompt when it has none: served exactly as
+    the reference decodes it, and the same plugin copying from the whole prompt decodes a
+    prompt with an example before the task differently."""
+    import copy
+
+    from vllm_plugin.decode import copy_mask, prompt_mask
+
+    from .conftest import COPY_MARKER
+
+    example = f"name -- Zizzi\narea -- riverside\n\n{COPY_MARKER}\nZizzi is a pub by the riverside.\n\n"
+    texts = [example + PROMPTS[2], example + example + "name -- Cotto\n\n" + COPY_MARKER + "\n", PROMPTS[0]]
+    prompts = [tiny.encode(t) for t in texts]
+    plugin = tiny.plugins["m"]
+    whole = copy.deepcopy(plugin)
+    whole.config.copy_after = []
+    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [greedy(12, "m")] * len(prompts),
+                           use_tqdm=False)
+    differs = 0
+    for ids, out in zip(prompts, outs):
+        want = reference_generate(tiny.base, [ids], plugin, max_new_tokens=12)[0]
+        assert list(out.outputs[0].token_ids) == want
+        differs += want != reference_generate(tiny.base, [ids], whole, max_new_tokens=12)[0]
+    assert differs >= 1
+    task = tiny.encode(PROMPTS[2])  # the task's segment starts at its marker
+    marker = tiny.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids
+    at = next(i for i in range(len(task)) if task[i:i + len(marker)] == marker)
+    assert torch.equal(copy_mask(prompts[0], plugin), prompt_mask(task[at:], tiny.vocab_size))
+    assert torch.equal(copy_mask(prompts[2], plugin), prompt_mask(prompts[2], tiny.vocab_size))
+
+
 def test_shortlisted_plugin_leaves_off_list_tokens_to_the_base(tiny, engine):
     """Plugin s scores a shortlist of its own and gives every other token one shared logit: served
     exactly as the reference decodes it, and without its copy scores it decodes differently; among

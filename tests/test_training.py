@@ -519,6 +519,35 @@ def test_a_run_with_shots_trains_against_the_prompted_base(tiny, e2e_file, tmp_p
         run(spec, progress=False, log=lambda *_: None)
 
 
+def test_copy_task_only_reads_the_task_not_the_examples(tiny, e2e_file, tmp_path):
+    """``RunSpec(copy_task_only=True)``: the checkpoint's ``copy_after`` is the template's text
+    before {input}, tokenised; training's copy mask holds the tokens of each prompt from its last
+    occurrence on (the task, not the in-context example), as the reference decoder's does; it
+    needs copy scores and a template with text before {input}."""
+    from vllm_plugin.decode import copy_mask
+    from vllm_plugin.training.data import PROMPT_TEMPLATES
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), shots=1,
+                   copy=True, copy_task_only=True, shortlist_min_count=1,
+                   train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
+    run(spec, progress=False, log=lambda *_: None)
+    plugin = load_plugin(tmp_path / "run" / "checkpoint")
+    prefix = PROMPT_TEMPLATES["e2e"].split("{input}")[0].strip()
+    assert plugin.config.copy_after == tiny.tokenizer(prefix, add_special_tokens=False).input_ids
+    ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
+    shot = ts.prompts[1] + ts.targets[1]
+    ts.prompts = [shot + p for p in ts.prompts]  # each prompt after an example, as --shots makes them
+    data = PairSet(ts, None)
+    whole = data.in_prompt([0], tiny.vocab_size)[0]
+    task = data.in_prompt([0], tiny.vocab_size, after=plugin.config.copy_after)[0]
+    assert torch.equal(task, copy_mask(ts.prompts[0], plugin)[0])
+    assert torch.equal(task, copy_mask(ts.prompts[0][len(shot):], plugin)[0])  # the task's tokens only
+    assert (whole & ~task).any() and not (task & ~whole).any()
+    with pytest.raises(ValueError, match="--copy-task-only restricts copy scores: it needs --copy"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "x"), copy_task_only=True),
+            progress=False, log=lambda *_: None)
+
+
 def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_path):
     """``RunSpec(shortlist_min_count=...)``: the plugin's shortlist is the tokens that occur that
     often in the fit split's prompts and targets; it learns (select loss below the base's), its

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
 from vllm_plugin.checkpoint import read_config
-from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
+from vllm_plugin.model import PluginConfig, build_plugin, copy_start, count_parameters
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
@@ -71,6 +71,9 @@ class RunSpec:
     name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
     gate: bool = False  # after training, fit a per-position strength on the select split (train.fit_gate)
     copy: bool = False  # the plugin learns copy scores for the prompt's tokens (PluginLM.add_copy_score)
+    # Copy scores read the task's own input only: the prompt from the last occurrence of the
+    # template's text before {input} (PluginConfig.copy_after), not the in-context examples.
+    copy_task_only: bool = False
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
@@ -99,6 +102,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
     if not 0 <= spec.shots <= MAX_SHOTS:
         raise ValueError(f"--shots is a number of in-context examples, 0 to {MAX_SHOTS}; got {spec.shots}")
+    if spec.copy_task_only and not spec.copy:
+        raise ValueError("--copy-task-only restricts copy scores: it needs --copy")
     if spec.shortlist_min_count < 0:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.shortlist_min_count and spec.train.negatives:
@@ -170,9 +175,31 @@ def base_vocab_size(base_path: str) -> int:
 
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
-               "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots")
+               "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
+               "copy_task_only")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
-                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0}
+                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "copy_task_only": False}
+
+
+def task_marker(tokenizer, dataset: str, prompts: list[list[int]]) -> list[int]:
+    """The token ids of the prompt template's text before ``{input}`` (``PluginConfig.copy_after``):
+    copy scores read each prompt from its last occurrence on, the task's own segment.
+
+    Raises:
+        ValueError: the template has no text before ``{input}``, or some prompt (fit or select,
+            tokenised, ``prompts``) does not hold it as those ids.
+    """
+    prefix = PROMPT_TEMPLATES.get(dataset, "{input}").split("{input}")[0].strip()
+    if not prefix:
+        raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {dataset!r}'s "
+                         f"has none")
+    marker = tokenizer(prefix, add_special_tokens=False).input_ids
+    missing = sum(copy_start(p, marker) == 0 and p[:len(marker)] != marker for p in prompts)
+    if missing:
+        raise ValueError(f"--copy-task-only: {missing} of {len(prompts)} prompts do not hold the template's "
+                         f"text before {{input}} ({prefix!r}) as the tokens it has alone; this tokenizer "
+                         f"merges it with its neighbours")
+    return marker
 
 
 def run_finished(spec: RunSpec) -> bool:
@@ -237,9 +264,11 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
 
     vocab_size = fit_bl.vocab_size if fit_bl is not None else base_vocab_size(base_path)
     shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
+    copy_after = task_marker(tokenizer, spec.dataset, fit_ts.prompts + select_ts.prompts) if spec.copy_task_only else []
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
-        dropout=spec.dropout, copy=spec.copy, shortlist_size=0 if shortlist is None else len(shortlist),
+        dropout=spec.dropout, copy=spec.copy, copy_after=copy_after,
+        shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), shots),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
@@ -248,6 +277,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                   "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
                   "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
                   "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
+                  "copy_task_only": spec.copy_task_only,
                   # Which tokens, not only how often: other data would give another shortlist.
                   "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},
     )

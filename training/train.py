@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from vllm_plugin.checkpoint import load_plugin, save_plugin
 from vllm_plugin.experts import entropy
-from vllm_plugin.model import PluginLM
+from vllm_plugin.model import PluginLM, copy_start
 
 from . import loop
 from .base_logits import BaseLogits, TokenizedSet
@@ -83,15 +83,18 @@ class PairSet:
         return (prompt_ids, torch.tensor(list(map(len, prompts))), cont_ids, prompt_of,
                 torch.tensor(pos_e), torch.tensor(pos_t), torch.tensor(rows), torch.tensor(targets))
 
-    def in_prompt(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None = None) -> torch.Tensor:
+    def in_prompt(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None = None,
+                  after: list[int] = ()) -> torch.Tensor:
         """[n, V] bool (or [n, len(cols)]: those columns only): for each target token of examples
-        ``idx`` (in ``batch`` order), which tokens occur in its example's prompt, as the processor
-        marks them for a plugin with copy scores (``PluginLM.add_copy_score``)."""
+        ``idx`` (in ``batch`` order), which tokens occur in its example's prompt (from the last
+        ``after`` marker on, ``model.copy_start``), as the processor marks them for a plugin with
+        copy scores (``PluginLM.add_copy_score``)."""
         prompts = sorted({self.ts.example_prompt[e] for e in idx})
         local = {p: i for i, p in enumerate(prompts)}
         mask = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
         for i, p in enumerate(prompts):
-            mask[i, torch.tensor(self.ts.prompts[p], dtype=torch.long)] = True
+            prompt = self.ts.prompts[p]
+            mask[i, torch.tensor(prompt[copy_start(prompt, after):], dtype=torch.long)] = True
         if cols is not None:
             mask = mask[:, cols]
         return mask[torch.tensor([local[self.ts.example_prompt[e]] for e in idx for _ in self.ts.targets[e]])]
@@ -142,7 +145,8 @@ def with_copy_score(plugin: PluginLM, data: PairSet, idx: list[int], hidden: tor
     examples ``idx`` (``hidden`` [n, d]), with its copy scores if it has them."""
     if plugin.copy_score is None:
         return logits
-    return plugin.add_copy_score(hidden, logits, data.in_prompt(idx, plugin.config.vocab_size, cols))
+    return plugin.add_copy_score(hidden, logits, data.in_prompt(idx, plugin.config.vocab_size, cols,
+                                                                plugin.config.copy_after))
 
 
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):

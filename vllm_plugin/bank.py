@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from .experts import Mode, base_top_k, combine
+from .model import copy_starts
 
 logger = logging.getLogger("vllm.vllm_plugin")
 
@@ -84,6 +85,11 @@ class PluginBank:
         # A plugin with copy scores reads which tokens each sequence's prompt holds: the
         # penalties' ``in_prompt`` table, kept for its slots too.
         self.copies = [m.copy_score is not None for m in self.models]
+        # A plugin whose copy scores read the prompt from its last marker on (the task's input
+        # after in-context examples, ``PluginConfig.copy_after``) reads the ``copy_mask`` table
+        # instead, filled once a slot's whole prompt is known.
+        self.copy_marker = [self._t(np.asarray(m.config.copy_after, dtype=np.int64)) if m.config.copy_after else None
+                            for m in self.models]
         # A plugin trained from top-k log-probs learned to correct that view of the base.
         self.trained_top_k = [int(m.config.training.get("top_k") or 0) for m in self.models]
         self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
@@ -107,6 +113,7 @@ class PluginBank:
         self.prompt_len = np.zeros(num_slots, dtype=np.int64)
         self.counted = np.zeros(num_slots, dtype=np.int64)
         self.in_prompt: torch.Tensor | None = None
+        self.copy_mask: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
         self.version = 0  # bumped by every change a plan depends on
         self._plan: _Plan | None = None
@@ -236,8 +243,8 @@ class PluginBank:
             hidden = self.states[group.plugin]["out"][group.slots_t]
             plugin_logits = self.heads[group.plugin](hidden).float()
             if self.copies[group.plugin]:
-                plugin_logits = self.models[group.plugin].add_copy_score(hidden, plugin_logits,
-                                                                         self.in_prompt[group.slots_t])
+                mask = self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask
+                plugin_logits = self.models[group.plugin].add_copy_score(hidden, plugin_logits, mask[group.slots_t])
             self._restrict_to_top_k(group, logits)
             self._penalise_experts(group, logits, plugin_logits)
             if group.product:
@@ -340,6 +347,8 @@ class PluginBank:
             shape = (len(self.plugin_of), vocab_size)
             self.in_prompt = torch.zeros(shape, dtype=torch.bool, device=self.device)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            if any(m is not None for m in self.copy_marker):
+                self.copy_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         sel = plan.counted
         s = plan.slots[sel]
         done = self.counted[s]
@@ -353,6 +362,8 @@ class PluginBank:
             fresh = self._t(s[done == 0])
             self.in_prompt[fresh] = False
             self.output_counts[fresh] = 0
+            if self.copy_mask is not None:
+                self.copy_mask[fresh] = False
         if step.any():
             idx = self._t(np.nonzero(step)[0])
             self._count_outputs(plan.counted_slots_t[idx], last_tokens(sel[step], plan.counted_rows_t[idx]))
@@ -367,6 +378,33 @@ class PluginBank:
             self.in_prompt[slot_of[valid & prompt], tokens[valid & prompt]] = True
             out = valid & ~prompt
             self._count_outputs(slot_of[out], tokens[out])
+            self._mark_copy_region(sel[c], s[c], done[c], delta[c], token_range)
+
+    def _mark_copy_region(self, sel: np.ndarray, slots: np.ndarray, done: np.ndarray, delta: np.ndarray,
+                          token_range: TokenRange) -> None:
+        """For slots of plugins with a ``copy_after`` marker whose prompt these tokens complete:
+        mark in ``copy_mask`` the prompt's tokens from the marker's last occurrence on. Once per
+        sequence, when the whole prompt is known (a marker can only be found then)."""
+        if self.copy_mask is None:
+            return
+        plen = self.prompt_len[slots]
+        groups = self.plugin_of[slots]
+        for g in np.unique(groups[(done < plen) & (done + delta >= plen)]):
+            marker = self.copy_marker[g]
+            if marker is None:
+                continue
+            pick = np.nonzero((groups == g) & (done < plen) & (done + delta >= plen))[0]
+            # All the tokens up to now, not only the prompt's: the runner's range fills its last
+            # position with this step's input, which is the prompt's last token only when no
+            # output follows it yet (a resumed sequence catches up on both).
+            tokens = token_range(sel[pick], np.zeros(len(pick), dtype=np.int64), done[pick] + delta[pick])
+            lengths = self._t(plen[pick])
+            start = copy_starts(tokens, lengths, marker)
+            pos = torch.arange(tokens.shape[1], device=self.device)[None, :]
+            keep = (pos >= start[:, None]) & (pos < lengths[:, None])
+            slot_t = self._t(slots[pick])
+            self.copy_mask[slot_t] = False
+            self.copy_mask[slot_t[:, None].expand_as(tokens)[keep], tokens[keep]] = True
 
     def _count_outputs(self, slots_t: torch.Tensor, tokens: torch.Tensor) -> None:
         self.output_counts.index_put_((slots_t, tokens.long()), torch.ones_like(tokens, dtype=torch.int32),

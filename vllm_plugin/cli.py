@@ -51,6 +51,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy", action="store_true",
                    help="learn copy scores: a per-position bonus on the prompt's tokens, so the plugin leaves "
                         "names and values it never saw to the base")
+    p.add_argument("--copy-task-only", action="store_true",
+                   help="with --copy and --shots: copy scores read the task's own input only (the prompt from "
+                        "the last occurrence of the template's text before {input}), not the in-context examples")
     p.add_argument("--shortlist-min-count", type=int, default=0,
                    help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
                         "split (prompts and targets) and gives every other token one shared logit, leaving them "
@@ -73,7 +76,7 @@ def _spec(args):
         dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
-        split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy,
+        split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy, copy_task_only=args.copy_task_only,
         shortlist_min_count=args.shortlist_min_count, shots=args.shots,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,

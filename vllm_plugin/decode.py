@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from .experts import Mode, base_top_k, combine, penalise_generated
-from .model import PluginLM
+from .model import PluginLM, copy_start
 
 
 def constrain(logits: torch.Tensor, out: list[int], grammar=None, allowed_token_ids=None, bad_words=(),
@@ -42,6 +42,12 @@ def prompt_mask(prompt: Sequence[int], vocab_size: int) -> torch.Tensor:
     mask = torch.zeros(1, vocab_size, dtype=torch.bool)
     mask[0, torch.tensor(list(prompt), dtype=torch.long)] = True
     return mask
+
+
+def copy_mask(prompt: Sequence[int], plugin: PluginLM) -> torch.Tensor:
+    """[1, V] bool: the tokens ``plugin``'s copy scores lift for ``prompt``: those of its part from
+    the last ``copy_after`` marker on (``model.copy_start``; the whole prompt without one)."""
+    return prompt_mask(list(prompt)[copy_start(prompt, plugin.config.copy_after):], plugin.config.vocab_size)
 
 
 @torch.no_grad()
@@ -89,7 +95,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
         if plugin is not None:
             state = plugin.new_state(1)
             plugin.advance(state, slot, torch.tensor([ids]), [len(ids)], [0])
-            in_prompt = prompt_mask(prompt, plugin.config.vocab_size)
+            in_prompt = copy_mask(prompt, plugin)
         for _ in range(max_new_tokens):
             if base is not None:
                 if use_cache:
@@ -181,7 +187,7 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
     if beam_width < 1 or max_new_tokens < 1:
         raise ValueError(f"beam_width and max_new_tokens must be >= 1, got {beam_width}, {max_new_tokens}")
     slot = torch.zeros(1, dtype=torch.long)
-    in_prompt = prompt_mask(prompt, plugin.config.vocab_size) if plugin is not None else None
+    in_prompt = copy_mask(prompt, plugin) if plugin is not None else None
 
     def next_log_probs(tokens: list[int]) -> torch.Tensor:
         base_logits = base(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].float()

@@ -44,6 +44,10 @@ class PluginConfig:
     # per-position bonus on the plugin's logits, so the plugin can leave to the base the names
     # and values that only the input holds; see PluginLM.add_copy_score.
     copy: bool = False
+    # Token ids after whose last occurrence in the prompt the copy scores read it ([]: the whole
+    # prompt): the task's own input, not the in-context examples before it, whose names and values
+    # the output must not repeat. ``copy_start`` finds it; the same rule in training and serving.
+    copy_after: list[int] = field(default_factory=list)
     # A shortlist (vocabulary-restricted plugin): 0 scores every token of the base's vocabulary;
     # K > 0 scores K tokens of its own (those its training data holds, ``PluginLM.index_of``) and
     # gives every other token one shared logit, so that a token the plugin never saw is left to
@@ -65,11 +69,39 @@ class PluginConfig:
         if not 0 <= self.shortlist_size < self.vocab_size:
             raise ValueError(f"shortlist_size={self.shortlist_size} must be 0 (the whole vocabulary) or below "
                              f"vocab_size={self.vocab_size}")
+        if self.copy_after and not self.copy:
+            raise ValueError(f"copy_after={self.copy_after} is for a plugin with copy scores (copy=True)")
+        if not isinstance(self.copy_after, list) or not all(
+                type(t) is int and 0 <= t < self.vocab_size for t in self.copy_after):
+            raise ValueError(f"copy_after must be a list of token ids below vocab_size={self.vocab_size}, "
+                             f"got {self.copy_after!r}")
         if self.architecture == "transformer" and self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def copy_start(prompt, marker) -> int:
+    """Where copy scores start reading ``prompt`` (token ids): the last occurrence of ``marker``
+    (``PluginConfig.copy_after``), else 0, the whole prompt (also for an empty marker)."""
+    m, prompt, marker = len(marker), list(prompt), list(marker)
+    for i in range(len(prompt) - m, -1, -1) if m else ():
+        if prompt[i:i + m] == marker:
+            return i
+    return 0
+
+
+def copy_starts(tokens: torch.Tensor, lengths: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
+    """``copy_start`` of many prompts at once: int64 [n] for ``tokens`` [n, L] (row r's prompt is
+    its first ``lengths[r]`` ids, the rest padding) and ``marker`` int64 [m]."""
+    n, width = tokens.shape
+    m = marker.numel()
+    if not m or width < m:
+        return torch.zeros(n, dtype=torch.long, device=tokens.device)
+    at = torch.arange(width - m + 1, device=tokens.device)
+    hit = (tokens.unfold(1, m, 1) == marker).all(-1) & (at[None, :] + m <= lengths[:, None])
+    return torch.where(hit, at[None, :], -1).amax(1).clamp(min=0)
 
 
 class PluginLM(nn.Module):
