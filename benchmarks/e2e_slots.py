@@ -103,7 +103,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--generations", nargs="+", default=list(DEFAULT_GENERATIONS),
                         help="folders of <system>@<decoding>.jsonl generation files")
-    parser.add_argument("--systems", default="zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1")
+    parser.add_argument("--systems", default="zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,"
+                                              "plugin_shortlist_copy_task_gate_icl1")
     parser.add_argument("--decoding", default="rp1-fp0.5", help="the files of this decoding setting (the file name's @ part)")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)

@@ -389,11 +389,12 @@ class PluginBank:
             return
         plen = self.prompt_len[slots]
         groups = self.plugin_of[slots]
-        for g in np.unique(groups[(done < plen) & (done + delta >= plen)]):
+        completes = (done < plen) & (done + delta >= plen)
+        for g in np.unique(groups[completes]):
             marker = self.copy_marker[g]
             if marker is None:
                 continue
-            pick = np.nonzero((groups == g) & (done < plen) & (done + delta >= plen))[0]
+            pick = np.nonzero(completes & (groups == g))[0]
             # All the tokens up to now, not only the prompt's: the runner's range fills its last
             # position with this step's input, which is the prompt's last token only when no
             # output follows it yet (a resumed sequence catches up on both).
