@@ -394,12 +394,12 @@ def test_engine_refuses_to_start_with_a_non_finite_plugin(tiny, tmp_path):
 
 
 def test_forced_preemption(tiny):
-    """A KV cache of 64 usable token slots for 4 requests of ~50 tokens: vLLM must preempt and resume.
+    """A KV cache of 64 usable token slots for 5 requests of ~50 tokens: vLLM must preempt and resume.
 
     Resumed rows come back as new rows with output so far; the plugin rebuilds their state from
     prompt + output and the result still equals the reference. (Own process: see preemption_run.py.)
     """
-    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2)]
+    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("m", 2)]  # m: its copy region rebuilt on resume
     requests = [{"ids": tiny.encode(PROMPTS[p]), "plugin": plugin} for plugin, p in cases]
     for r in requests:
         r["max_tokens"] = 50 - len(r["ids"])

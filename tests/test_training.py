@@ -546,6 +546,13 @@ def test_copy_task_only_reads_the_task_not_the_examples(tiny, e2e_file, tmp_path
     with pytest.raises(ValueError, match="--copy-task-only restricts copy scores: it needs --copy"):
         run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "x"), copy_task_only=True),
             progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="needs a prompt template with text before"):
+        run(RunSpec(dataset="jsonl", data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "y"), copy=True,
+                    copy_task_only=True), progress=False, log=lambda *_: None)
+    from vllm_plugin.training.pipeline import task_marker
+    with pytest.raises(ValueError, match=r"2 time\(s\)"):  # an example's marker missing: the last would not be the task's
+        task_marker(tiny.tokenizer, "e2e", [ts.prompts[0][len(shot):]], segments=2)
+    assert task_marker(tiny.tokenizer, "e2e", [ts.prompts[0]], segments=2) == plugin.config.copy_after
 
 
 def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_path):

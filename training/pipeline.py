@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
 from vllm_plugin.checkpoint import read_config
-from vllm_plugin.model import PluginConfig, build_plugin, copy_start, count_parameters
+from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
@@ -104,6 +104,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--shots is a number of in-context examples, 0 to {MAX_SHOTS}; got {spec.shots}")
     if spec.copy_task_only and not spec.copy:
         raise ValueError("--copy-task-only restricts copy scores: it needs --copy")
+    if spec.copy_task_only and not PROMPT_TEMPLATES.get(spec.dataset, "{input}").split("{input}")[0].strip():
+        raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {spec.dataset!r}'s "
+                         f"has none")
     if spec.shortlist_min_count < 0:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.shortlist_min_count and spec.train.negatives:
@@ -181,24 +184,24 @@ RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_b
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "copy_task_only": False}
 
 
-def task_marker(tokenizer, dataset: str, prompts: list[list[int]]) -> list[int]:
+def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
     """The token ids of the prompt template's text before ``{input}`` (``PluginConfig.copy_after``):
     copy scores read each prompt from its last occurrence on, the task's own segment.
 
     Raises:
-        ValueError: the template has no text before ``{input}``, or some prompt (fit or select,
-            tokenised, ``prompts``) does not hold it as those ids.
+        ValueError: some prompt (fit or select, tokenised, ``prompts``) does not hold those ids
+            exactly ``segments`` times (once per in-context example and once for the task): the
+            tokenizer writes that text otherwise at the start of a prompt than after an example,
+            so the last occurrence would not start the task.
     """
     prefix = PROMPT_TEMPLATES.get(dataset, "{input}").split("{input}")[0].strip()
-    if not prefix:
-        raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {dataset!r}'s "
-                         f"has none")
     marker = tokenizer(prefix, add_special_tokens=False).input_ids
-    missing = sum(copy_start(p, marker) == 0 and p[:len(marker)] != marker for p in prompts)
-    if missing:
-        raise ValueError(f"--copy-task-only: {missing} of {len(prompts)} prompts do not hold the template's "
-                         f"text before {{input}} ({prefix!r}) as the tokens it has alone; this tokenizer "
-                         f"merges it with its neighbours")
+    m = len(marker)
+    wrong = sum(sum(p[i:i + m] == marker for i in range(len(p) - m + 1)) != segments for p in prompts)
+    if wrong:
+        raise ValueError(f"--copy-task-only: {wrong} of {len(prompts)} prompts do not hold the template's text "
+                         f"before {{input}} ({prefix!r}) as the tokens it has alone, {segments} time(s) (once per "
+                         f"in-context example and for the task): this tokenizer writes it otherwise in context")
     return marker
 
 
@@ -253,6 +256,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
     select_ts = tokenize_examples(select_ex, tokenizer, spec.max_target_tokens)
 
+    copy_after = (task_marker(tokenizer, spec.dataset, fit_ts.prompts + select_ts.prompts, spec.shots + 1)
+                  if spec.copy_task_only else [])  # checked before the long base pass
     load_base = LazyBase(base_path)
     t0 = time.time()
     fit_bl = select_bl = None
@@ -264,7 +269,6 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
 
     vocab_size = fit_bl.vocab_size if fit_bl is not None else base_vocab_size(base_path)
     shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
-    copy_after = task_marker(tokenizer, spec.dataset, fit_ts.prompts + select_ts.prompts) if spec.copy_task_only else []
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after,

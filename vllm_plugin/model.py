@@ -44,8 +44,8 @@ class PluginConfig:
     # per-position bonus on the plugin's logits, so the plugin can leave to the base the names
     # and values that only the input holds; see PluginLM.add_copy_score.
     copy: bool = False
-    # Token ids after whose last occurrence in the prompt the copy scores read it ([]: the whole
-    # prompt): the task's own input, not the in-context examples before it, whose names and values
+    # Token ids from whose last occurrence in the prompt on (the marker included) the copy scores
+    # read it ([]: the whole prompt): the task's own input, not the in-context examples before it, whose names and values
     # the output must not repeat. ``copy_start`` finds it; the same rule in training and serving.
     copy_after: list[int] = field(default_factory=list)
     # A shortlist (vocabulary-restricted plugin): 0 scores every token of the base's vocabulary;
