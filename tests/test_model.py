@@ -110,3 +110,24 @@ def test_copy_start_finds_the_last_marker_alike_in_lists_and_batches():
     got = copy_starts(tokens, lengths, torch.tensor(marker))
     assert got.tolist() == [copy_start(p, marker) for p in prompts]
     assert copy_starts(tokens, lengths, torch.tensor([], dtype=torch.long)).tolist() == [0] * len(prompts)
+
+
+def test_bank_warns_once_when_a_prompt_lacks_the_copy_marker():
+    """A plugin with a copy marker served a prompt without it reads the whole prompt, and the
+    server log says so once; a prompt holding it (at its start too) raises nothing."""
+    import numpy as np
+
+    from vllm_plugin.bank import PluginBank
+
+    plugin = tiny_plugin(V, "gru", copy=True, copy_after=[7, 8])
+    for seq, warned in (([7, 8, 5, 6], False), ([1, 7, 8, 3], False), ([5, 6, 9, 3], True)):
+        bank = PluginBank({"p": plugin}, 1, "cpu")
+        bank.assign(0, "p", 1.0, prompt_len=len(seq))
+        ids = torch.tensor([seq])
+        bank.apply(torch.zeros(1, V), np.array([0]), np.array([0]), np.array([len(seq)]),
+                   lambda sel, _rows, ids=ids: ids[0, -1:].expand(len(sel)),
+                   lambda sel, start, length, ids=ids: ids[:, int(start[0]):int(start[0] + length[0])])
+        assert ("marker" in bank._warned) == warned, seq
+        want = torch.zeros(V, dtype=torch.bool)
+        want[seq[0 if warned else (0 if seq[0] == 7 else 1):]] = True
+        assert torch.equal(bank.copy_mask[0], want)
