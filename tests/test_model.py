@@ -96,8 +96,9 @@ def test_bank_resets_a_recycled_slot_even_for_a_one_token_prompt(arch):
 
 def test_copy_start_finds_the_last_marker_alike_in_lists_and_batches():
     """The reference's and training's ``copy_start`` (one prompt) and the processor's
-    ``copy_starts`` (a padded batch) agree: the last occurrence of the marker, 0 without one,
-    never a match that runs into the padding."""
+    ``copy_starts`` (a padded batch) agree: the last occurrence of the marker, 0 without one
+    (-1 from ``copy_starts``, which the processor reads as 0 and warns about), never a match that
+    runs into the padding."""
     from vllm_plugin.model import copy_start, copy_starts
 
     marker = [7, 8]
@@ -108,7 +109,9 @@ def test_copy_start_finds_the_last_marker_alike_in_lists_and_batches():
     tokens = torch.tensor([p + [8] * (width - len(p)) for p in prompts])  # padding that could complete [7, 8]
     lengths = torch.tensor([len(p) for p in prompts])
     got = copy_starts(tokens, lengths, torch.tensor(marker))
-    assert got.tolist() == [copy_start(p, marker) for p in prompts]
+    assert got.clamp(min=0).tolist() == [copy_start(p, marker) for p in prompts]
+    assert got.tolist() == [4, 0, -1, -1, 1]
+    assert copy_starts(tokens[:, :1], lengths.clamp(max=1), torch.tensor(marker)).tolist() == [-1] * len(prompts)
     assert copy_starts(tokens, lengths, torch.tensor([], dtype=torch.long)).tolist() == [0] * len(prompts)
 
 

@@ -57,6 +57,12 @@ def venue_of(mr: str) -> str:
     return dict(parse_mr(mr)).get("name", "")
 
 
+def template_prefix(dataset: str) -> str:
+    """The text of ``dataset``'s prompt template before ``{input}``, stripped ("" for none): where
+    each task begins in a prompt, in-context examples or not (``--copy-task-only``'s marker)."""
+    return PROMPT_TEMPLATES.get(dataset, "{input}").split("{input}")[0].strip()
+
+
 def format_prompt(dataset: str, raw_input: str, template: str | None = None) -> str:
     template = template or PROMPT_TEMPLATES[dataset]
     if dataset == "e2e":

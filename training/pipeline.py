@@ -17,7 +17,7 @@ from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_t
                           extract_topk_vllm, tokenize_examples, topk_view)
 from .config import SOURCES, TrainConfig
 from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, in_context_shots, load_examples, split_examples,
-                   swap_names, with_shots)
+                   swap_names, template_prefix, with_shots)
 from .fetch import data_root
 from .train import PairSet, task_shortlist, train
 
@@ -104,7 +104,7 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--shots is a number of in-context examples, 0 to {MAX_SHOTS}; got {spec.shots}")
     if spec.copy_task_only and not spec.copy:
         raise ValueError("--copy-task-only restricts copy scores: it needs --copy")
-    if spec.copy_task_only and not PROMPT_TEMPLATES.get(spec.dataset, "{input}").split("{input}")[0].strip():
+    if spec.copy_task_only and not template_prefix(spec.dataset):
         raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {spec.dataset!r}'s "
                          f"has none")
     if spec.shortlist_min_count < 0:
@@ -194,7 +194,7 @@ def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int
             tokenizer writes that text otherwise at the start of a prompt than after an example,
             so the last occurrence would not start the task.
     """
-    prefix = PROMPT_TEMPLATES.get(dataset, "{input}").split("{input}")[0].strip()
+    prefix = template_prefix(dataset)
     marker = tokenizer(prefix, add_special_tokens=False).input_ids
     m = len(marker)
     wrong = sum(sum(p[i:i + m] == marker for i in range(len(p) - m + 1)) != segments for p in prompts)

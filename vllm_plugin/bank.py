@@ -401,14 +401,13 @@ class PluginBank:
             tokens = token_range(sel[pick], np.zeros(len(pick), dtype=np.int64), done[pick] + delta[pick])
             lengths = self._t(plen[pick])
             start = copy_starts(tokens, lengths, marker)
-            m = marker.numel()
-            if tokens.shape[1] < m or bool(((start == 0) & (tokens[:, :m] != marker).any(-1)).any()):
+            if bool((start < 0).any()):
                 self.warn_once("marker", f"vllm_plugin: a prompt for plugin '{self.names[g]}' lacks the text "
                                "its copy scores start at (the template's text before {input}: copy_after); "
                                "its copy scores read the whole prompt. Send prompts in the checkpoint's "
                                "prompt_template.")
             pos = torch.arange(tokens.shape[1], device=self.device)[None, :]
-            keep = (pos >= start[:, None]) & (pos < lengths[:, None])
+            keep = (pos >= start.clamp(min=0)[:, None]) & (pos < lengths[:, None])
             slot_t = self._t(slots[pick])
             self.copy_mask[slot_t] = False
             self.copy_mask[slot_t[:, None].expand_as(tokens)[keep], tokens[keep]] = True

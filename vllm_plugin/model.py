@@ -45,8 +45,9 @@ class PluginConfig:
     # and values that only the input holds; see PluginLM.add_copy_score.
     copy: bool = False
     # Token ids from whose last occurrence in the prompt on (the marker included) the copy scores
-    # read it ([]: the whole prompt): the task's own input, not the in-context examples before it, whose names and values
-    # the output must not repeat. ``copy_start`` finds it; the same rule in training and serving.
+    # read it ([]: the whole prompt): the task's own input, not the in-context examples before
+    # it, whose names and values the output must not repeat. ``copy_start`` finds it; the same
+    # rule in training and serving.
     copy_after: list[int] = field(default_factory=list)
     # A shortlist (vocabulary-restricted plugin): 0 scores every token of the base's vocabulary;
     # K > 0 scores K tokens of its own (those its training data holds, ``PluginLM.index_of``) and
@@ -93,15 +94,18 @@ def copy_start(prompt, marker) -> int:
 
 
 def copy_starts(tokens: torch.Tensor, lengths: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
-    """``copy_start`` of many prompts at once: int64 [n] for ``tokens`` [n, L] (row r's prompt is
-    its first ``lengths[r]`` ids, the rest padding) and ``marker`` int64 [m]."""
+    """``copy_start`` of many prompts at once, but -1 where a prompt lacks the marker (its caller
+    reads those whole, and can tell): int64 [n] for ``tokens`` [n, L] (row r's prompt is its first
+    ``lengths[r]`` ids, the rest padding) and ``marker`` int64 [m] (empty: 0, the whole prompt)."""
     n, width = tokens.shape
     m = marker.numel()
-    if not m or width < m:
+    if not m:
         return torch.zeros(n, dtype=torch.long, device=tokens.device)
+    if width < m:
+        return torch.full((n,), -1, dtype=torch.long, device=tokens.device)
     at = torch.arange(width - m + 1, device=tokens.device)
     hit = (tokens.unfold(1, m, 1) == marker).all(-1) & (at[None, :] + m <= lengths[:, None])
-    return torch.where(hit, at[None, :], -1).amax(1).clamp(min=0)
+    return torch.where(hit, at[None, :], -1).amax(1)
 
 
 class PluginLM(nn.Module):
