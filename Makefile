@@ -28,12 +28,18 @@ bench: install
 # example (about 75 minutes here, its select stage on 150 inputs; half of it the base's log-prob
 # pass on the one-example prompts); the E2E table's other rows can be added with --systems.
 WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5
+# E2E, the fast recipe's rows (benchmarks/results/shortlist): on the plain prompt, behind icl_1's
+# example, with copy scores on the task's input only, and that plugin's top-20 twin.
+SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
 # Qwen2.5-Coder-0.5B (vocabulary 151,936): the baselines and the fast recipe, full logits and top-20,
-# with and without the gate (about 80 minutes here, 22 of them the base log-prob pass).
-QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate
+# with and without the gate, and behind icl_1's example with copy scores on the task's input only
+# (the first eight rows about 80 minutes on an older CPU, 22 of them the base's log-prob pass; the
+# two rows behind the example 55 more on a newer one, 35 of them their base pass).
+QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
 
 paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems +lora,plugin_recurrent_gate,plugin_recurrent_copy,plugin_recurrent_copy_gate --lora-epochs 1 --top20-source full_topk
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(SHORTLIST_SYSTEMS) --top20-source full_topk --results benchmarks/results/shortlist
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --select-subset 150
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg

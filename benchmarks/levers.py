@@ -104,6 +104,16 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_gate_icl1_task": Lever("shortlist_copy_icl1_task, with a per-position strength fitted on select",
                                            training={"shortlist_min_count": 1, "copy": True, "copy_task_only": True,
                                                      "shots": 1, "gate": True}, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task_fp0.5": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 0.5 "
+                                                 "(the quality benchmark's choice for it on SmolLM2)",
+                                                 training={"shortlist_min_count": 1, "copy": True,
+                                                           "copy_task_only": True, "shots": 1, "gate": True},
+                                                 decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task_fp1": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 1.0, "
+                                               "past the quality benchmark's grid",
+                                               training={"shortlist_min_count": 1, "copy": True,
+                                                         "copy_task_only": True, "shots": 1, "gate": True},
+                                               decoding={"plugin_frequency_penalty": 1.0}, prompt="icl_1"),
     "transformer_shortlist_copy_icl1": Lever("shortlist_copy_icl1 with the paper's plugin: a 1-layer GPT-2-style "
                                              "decoder (d=256, 4 heads) that attends over the prompt",
                                              training={"arch": "transformer", "shortlist_min_count": 1, "copy": True,

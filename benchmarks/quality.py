@@ -57,7 +57,9 @@ log-probs: the closed-API regime of the fast recipe; plugin_shortlist_copy_icl1 
 plugin_shortlist_copy_gate_icl1, those trained against the base prompted with icl_1's example
 (``--shots 1``) and decoded on icl_1's prompt: the plugin on top of in-context prompting;
 plugin_shortlist_copy_task_icl1 and plugin_shortlist_copy_task_gate_icl1, the same with copy
-scores on the task's input only (``--copy-task-only``), not the example's.
+scores on the task's input only (``--copy-task-only``), not the example's;
+plugin_shortlist_copy_task_top20_icl1 and plugin_shortlist_copy_task_top20_gate_icl1, their
+closed-API twins (trained from, and decoding against, the one-example prompt's top-20 log-probs).
 """
 from __future__ import annotations
 
@@ -93,17 +95,21 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_top20_gate": "shortlist_copy_top20_gated",
          "plugin_shortlist_copy_icl1": "shortlist_copy_icl1", "plugin_shortlist_copy_gate_icl1": "shortlist_copy_icl1_gated",
          "plugin_shortlist_copy_task_icl1": "shortlist_copy_task_icl1",
-         "plugin_shortlist_copy_task_gate_icl1": "shortlist_copy_task_icl1_gated"}
+         "plugin_shortlist_copy_task_gate_icl1": "shortlist_copy_task_icl1_gated",
+         "plugin_shortlist_copy_task_top20_icl1": "shortlist_copy_task_top20_icl1",
+         "plugin_shortlist_copy_task_top20_gate_icl1": "shortlist_copy_task_top20_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
                     "plugin_shortlist_copy_top20_gate", "plugin_shortlist_copy_icl1", "plugin_shortlist_copy_gate_icl1",
-                    "plugin_shortlist_copy_task_icl1", "plugin_shortlist_copy_task_gate_icl1"]
+                    "plugin_shortlist_copy_task_icl1", "plugin_shortlist_copy_task_gate_icl1",
+                    "plugin_shortlist_copy_task_top20_icl1", "plugin_shortlist_copy_task_top20_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
                  "shortlist_copy_top20_gated": "shortlist_copy_top20", "shortlist_copy_icl1_gated": "shortlist_copy_icl1",
-                 "shortlist_copy_task_icl1_gated": "shortlist_copy_task_icl1"}
+                 "shortlist_copy_task_icl1_gated": "shortlist_copy_task_icl1",
+                 "shortlist_copy_task_top20_icl1_gated": "shortlist_copy_task_top20_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -172,6 +178,8 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
         "shortlist_copy_icl1": RunSpec(**common, arch="gru", copy=True, shortlist_min_count=1, shots=1),
         "shortlist_copy_task_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                             shortlist_min_count=1, shots=1),
+        "shortlist_copy_task_top20_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                  shortlist_min_count=1, shots=1, source=top20_source, top_k=20),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
@@ -455,7 +463,9 @@ BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "w
 # Trained on the base's top-20 log-probs and decoded against its top-20 view: the closed-API regime.
 # Each of them and the full-logit row it is the closed-API twin of.
 TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_copy_top20": "plugin_shortlist_copy",
-              "plugin_shortlist_copy_top20_gate": "plugin_shortlist_copy_gate"}
+              "plugin_shortlist_copy_top20_gate": "plugin_shortlist_copy_gate",
+              "plugin_shortlist_copy_task_top20_icl1": "plugin_shortlist_copy_task_icl1",
+              "plugin_shortlist_copy_task_top20_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
 TOP20_ROWS = tuple(TOP20_TWIN)
 
 

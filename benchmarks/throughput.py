@@ -395,6 +395,14 @@ class Rig:
         vocab = self.config.get_text_config().vocab_size
         rng = np.random.default_rng(0)
         self.prompts = rng.integers(10, vocab, size=(max(args.batch_sizes), args.prompt_len)).tolist()
+        marker = self.plugin.config.copy_after
+        if marker:  # a --copy-task-only plugin: an example's segment and the task's, as in its prompts
+            if args.prompt_len < 4 * len(marker):
+                raise SystemExit(f"--prompt-len {args.prompt_len}: plugin A's {len(marker)}-token copy marker "
+                                 f"goes in twice, a quarter of the prompt apart; use at least {4 * len(marker)}")
+            for prompt in self.prompts:
+                for at in (args.prompt_len // 4, args.prompt_len // 2):
+                    prompt[at:at + len(marker)] = marker
         kinds = ("none", "plugins") + (("none_bf16",) if args.bf16_batch_sizes else ())
         self.engines = {k: EngineProcess(k, base, plugins, args.eager, args.max_num_seqs) for k in kinds}
         self.hf_model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

@@ -241,6 +241,12 @@ def test_a_plugin_trained_behind_examples_decodes_behind_them():
         system_input("plugin_x_icl5", "P", shots, None)
     # The gated row starts from its ungated twin's training, prompted the same way.
     assert SAME_TRAINING[NEEDS["plugin_shortlist_copy_gate_icl1"]] == NEEDS["plugin_shortlist_copy_icl1"]
+    assert SAME_TRAINING[NEEDS["plugin_shortlist_copy_task_top20_gate_icl1"]] == NEEDS["plugin_shortlist_copy_task_top20_icl1"]
+    # Each top-20 row is scored against a full-logit twin sent the same prompt.
+    from benchmarks.quality import TOP20_TWIN
+    for top, full in TOP20_TWIN.items():
+        assert top in NEEDS and full in NEEDS
+        assert system_input(top, "P", shots, None) == system_input(full, "P", shots, None)
 
 
 def test_decoding_grid_takes_penalty_pairs_and_beam_widths():

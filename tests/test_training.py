@@ -549,10 +549,35 @@ def test_copy_task_only_reads_the_task_not_the_examples(tiny, e2e_file, tmp_path
     with pytest.raises(ValueError, match="needs a prompt template with text before"):
         run(RunSpec(dataset="jsonl", data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "y"), copy=True,
                     copy_task_only=True), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="needs --shots"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "z"), copy=True,
+                    copy_task_only=True), progress=False, log=lambda *_: None)
     from vllm_plugin.training.pipeline import task_marker
     with pytest.raises(ValueError, match=r"2 time\(s\)"):  # an example's marker missing: the last would not be the task's
         task_marker(tiny.tokenizer, "e2e", [ts.prompts[0][len(shot):]], segments=2)
     assert task_marker(tiny.tokenizer, "e2e", [ts.prompts[0]], segments=2) == plugin.config.copy_after
+
+
+def test_task_marker_keeps_only_the_tokens_the_input_cannot_change():
+    """A BPE that merges the template's last character with what follows (Qwen2.5 writes
+    "Attributes:" then a newline as "Attributes", ":\\n") still gets a marker that occurs in every
+    prompt: the template's tokens up to the first one the input can change."""
+    from types import SimpleNamespace
+
+    from vllm_plugin.training.data import Example, format_prompt, template_prefix, with_shots
+    from vllm_plugin.training.pipeline import task_marker
+
+    def merging(text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[0 if piece == ":\n" else ord(piece)
+                                          for piece in re.findall(r":\n|.", text, flags=re.S)])
+
+    prompt = format_prompt("e2e", "name[Aromi], food[Thai]")
+    marker = task_marker(merging, "e2e", [merging(with_shots(prompt, [Example("g", prompt, "Aromi is Thai.")])).input_ids],
+                         segments=2)
+    assert marker == [ord(c) for c in template_prefix("e2e").removesuffix(":")]
+    whole = lambda text, add_special_tokens=False: SimpleNamespace(input_ids=[len(text)])  # noqa: E731
+    with pytest.raises(ValueError, match="merges all of the template's text before"):
+        task_marker(whole, "e2e", [[1, 2, 3]], segments=1)
 
 
 def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_path):

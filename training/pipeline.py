@@ -107,6 +107,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     if spec.copy_task_only and not template_prefix(spec.dataset):
         raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {spec.dataset!r}'s "
                          f"has none")
+    if spec.copy_task_only and not spec.shots:
+        raise ValueError("--copy-task-only keeps copy scores off the in-context examples: it needs --shots "
+                         "(without examples the task's input is the whole prompt; use --copy alone)")
     if spec.shortlist_min_count < 0:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.shortlist_min_count and spec.train.negatives:
@@ -186,22 +189,36 @@ RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_b
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
     """The token ids of the prompt template's text before ``{input}`` (``PluginConfig.copy_after``):
-    copy scores read each prompt from its last occurrence on, the task's own segment.
+    copy scores read each prompt from its last occurrence on, the task's own segment. Only the
+    tokens that stay the same whatever input follows: a BPE tokenizer may merge the text's last
+    character with the input's first (Qwen2.5 writes "Attributes:" then a newline as "Attributes",
+    ":\n"), so a marker ending in that character would never occur in a prompt. Its start is kept:
+    a tokenizer that writes the text's first word otherwise after an example (SentencePiece's
+    leading "▁") is refused.
 
     Raises:
-        ValueError: some prompt (fit or select, tokenised, ``prompts``) does not hold those ids
+        ValueError: no token of that text survives the input after it; or some prompt (fit or
+            select, tokenised, ``prompts``) does not hold those ids
             exactly ``segments`` times (once per in-context example and once for the task): the
             tokenizer writes that text otherwise at the start of a prompt than after an example,
             so the last occurrence would not start the task.
     """
     prefix = template_prefix(dataset)
-    marker = tokenizer(prefix, add_special_tokens=False).input_ids
+    template = PROMPT_TEMPLATES.get(dataset, "{input}").lstrip()
+    alone, *in_context = (tokenizer(text, add_special_tokens=False).input_ids
+                          for text in (prefix, template.replace("{input}", "0"), template.replace("{input}", "x")))
+    marker = alone[:next((i for i, tok in enumerate(alone) if any(i >= len(c) or c[i] != tok for c in in_context)),
+                         len(alone))]
+    if not marker:
+        raise ValueError(f"--copy-task-only: this tokenizer merges all of the template's text before {{input}} "
+                         f"({prefix!r}) with the input that follows; give the template more text before {{input}}")
     m = len(marker)
     wrong = sum(sum(p[i:i + m] == marker for i in range(len(p) - m + 1)) != segments for p in prompts)
     if wrong:
         raise ValueError(f"--copy-task-only: {wrong} of {len(prompts)} prompts do not hold the template's text "
-                         f"before {{input}} ({prefix!r}) as the tokens it has alone, {segments} time(s) (once per "
-                         f"in-context example and for the task): this tokenizer writes it otherwise in context")
+                         f"before {{input}} ({prefix!r}; its first {m} of {len(alone)} tokens, those the input "
+                         f"cannot change) {segments} time(s) (once per in-context example and for the task): this "
+                         f"tokenizer writes it otherwise at the start of a prompt than after an example")
     return marker
 
 

@@ -52,8 +52,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="learn copy scores: a per-position bonus on the prompt's tokens, so the plugin leaves "
                         "names and values it never saw to the base")
     p.add_argument("--copy-task-only", action="store_true",
-                   help="with --copy and --shots: copy scores read the task's own input only (the prompt from "
-                        "the last occurrence of the template's text before {input}), not the in-context examples")
+                   help="with --copy and --shots: copy scores read the task's own segment only (the prompt from "
+                        "the last occurrence of the template's text before {input} on), not the in-context "
+                        "examples")
     p.add_argument("--shortlist-min-count", type=int, default=0,
                    help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
                         "split (prompts and targets) and gives every other token one shared logit, leaving them "
