@@ -25,9 +25,10 @@ bench: install
 # default), then the paper's target-category protocol with a LoRA; strengths measured on select only.
 # WebNLG: the baselines, the default plugin (also at strength 0.5, benchmarks.strength's choice on
 # select) and the fast plugin with copy scores and gate, on the plain prompt and behind icl_1's
-# example (about 75 minutes here, its select stage on 150 inputs; half of it the base's log-prob
-# pass on the one-example prompts); the E2E table's other rows can be added with --systems.
-WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5
+# example (copy scores on the whole prompt, and on the task's input only), about 75 minutes here,
+# its select stage on 150 inputs, half of it the base's log-prob pass on the one-example prompts;
+# the E2E table's other rows can be added with --systems.
+WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5,plugin_shortlist_copy_task_gate_icl1
 # E2E, the fast recipe's rows (benchmarks/results/shortlist): on the plain prompt, behind icl_1's
 # example, with copy scores on the task's input only, and that plugin's top-20 twin.
 SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
