@@ -104,6 +104,10 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_gate_icl1_task": Lever("shortlist_copy_icl1_task, with a per-position strength fitted on select",
                                            training={"shortlist_min_count": 1, "copy": True, "copy_task_only": True,
                                                      "shots": 1, "gate": True}, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task_long": Lever("shortlist_copy_gate_icl1_task, up to 15 epochs, patience 3",
+                                                training={"shortlist_min_count": 1, "copy": True,
+                                                          "copy_task_only": True, "shots": 1, "gate": True,
+                                                          "train": {"epochs": 15, "patience": 3}}, prompt="icl_1"),
     "shortlist_copy_gate_icl1_task_fp0.5": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 0.5 "
                                                  "(the quality benchmark's choice for it on SmolLM2)",
                                                  training={"shortlist_min_count": 1, "copy": True,
