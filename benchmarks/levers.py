@@ -41,6 +41,14 @@ class Lever(NamedTuple):
     prompt: str = "zero_shot"
 
 
+# The training of the levers behind icl_1's example, which the later levers vary; a lever's run
+# folder is a hash of its training overrides (``train_key``), however the dict is built.
+ICL1 = {"shortlist_min_count": 1, "copy": True, "shots": 1}
+ICL1_GATE = {**ICL1, "gate": True}
+ICL1_TASK = {**ICL1, "copy_task_only": True}
+ICL1_TASK_GATE = {**ICL1_TASK, "gate": True}
+LONG = {"train": {"epochs": 15, "patience": 3}}
+
 LEVERS: dict[str, Lever] = {
     "default": Lever("the default plugin: GRU d=256, 5 epochs, exact softmax"),
     "frequency_penalty": Lever("decode with vLLM's frequency penalty 0.5 (plugin_frequency_penalty)",
@@ -85,52 +93,36 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_wide": Lever("shortlist_copy with d_model 512 (3.9x the GRU's parameters)",
                                  training={"shortlist_min_count": 1, "copy": True, "d_model": 512}),
     "shortlist_copy_icl1": Lever("shortlist_copy trained against the base prompted with one in-context example, "
-                                 "decoded on that prompt", training={"shortlist_min_count": 1, "copy": True, "shots": 1},
-                                 prompt="icl_1"),
+                                 "decoded on that prompt", training=ICL1, prompt="icl_1"),
     "shortlist_copy_gate_icl1": Lever("shortlist_copy_icl1, with a per-position strength fitted on select",
-                                      training={"shortlist_min_count": 1, "copy": True, "shots": 1, "gate": True},
-                                      prompt="icl_1"),
+                                      training=ICL1_GATE, prompt="icl_1"),
     "shortlist_copy_gate_icl1_w0.75": Lever("shortlist_copy_gate_icl1 at strength 0.75 (the gate's output times 0.75)",
-                                            training={"shortlist_min_count": 1, "copy": True, "shots": 1,
-                                                      "gate": True},
-                                            decoding={"plugin_weight": 0.75}, prompt="icl_1"),
+                                            training=ICL1_GATE, decoding={"plugin_weight": 0.75}, prompt="icl_1"),
     "shortlist_copy_gate_icl1_w1.5": Lever("shortlist_copy_gate_icl1 at strength 1.5 (the gate's output times 1.5)",
-                                           training={"shortlist_min_count": 1, "copy": True, "shots": 1, "gate": True},
-                                           decoding={"plugin_weight": 1.5}, prompt="icl_1"),
+                                           training=ICL1_GATE, decoding={"plugin_weight": 1.5}, prompt="icl_1"),
     "shortlist_copy_icl1_task": Lever("shortlist_copy_icl1 with copy scores on the task's input only, not the "
-                                      "example's (--copy-task-only)",
-                                      training={"shortlist_min_count": 1, "copy": True, "copy_task_only": True,
-                                                "shots": 1}, prompt="icl_1"),
+                                      "example's (--copy-task-only)", training=ICL1_TASK, prompt="icl_1"),
     "shortlist_copy_gate_icl1_task": Lever("shortlist_copy_icl1_task, with a per-position strength fitted on select",
-                                           training={"shortlist_min_count": 1, "copy": True, "copy_task_only": True,
-                                                     "shots": 1, "gate": True}, prompt="icl_1"),
+                                           training=ICL1_TASK_GATE, prompt="icl_1"),
     "shortlist_copy_gate_icl1_task_long": Lever("shortlist_copy_gate_icl1_task, up to 15 epochs, patience 3",
-                                                training={"shortlist_min_count": 1, "copy": True,
-                                                          "copy_task_only": True, "shots": 1, "gate": True,
-                                                          "train": {"epochs": 15, "patience": 3}}, prompt="icl_1"),
+                                                training={**ICL1_TASK_GATE, **LONG}, prompt="icl_1"),
     "shortlist_copy_gate_icl1_task_fp0.5": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 0.5 "
                                                  "(the quality benchmark's choice for it on SmolLM2)",
-                                                 training={"shortlist_min_count": 1, "copy": True,
-                                                           "copy_task_only": True, "shots": 1, "gate": True},
-                                                 decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1"),
+                                                 training=ICL1_TASK_GATE, decoding={"plugin_frequency_penalty": 0.5},
+                                                 prompt="icl_1"),
     "shortlist_copy_gate_icl1_task_fp1": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 1.0, "
                                                "past the quality benchmark's grid",
-                                               training={"shortlist_min_count": 1, "copy": True,
-                                                         "copy_task_only": True, "shots": 1, "gate": True},
-                                               decoding={"plugin_frequency_penalty": 1.0}, prompt="icl_1"),
+                                               training=ICL1_TASK_GATE, decoding={"plugin_frequency_penalty": 1.0},
+                                               prompt="icl_1"),
     "transformer_shortlist_copy_icl1": Lever("shortlist_copy_icl1 with the paper's plugin: a 1-layer GPT-2-style "
                                              "decoder (d=256, 4 heads) that attends over the prompt",
-                                             training={"arch": "transformer", "shortlist_min_count": 1, "copy": True,
-                                                       "shots": 1}, prompt="icl_1"),
+                                             training={**ICL1, "arch": "transformer"}, prompt="icl_1"),
     "transformer_shortlist_copy_gate_icl1": Lever("transformer_shortlist_copy_icl1, with a per-position strength "
                                                   "fitted on select",
-                                                  training={"arch": "transformer", "shortlist_min_count": 1,
-                                                            "copy": True, "shots": 1, "gate": True}, prompt="icl_1"),
+                                                  training={**ICL1_GATE, "arch": "transformer"}, prompt="icl_1"),
     "transformer_shortlist_copy_gate_icl1_long": Lever("transformer_shortlist_copy_gate_icl1, up to 15 epochs, "
                                                        "patience 3",
-                                                       training={"arch": "transformer", "shortlist_min_count": 1,
-                                                                 "copy": True, "shots": 1, "gate": True,
-                                                                 "train": {"epochs": 15, "patience": 3}},
+                                                       training={**ICL1_GATE, "arch": "transformer", **LONG},
                                                        prompt="icl_1"),
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
