@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 
@@ -55,16 +56,21 @@ def mention_shares(path: Path, mrs: dict[str, dict[str, str]]) -> dict:
     """Per attribute of ``MENTIONS``, in the generation file ``path`` (JSON lines with ``prompt``
     and ``output``): ``unasked``, the share (0 to 1) of outputs mentioning it among rows whose MR
     lacks it, and ``missed``, the share not mentioning it among rows whose MR holds it (None
-    where no row is of that kind); ``rows_lacking`` and ``rows_having`` count those rows.
+    where no row is of that kind); ``rows_lacking`` and ``rows_having`` count those rows;
+    ``words``: the outputs' mean length in words.
 
     Raises:
         ValueError: a row's prompt is not one of ``mrs``'s (another dataset or template).
     """
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    head = os.path.commonprefix(list(mrs))  # the template's text before the MR
+    for r in rows:  # a lever's file keeps its in-context examples before the task's MR
+        if r["prompt"] not in mrs and head:
+            r["prompt"] = r["prompt"][r["prompt"].rfind(head):]
     unknown = [r["prompt"] for r in rows if r["prompt"] not in mrs]
     if unknown:
         raise ValueError(f"{path}: {len(unknown)} prompts are not E2E devel or test MRs (first: {unknown[0][:80]!r})")
-    out = {"outputs": len(rows)}
+    out = {"outputs": len(rows), "words": sum(len(r["output"].split()) for r in rows) / max(len(rows), 1)}
     for attr, pattern in MENTIONS.items():
         said = [(attr in mrs[r["prompt"]], re.search(pattern, r["output"], re.I) is not None) for r in rows]
         lacking = [m for has, m in said if not has]
@@ -90,11 +96,11 @@ def write_report(result: dict, out_base: Path) -> None:
     lines += [f"| {k} | {shares['devel'].get(k, 0):.2f} | {shares['test'].get(k, 0):.2f} |" for k in names]
     lines += ["", "Outputs that mention an attribute the MR lacks (unasked) / omit one it holds (missed); "
               "regular expressions, approximate (`benchmarks/e2e_slots.py`):", "",
-              "| inputs | system | " + " | ".join(MENTIONS) + " |", "|---|---|" + "---|" * len(MENTIONS)]
+              "| inputs | system | words | " + " | ".join(MENTIONS) + " |", "|---|---|---|" + "---|" * len(MENTIONS)]
     for inputs, files in result["mentions"].items():
         for name, row in files.items():
             cells = [f"{_share(row[a]['unasked'])} / {_share(row[a]['missed'])}" for a in MENTIONS]
-            lines.append(f"| {inputs} | {name} | " + " | ".join(cells) + " |")
+            lines.append(f"| {inputs} | {name} | {row['words']:.1f} | " + " | ".join(cells) + " |")
     out_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
@@ -106,6 +112,9 @@ def main(argv=None) -> None:
     parser.add_argument("--systems", default="zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,"
                                               "plugin_shortlist_copy_task_gate_icl1")
     parser.add_argument("--decoding", default="rp1-fp0.5", help="the files of this decoding setting (the file name's @ part)")
+    parser.add_argument("--files", nargs="*", default=[],
+                        help="more generation files (e.g. the levers', runs/quality/<run>/generations/select300/...), "
+                             "each a row of its folder's inputs")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     from vllm_plugin.training.data import load_examples
@@ -124,6 +133,13 @@ def main(argv=None) -> None:
             raise SystemExit(f"{folder}: two folders named {folder.parent.name!r} above their files; pass one")
         try:
             mentions[folder.parent.name] = {f.stem: mention_shares(f, mrs) for f in files}
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
+    for f in map(Path, args.files):
+        if not f.is_file():
+            raise SystemExit(f"{f}: no such generation file")
+        try:
+            mentions.setdefault(f.parent.parent.name, {})[f.stem] = mention_shares(f, mrs)
         except ValueError as e:
             raise SystemExit(str(e)) from e
     result = {"attributes": {s: attribute_shares(m) for s, m in splits.items()},

@@ -47,6 +47,7 @@ ICL1 = {"shortlist_min_count": 1, "copy": True, "shots": 1}
 ICL1_GATE = {**ICL1, "gate": True}
 ICL1_TASK = {**ICL1, "copy_task_only": True}
 ICL1_TASK_GATE = {**ICL1_TASK, "gate": True}
+ICL1_TASK_PENDING_GATE = {**ICL1_TASK_GATE, "copy_pending": True}
 LONG = {"train": {"epochs": 15, "patience": 3}}
 
 LEVERS: dict[str, Lever] = {
@@ -110,6 +111,12 @@ LEVERS: dict[str, Lever] = {
                                                  "(the quality benchmark's choice for it on SmolLM2)",
                                                  training=ICL1_TASK_GATE, decoding={"plugin_frequency_penalty": 0.5},
                                                  prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task_pending": Lever("shortlist_copy_gate_icl1_task with pending-copy scores: a second "
+                                                   "bonus on the task's tokens the output has not said yet "
+                                                   "(--copy-pending)", training=ICL1_TASK_PENDING_GATE, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task_pending_fp0.5": Lever("shortlist_copy_gate_icl1_task_pending decoded with frequency "
+                                                         "penalty 0.5", training=ICL1_TASK_PENDING_GATE,
+                                                         decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1"),
     "shortlist_copy_gate_icl1_task_fp1": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 1.0, "
                                                "past the quality benchmark's grid",
                                                training=ICL1_TASK_GATE, decoding={"plugin_frequency_penalty": 1.0},

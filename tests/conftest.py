@@ -46,10 +46,10 @@ COPY_MARKER = "Sentence:"  # plugin m's copy scores read the prompt from its las
 
 
 class Tiny:
-    """The tiny base (as an HF folder and a loaded model) and eight saved plugins (k: trained,
+    """The tiny base (as an HF folder and a loaded model) and nine saved plugins (k: trained,
     as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores; s: with
     copy scores and a shortlist of a quarter of the vocabulary; m: with copy scores on the
-    prompt from the last ``COPY_MARKER`` on)."""
+    prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -70,6 +70,8 @@ class Tiny:
             "s": tiny_plugin(self.vocab_size, "gru", seed=7, fingerprint=self.fingerprint, copy=True,
                              shortlist_size=self.vocab_size // 4),
             "m": tiny_plugin(self.vocab_size, "gru", seed=8, fingerprint=self.fingerprint, copy=True,
+                             copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids),
+            "p": tiny_plugin(self.vocab_size, "gru", seed=9, fingerprint=self.fingerprint, copy=True, copy_pending=True,
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids),
         }
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
@@ -96,7 +98,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, given
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, given
     as LLM(additional_config=...)."""
     from vllm import LLM
 

@@ -164,6 +164,28 @@ def test_copy_scores_read_the_task_after_the_last_marker(tiny, engine):
     assert torch.equal(copy_mask(prompts[2], plugin), prompt_mask(prompts[2], tiny.vocab_size))
 
 
+def test_pending_copy_scores_lift_the_task_tokens_not_generated_yet(tiny, engine):
+    """Plugin p adds pending-copy scores: a second bonus on the copied tokens that the output does
+    not hold yet, which the processor reads from its output counts as the reference reads its
+    output: served exactly as the reference decodes it, and without them the same plugin decodes
+    differently; the bonus leaves a token once the output holds it."""
+    from vllm_plugin.decode import copy_mask, pending_copy
+
+    assert_served_as_reference_and_feature_matters(tiny, engine, "p", "pending_score")
+    plugin, prompt = tiny.plugins["p"], tiny.encode(PROMPTS[0])
+    mask = copy_mask(prompt, plugin)
+    said = prompt[-3:]
+    pending = pending_copy(mask, said)
+    assert not pending[0, said].any() and torch.equal(pending | mask, mask)
+    assert int(mask.sum()) - int(pending.sum()) == len(set(said) & set(prompt))
+    with torch.no_grad():
+        hidden, logits = torch.randn(1, 32), torch.randn(1, tiny.vocab_size)
+        lifted = plugin.add_copy_score(hidden, logits, mask, pending) - logits
+        with pytest.raises(ValueError, match="pending-copy scores"):
+            plugin.add_copy_score(hidden, logits, mask)
+    assert torch.allclose(lifted, plugin.copy_score(hidden) * mask + plugin.pending_score(hidden) * pending)
+
+
 def test_shortlisted_plugin_leaves_off_list_tokens_to_the_base(tiny, engine):
     """Plugin s scores a shortlist of its own and gives every other token one shared logit: served
     exactly as the reference decodes it, and without its copy scores it decodes differently; among
@@ -399,7 +421,7 @@ def test_forced_preemption(tiny):
     Resumed rows come back as new rows with output so far; the plugin rebuilds their state from
     prompt + output and the result still equals the reference. (Own process: see preemption_run.py.)
     """
-    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("m", 2)]  # m: its copy region rebuilt on resume
+    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("p", 2)]  # p: copy region and pending tokens rebuilt on resume
     requests = [{"ids": tiny.encode(PROMPTS[p]), "plugin": plugin} for plugin, p in cases]
     for r in requests:
         r["max_tokens"] = 50 - len(r["ids"])

@@ -429,7 +429,8 @@ def test_webnlg_target_protocol_is_the_papers():
 
 def test_e2e_slots_counts_unasked_and_missed_mentions(tmp_path):
     """The reading aid's shares: an output mentioning an attribute its MR lacks is unasked, one
-    leaving out an attribute its MR holds is missed; a prompt that is no E2E MR is refused."""
+    leaving out an attribute its MR holds is missed; a prompt that is no E2E MR is refused, one
+    that ends in an MR after in-context examples reads as that MR."""
     from benchmarks.e2e_slots import attribute_shares, mention_shares
 
     mrs = {"p1": {"name": "A", "customer rating": "high"}, "p2": {"name": "B", "area": "riverside"}}
@@ -442,6 +443,11 @@ def test_e2e_slots_counts_unasked_and_missed_mentions(tmp_path):
     assert got["area"]["unasked"] == 1.0 and got["area"]["missed"] == 0.0
     assert got["priceRange"]["unasked"] == 0.0 and got["priceRange"]["missed"] is None  # no MR holds one
     assert attribute_shares(mrs) == {"area": 0.5, "customer rating": 0.5, "name": 1.0}
+    assert got["words"] == pytest.approx(6.5)
     path.write_text(json.dumps({"prompt": "p3", "output": "C"}) + "\n")
     with pytest.raises(ValueError, match="not E2E devel or test MRs"):
         mention_shares(path, mrs)
+    # A lever's file keeps the in-context example before the task's MR: the last MR counts.
+    path.write_text(json.dumps({"prompt": "p2 B is by the river.\n\np1", "output": "A, highly rated."}) + "\n")
+    got = mention_shares(path, mrs)
+    assert got["customer rating"]["missed"] == 0.0 and got["area"]["rows_lacking"] == 1

@@ -256,6 +256,42 @@ def test_copy_scores_in_both_losses_and_their_gradient(tiny, e2e_file):
     assert fresh.copy_score.weight.grad.abs().sum() > 0
 
 
+def test_pending_copy_scores_leave_what_the_target_said_before(tiny, e2e_file):
+    """Pending-copy scores in training read, for each target token, the prompt's tokens that its
+    target has not held before it (what the processor reads from the output so far); both losses
+    agree on them, and a fresh plugin's pending scores start at no bonus and get a gradient."""
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.testing import tiny_plugin
+    from vllm_plugin.training.train import batch_loss, sampled_batch_loss
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:6], tiny.tokenizer)
+    data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
+    idx = [1, 4]
+    before = data.generated_before(idx, tiny.vocab_size)
+    rows = [(e, t) for e in idx for t in range(len(ts.targets[e]))]
+    assert before.shape == (len(rows), tiny.vocab_size)
+    for r, (e, t) in enumerate(rows):
+        assert before[r].nonzero()[:, 0].tolist() == sorted(set(ts.targets[e][:t])), (e, t)
+    cols = torch.tensor(sorted({x for e in idx for x in ts.targets[e]} | {0, 1}))
+    assert torch.equal(data.generated_before(idx, tiny.vocab_size, cols), before[:, cols])
+    plugin = tiny_plugin(tiny.vocab_size, copy=True, copy_pending=True)
+    with torch.no_grad():
+        exact = batch_loss(plugin, data, idx)[0]
+        covered = sampled_batch_loss(plugin, data, idx, negatives=8, candidate_k=10 * tiny.vocab_size)[0]
+        assert covered.item() == pytest.approx(exact.item(), rel=1e-5)
+    torch.manual_seed(0)
+    fresh = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, dropout=0.0, copy=True,
+                                      copy_pending=True))
+    loss = batch_loss(fresh, data, idx)[0]
+    loss.backward()
+    assert fresh.pending_score.weight.grad.abs().sum() > 0
+    fresh.pending_score = None
+    with torch.no_grad():
+        assert loss.item() == pytest.approx(batch_loss(fresh, data, idx)[0].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="copy_pending is for a plugin with copy scores"):
+        PluginConfig(vocab_size=tiny.vocab_size, copy_pending=True)
+
+
 def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_path):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
@@ -460,14 +496,17 @@ def full_vocabulary_loss(plugin, data, idx):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-@pytest.mark.parametrize("kind,copy_scores,gate", [(kind, copy_scores, False) for kind in ("full", "topk", "alone")
-                                                    for copy_scores in (False, True)]
-                         + [("full", True, True), ("topk", True, True)])  # a gate weighs the plugin against a base
-def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate):
+@pytest.mark.parametrize("kind,copy_scores,gate,pending",
+                         [(kind, copy_scores, False, False) for kind in ("full", "topk", "alone")
+                          for copy_scores in (False, True)]
+                         + [("full", True, True, False), ("topk", True, True, False)]  # a gate weighs the plugin against a base
+                         + [("full", True, True, True), ("alone", True, False, True)])  # pending-copy scores
+def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate,
+                                                                       pending):
     """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
     and gradient as its head spread over the whole vocabulary, against a full base, a top-k
     view and no base, with and without a gate (which reads both experts' entropies over the
-    vocabulary); its head gives every off-list token the rest row's logit."""
+    vocabulary) and pending-copy scores; its head gives every off-list token the rest row's logit."""
     from vllm_plugin.testing import tiny_plugin
     from vllm_plugin.training.train import batch_loss
 
@@ -476,7 +515,8 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
     if kind == "topk":
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     data = PairSet(ts, bl)
-    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, shortlist_size=tiny.vocab_size // 3)
+    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending,
+                         shortlist_size=tiny.vocab_size // 3)
     off = plugin.index_of == plugin.config.shortlist_size
     assert off.sum() == tiny.vocab_size - tiny.vocab_size // 3
     logits = plugin.head(torch.randn(2, 32))

@@ -74,6 +74,9 @@ class RunSpec:
     # Copy scores read the task's own input only: the prompt from the last occurrence of the
     # template's text before {input} (PluginConfig.copy_after), not the in-context examples.
     copy_task_only: bool = False
+    # A second copy score on the copied tokens the output has not generated yet (coverage;
+    # PluginConfig.copy_pending).
+    copy_pending: bool = False
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
@@ -107,6 +110,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     if spec.copy_task_only and not template_prefix(spec.dataset):
         raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {spec.dataset!r}'s "
                          f"has none")
+    if spec.copy_pending and not spec.copy:
+        raise ValueError("--copy-pending adds to copy scores: it needs --copy")
     if spec.copy_task_only and not spec.shots:
         raise ValueError("--copy-task-only keeps copy scores off the in-context examples: it needs --shots "
                          "(without examples the task's input is the whole prompt; use --copy alone)")
@@ -288,7 +293,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
-        dropout=spec.dropout, copy=spec.copy, copy_after=copy_after,
+        dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, copy_pending=spec.copy_pending,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), shots),
@@ -306,14 +311,15 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if resume_model.is_dir():
         previous = read_config(resume_model)
         if (previous.tokenizer_fingerprint, previous.vocab_size, previous.architecture, previous.d_model,
-                previous.n_layers, previous.copy) != (fingerprint, config.vocab_size, spec.arch, spec.d_model,
-                                                      spec.n_layers, spec.copy):
+                previous.n_layers, previous.copy, previous.copy_pending) != (
+                    fingerprint, config.vocab_size, spec.arch, spec.d_model, spec.n_layers, spec.copy, spec.copy_pending):
             raise ValueError(
                 f"{spec.out_dir()} holds a run for another base or plugin (tokenizer "
                 f"{previous.tokenizer_fingerprint}, vocabulary {previous.vocab_size}, {previous.architecture}, "
-                f"d_model {previous.d_model}, {previous.n_layers} layer(s), copy scores {previous.copy}); this one "
-                f"has tokenizer {fingerprint}, vocabulary {config.vocab_size}, {spec.arch}, d_model {spec.d_model}, "
-                f"{spec.n_layers} layer(s), copy scores {spec.copy}: choose another --out or pass --no-resume")
+                f"d_model {previous.d_model}, {previous.n_layers} layer(s), copy scores {previous.copy}, pending-copy "
+                f"scores {previous.copy_pending}); this one has tokenizer {fingerprint}, vocabulary "
+                f"{config.vocab_size}, {spec.arch}, d_model {spec.d_model}, {spec.n_layers} layer(s), copy scores "
+                f"{spec.copy}, pending-copy scores {spec.copy_pending}: choose another --out or pass --no-resume")
         # Settings a resumed run must share with the one it continues (epochs and patience may grow).
         differ = [f"{k}: {previous.training.get(k, RESUME_DEFAULTS.get(k))!r} then, {v!r} now"
                   for k, v in config.training.items() if k in RESUME_KEYS

@@ -99,6 +99,27 @@ class PairSet:
             mask = mask[:, cols]
         return mask[torch.tensor([local[self.ts.example_prompt[e]] for e in idx for _ in self.ts.targets[e]])]
 
+    def generated_before(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None = None) -> torch.Tensor:
+        """[n, V] bool (or [n, len(cols)]), rows as ``in_prompt``'s: for each target token, the
+        tokens its target holds before it, the output so far when the plugin predicts it (what
+        pending-copy scores leave out, ``PluginConfig.copy_pending``). Every earlier target token
+        is a target of the batch, so ``cols`` (which scores every target) holds it."""
+        rows, ids, offset = [], [], 0
+        for e in idx:
+            target = torch.tensor(self.ts.targets[e], dtype=torch.long)
+            later, earlier = torch.ones(len(target), len(target), dtype=torch.bool).tril(-1).nonzero(as_tuple=True)
+            rows.append(offset + later)
+            ids.append(target[earlier])
+            offset += len(target)
+        rows, ids = torch.cat(rows), torch.cat(ids)
+        if cols is not None:
+            column = torch.full((vocab_size,), -1, dtype=torch.long)
+            column[cols] = torch.arange(len(cols))
+            ids = column[ids]
+        mask = torch.zeros(offset, vocab_size if cols is None else len(cols), dtype=torch.bool)
+        mask[rows, ids] = True
+        return mask
+
     def grouped_order(self, seed: int) -> list[int]:
         """Every example once, the prompts in a seeded random order and each prompt's examples
         together (also shuffled), so that consecutive batches share prompts."""
@@ -142,11 +163,14 @@ def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts
 def with_copy_score(plugin: PluginLM, data: PairSet, idx: list[int], hidden: torch.Tensor, logits: torch.Tensor,
                     cols: torch.Tensor | None = None) -> torch.Tensor:
     """The plugin's ``logits`` [n, V] (or at columns ``cols``) before the target tokens of
-    examples ``idx`` (``hidden`` [n, d]), with its copy scores if it has them."""
+    examples ``idx`` (``hidden`` [n, d]), with its copy scores if it has them, and its
+    pending-copy scores on the copied tokens that the target has not held yet."""
     if plugin.copy_score is None:
         return logits
-    return plugin.add_copy_score(hidden, logits, data.in_prompt(idx, plugin.config.vocab_size, cols,
-                                                                plugin.config.copy_after))
+    vocab = plugin.config.vocab_size
+    in_prompt = data.in_prompt(idx, vocab, cols, plugin.config.copy_after)
+    pending = None if plugin.pending_score is None else in_prompt & ~data.generated_before(idx, vocab, cols)
+    return plugin.add_copy_score(hidden, logits, in_prompt, pending)
 
 
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):

@@ -243,8 +243,7 @@ class PluginBank:
             hidden = self.states[group.plugin]["out"][group.slots_t]
             plugin_logits = self.heads[group.plugin](hidden).float()
             if self.copies[group.plugin]:
-                mask = self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask
-                plugin_logits = self.models[group.plugin].add_copy_score(hidden, plugin_logits, mask[group.slots_t])
+                plugin_logits = self._add_copy_score(group, hidden, plugin_logits)
             self._restrict_to_top_k(group, logits)
             self._penalise_experts(group, logits, plugin_logits)
             if group.product:
@@ -278,6 +277,15 @@ class PluginBank:
             idx = self._t(np.nonzero(step)[0])
             model.advance(state, group.slots_t[idx], last_tokens(sel[step], group.rows_t[idx])[:, None], None,
                           done[step])
+
+    def _add_copy_score(self, group: _Group, hidden: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor:
+        """The plugin's copy scores on its rows' copied tokens (the prompt's, or its task's after a
+        ``copy_after`` marker), and its pending-copy scores on those the output has not generated:
+        the output counts, which a copy plugin's slots keep (``counts_tokens``), say which."""
+        model = self.models[group.plugin]
+        mask = (self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask)[group.slots_t]
+        pending = None if model.pending_score is None else mask & (self.output_counts[group.slots_t] == 0)
+        return model.add_copy_score(hidden, plugin_logits, mask, pending)
 
     def _restrict_to_top_k(self, group: _Group, logits: torch.Tensor) -> None:
         """Rows of a plugin trained from top-k log-probs decode against that view of the base."""

@@ -55,6 +55,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --copy and --shots: copy scores read the task's own segment only (the prompt from "
                         "the last occurrence of the template's text before {input} on), not the in-context "
                         "examples")
+    p.add_argument("--copy-pending", action="store_true",
+                   help="with --copy: a second learned bonus on the copied tokens the output has not generated "
+                        "yet (coverage), so the plugin can tell what of the input is still to say")
     p.add_argument("--shortlist-min-count", type=int, default=0,
                    help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
                         "split (prompts and targets) and gives every other token one shared logit, leaving them "
@@ -78,6 +81,7 @@ def _spec(args):
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy, copy_task_only=args.copy_task_only,
+        copy_pending=args.copy_pending,
         shortlist_min_count=args.shortlist_min_count, shots=args.shots,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,

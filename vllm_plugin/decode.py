@@ -50,6 +50,14 @@ def copy_mask(prompt: Sequence[int], plugin: PluginLM) -> torch.Tensor:
     return prompt_mask(list(prompt)[copy_start(prompt, plugin.config.copy_after):], plugin.config.vocab_size)
 
 
+def pending_copy(in_prompt: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
+    """[1, V] bool: the tokens of ``in_prompt`` ([1, V], ``copy_mask``) that ``generated`` (the
+    output so far) does not hold: what a plugin's pending-copy scores lift (``copy_pending``)."""
+    pending = in_prompt.clone()
+    pending[0, torch.tensor(list(generated), dtype=torch.long)] = False
+    return pending
+
+
 @torch.no_grad()
 def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM | None = None,
                        weight: float = 1.0, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -74,7 +82,8 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     (its top-k view if ``top_k``) and on the plugin's logits, separately, before they combine,
     for generated tokens only; the processor's ``plugin_expert_repetition_penalty``.
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``). A plugin with copy
-    scores adds them to its logits first, on the tokens of the prompt (``PluginLM.add_copy_score``).
+    scores adds them to its logits first, on the tokens of the prompt (``PluginLM.add_copy_score``;
+    pending-copy scores on those the output does not hold yet).
 
     Constraints act on the base's logits before the plugin, as vLLM applies them before logits
     processors: ``grammar(output so far)`` gives a [V] bool mask of allowed next tokens (a
@@ -108,7 +117,8 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                                               stop_token_ids if len(out) < min_tokens else (), logit_bias)
             plugin_logits = None
             if plugin is not None:
-                plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt)[0].float()
+                plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
+                                                      pending_copy(in_prompt, out))[0].float()
             if plugin is not None and base is not None and top_k:  # the base as the plugin sees it
                 base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
             if expert_repetition_penalty != 1.0 and plugin is not None:
@@ -195,7 +205,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
             return torch.log_softmax(base_logits, -1)
         state = plugin.new_state(1)
         plugin.advance(state, slot, torch.tensor([tokens]), [len(tokens)], [0])
-        plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt)[0]
+        plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
+                                              pending_copy(in_prompt, tokens[len(prompt):]))[0]
         return torch.log_softmax(combine(base_logits, plugin_logits, weight, mode, top_k), -1)
 
     def score(tokens: list[int], cum: float) -> float:

@@ -80,4 +80,7 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
         if model.copy_score is not None:  # copy scores with opinions: a bonus for prompt tokens that varies
             model.copy_score.weight.normal_(0, 1.0)
             model.copy_score.bias.fill_(2.0)
+        if model.pending_score is not None:  # and for those not generated yet, one that outweighs it
+            model.pending_score.weight.normal_(0, 1.0)
+            model.pending_score.bias.fill_(4.0)
     return model.eval()
