@@ -49,7 +49,8 @@ class Tiny:
     """The tiny base (as an HF folder and a loaded model) and nine saved plugins (k: trained,
     as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores; s: with
     copy scores and a shortlist of a quarter of the vocabulary; m: with copy scores on the
-    prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores)."""
+    prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores, a shortlist and a gate:
+    the chosen E2E design and more)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -72,7 +73,8 @@ class Tiny:
             "m": tiny_plugin(self.vocab_size, "gru", seed=8, fingerprint=self.fingerprint, copy=True,
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids),
             "p": tiny_plugin(self.vocab_size, "gru", seed=9, fingerprint=self.fingerprint, copy=True, copy_pending=True,
-                             copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids),
+                             copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
+                             shortlist_size=self.vocab_size // 4, gate=True),
         }
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
 

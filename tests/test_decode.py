@@ -34,7 +34,8 @@ def test_combination_is_the_renormalised_product_of_experts():
 
 def test_entropy_of_each_expert_counts_masked_tokens_as_zero():
     """The gate's entropy equals the categorical entropy, in nats, with -inf scores (tokens a
-    grammar or bad words masked) as probability 0 and no NaN from them."""
+    grammar or bad words masked) as probability 0 and no NaN from them, also where most tokens
+    lie under the log-prob floor that keeps exp out of float32's slow subnormal range."""
     torch.manual_seed(0)
     scores = torch.randn(4, 300) * 5
     scores[1, 10:200] = float("-inf")
@@ -42,9 +43,30 @@ def test_entropy_of_each_expert_counts_masked_tokens_as_zero():
     assert torch.allclose(entropy(scores), expected, atol=1e-5)
     assert torch.allclose(entropy(torch.zeros(2, 64)), torch.full((2,), math.log(64)), atol=1e-6)
     assert entropy(scores.double()).dtype == torch.float32
+    peaked = torch.full((1, 49152), -100.0)  # most log-probs below the floor that keeps exp fast
+    peaked[0, :3] = torch.tensor([0.0, -1.0, -2.0])
+    expected = torch.distributions.Categorical(logits=peaked.double()).entropy().float()
+    assert torch.allclose(entropy(peaked), expected, atol=1e-6)
     masked = scores.clone().requires_grad_()
     entropy(masked).sum().backward()  # a gate's gradient through a masked row stays finite
     assert torch.isfinite(masked.grad).all() and (masked.grad[1, 10:200] == 0).all()
+
+
+def test_entropy_with_flat_groups_is_the_entropy_of_the_spelled_out_columns():
+    """``entropy_with_flat``: scores plus groups of equal columns (a shortlisted plugin's rest row,
+    lifted or not on copied tokens) have the entropy of those columns written out, empty groups
+    included, with a finite gradient."""
+    from vllm_plugin.experts import entropy_with_flat
+
+    torch.manual_seed(0)
+    scores, flat = torch.randn(3, 50) * 3, torch.randn(3, 3)
+    counts = torch.tensor([[100, 0, 5], [7, 3, 0], [0, 0, 0]])
+    spelled = [torch.cat([scores[i]] + [flat[i, g].repeat(int(counts[i, g])) for g in range(3)]) for i in range(3)]
+    expected = torch.stack([entropy(row[None].double())[0] for row in spelled])
+    assert torch.allclose(entropy_with_flat(scores, flat, counts), expected, atol=1e-5)
+    scores.requires_grad_(), flat.requires_grad_()
+    entropy_with_flat(scores, flat, counts).sum().backward()
+    assert torch.isfinite(scores.grad).all() and torch.isfinite(flat.grad).all()
 
 
 def test_plugin_alone_and_stop_tokens(tiny):

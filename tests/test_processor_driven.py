@@ -27,7 +27,7 @@ from vllm_plugin.processor import (PluginLogitsProcessor, PluginProcessorV1, Plu
                                    configured_plugins, penalty_args, request_plugin)
 
 MAX_LEN = 128
-SLOTS = 6
+SLOTS = 8
 
 
 @pytest.fixture
@@ -80,6 +80,9 @@ REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
     # m: copy scores from the last "Sentence:" on, found once the (chunked) prompt is whole
     ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Cotto\narea -- riverside\n\nSentence:\n",
      "m", None, 6, 1),
+    # p: m's copy scores with pending ones, a shortlist and a gate (the shortlisted product path)
+    ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Aromi\nfood -- Thai\n\nSentence:\n", "p", None, 6, 2),
+    ("Aromi is a Thai", "p", 0.7, 5, 4),
 ]
 
 
@@ -383,14 +386,15 @@ def test_plugin_log_probs_normalised_only_where_a_penalty_needs_them(tiny, plugi
 
 
 def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):
-    """On CPU the processor's vocabulary head runs through vLLM's prepacked oneDNN GEMM."""
+    """On CPU the processor's head (its vocabulary's rows, or a shortlist's and its rest row) runs
+    through vLLM's prepacked oneDNN GEMM."""
     from vllm import _custom_ops as ops
 
-    from vllm_plugin.bank import _fast_head
+    from vllm_plugin.bank import _fast_head_rows
 
-    for plugin in (tiny.plugins["a"], tiny.plugins["t"]):
-        head = _fast_head(plugin, torch.device("cpu"))
-        assert (head is plugin.head) == (not ops._supports_onednn)
+    for plugin in (tiny.plugins["a"], tiny.plugins["t"], tiny.plugins["p"]):
+        head = _fast_head_rows(plugin, torch.device("cpu"))
+        assert (head == plugin.head_rows) == (not ops._supports_onednn)
         for batch in (1, 3, 40):
             hidden = torch.randn(batch, plugin.config.d_model)
-            torch.testing.assert_close(head(hidden), plugin.head(hidden), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(head(hidden), plugin.head_rows(hidden), rtol=1e-4, atol=1e-4)

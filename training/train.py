@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_plugin.checkpoint import load_plugin, save_plugin
-from vllm_plugin.experts import entropy
+from vllm_plugin.experts import entropy_with_flat
 from vllm_plugin.model import PluginLM, copy_start
 
 from . import loop
@@ -267,17 +267,6 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     return (log_z - target_scores).sum(), len(targets)
 
 
-def split_entropy(z: torch.Tensor, z_rest: torch.Tensor, rest: int) -> torch.Tensor:
-    """[n] entropy (nats) of the softmax over logits ``z`` [n, m] and ``rest`` more columns that
-    all hold ``z_rest`` [n]: ``log Z - E_p[z]``, without the ``rest`` columns."""
-    if not rest:
-        return entropy(z)
-    z, z_rest = z.float(), z_rest.float()
-    log_z = torch.logaddexp(z.logsumexp(-1), z_rest + math.log(rest))
-    p, p_rest = (z - log_z[:, None]).exp(), (z_rest - log_z).exp()
-    return log_z - (p * z).sum(-1) - rest * p_rest * z_rest
-
-
 def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
     """``batch_loss`` of a shortlisted plugin, exact, at the cost of its shortlist: (summed
     cross-entropy, target-token count).
@@ -302,7 +291,8 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     z_rest = row_logits[:, -1]
     rest = plugin.config.vocab_size - len(cols)  # |R|
     if plugin.gate is not None and data.base is not None:
-        gate = plugin.strength_of(hidden, data.base.entropy(rows), split_entropy(z, z_rest, rest))
+        plugin_entropy = entropy_with_flat(z, z_rest[:, None], torch.full_like(z_rest[:, None], rest))
+        gate = plugin.strength_of(hidden, data.base.entropy(rows), plugin_entropy)
         z, z_rest = gate[:, None] * z, gate * z_rest
     base = None if data.base is None else data.base.log_probs_at(rows, cols)
     scores = z if base is None else z + base

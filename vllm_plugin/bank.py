@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .experts import Mode, base_top_k, combine
+from .experts import Mode, base_top_k, combine, entropy, entropy_with_flat
 from .model import copy_starts
 
 logger = logging.getLogger("vllm.vllm_plugin")
@@ -42,6 +42,8 @@ class _Group:
     slots_t: torch.Tensor  # [n] their slots, on the device
     weight: float | torch.Tensor  # one strength shared by the group, else [n, 1]
     product: bool  # every row is a product of experts (the common case: one fused add)
+    shortlisted: bool  # product rows of a shortlisted plugin, no expert penalty: added at the shortlist's cost
+    in_order: bool  # the rows are the logits' first n, in order: changed in place, not gathered
     normalise: bool  # some row needs the plugin's true log-probs (a repetition penalty follows)
     top_k: tuple  # ((k, rows_t [m], bias [m, V] | None), ...): rows decoding against the base's top-k view
     expert_penalty: tuple | None  # (rows_t [m], idx_t [m], slots_t [m], penalty [m]): the paper's penalty
@@ -79,7 +81,8 @@ class PluginBank:
         self.index = {name: i for i, name in enumerate(self.names)}
         self.device = torch.device(device)
         self.models = [plugins[n].to(self.device).eval() for n in self.names]
-        self.heads = [_fast_head(m, self.device) for m in self.models]
+        self.heads = [_fast_head_rows(m, self.device) for m in self.models]
+        self.shortlists = [m.shortlist() for m in self.models]  # [K] token ids, or None
         self.states = [m.new_state(num_slots, self.device) for m in self.models]
         self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None for m in self.models]
         # A plugin with copy scores reads which tokens each sequence's prompt holds: the
@@ -208,8 +211,11 @@ class PluginBank:
                 part = modes == m
                 baselines.append((Mode(int(m)), self._t(r[part]), self._t(np.nonzero(part)[0]),
                                   self._t(weights[part])[:, None], self._bias_rows(s[part], vocab_size)))
+        product, normalise = not modes.any(), bool(self.normalise[s].any())
+        shortlisted = self.shortlists[g] is not None and product and not normalise and expert is None
         return _Group(g, sel, s, self._t(r), self._t(s), float(weights[0]) if shared else self._t(weights)[:, None],
-                      not modes.any(), bool(self.normalise[s].any()), tuple(views), expert, tuple(baselines))
+                      product, shortlisted, bool((r == np.arange(len(r))).all()), normalise, tuple(views), expert,
+                      tuple(baselines))
 
     def _bias_rows(self, slots: np.ndarray, vocab_size: int) -> torch.Tensor | None:
         """[len(slots), V] logit_bias of these slots (zeros for those without); None if none has one."""
@@ -241,9 +247,13 @@ class PluginBank:
         for group in plan.groups:
             self._advance(group, seq_lens, last_tokens, token_range)
             hidden = self.states[group.plugin]["out"][group.slots_t]
-            plugin_logits = self.heads[group.plugin](hidden).float()
+            if group.shortlisted:
+                self._restrict_to_top_k(group, logits)
+                self._add_shortlisted_product(group, logits, hidden)
+                continue
+            plugin_logits = self.models[group.plugin].to_vocab(self.heads[group.plugin](hidden)).float()
             if self.copies[group.plugin]:
-                plugin_logits = self._add_copy_score(group, hidden, plugin_logits)
+                plugin_logits = self.models[group.plugin].add_copy_score(hidden, plugin_logits, *self._copied(group))
             self._restrict_to_top_k(group, logits)
             self._penalise_experts(group, logits, plugin_logits)
             if group.product:
@@ -278,14 +288,42 @@ class PluginBank:
             model.advance(state, group.slots_t[idx], last_tokens(sel[step], group.rows_t[idx])[:, None], None,
                           done[step])
 
-    def _add_copy_score(self, group: _Group, hidden: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor:
-        """The plugin's copy scores on its rows' copied tokens (the prompt's, or its task's after a
-        ``copy_after`` marker), and its pending-copy scores on those the output has not generated:
-        the output counts, which a copy plugin's slots keep (``counts_tokens``), say which."""
-        model = self.models[group.plugin]
+    def _add_shortlisted_product(self, group: _Group, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """``_add_product`` of a shortlisted plugin at its shortlist's cost. Up to a per-row
+        constant (its rest row's logit), which the sampler's softmax cancels, its logits are
+        ``d`` on its K tokens (each one's logit above the rest row's) plus its copy scores on the
+        copied tokens: added as such, and its entropy (for a gate) taken over K columns and a few
+        flat groups. Nothing vocabulary-wide is built for the plugin but the copy scores' add;
+        the gate's base entropy still reads the vocabulary."""
+        model, ids = self.models[group.plugin], self.shortlists[group.plugin]
+        row_logits = self.heads[group.plugin](hidden).float()
+        d = row_logits[:, :-1] - row_logits[:, -1:]  # [n, K]
+        base = logits[:len(group.rows_t)] if group.in_order else logits[group.rows_t]
+        lifts = []  # (tokens [n, V] bool, bonus [n, 1]); each lift's tokens hold the next one's
+        if self.copies[group.plugin]:
+            mask, pending = self._copied(group)
+            lifts.append((mask, model.copy_score(hidden).float()))
+            if pending is not None:
+                lifts.append((pending, model.pending_score(hidden).float()))
+        weight = group.weight
+        if model.gate is not None:
+            plugin_entropy = _shortlisted_entropy(d, lifts, ids, logits.shape[-1])
+            weight = weight * model.strength_of(hidden, entropy(base), plugin_entropy)[:, None]
+        for tokens, bonus in lifts:
+            base += tokens * (weight * bonus)
+        base.index_add_(1, ids, d * weight)
+        if not group.in_order:
+            logits.index_copy_(0, group.rows_t, base)
+
+    def _copied(self, group: _Group) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, V] bool: the tokens the rows' copy scores lift (the prompt's, or its task's after a
+        ``copy_after`` marker), and of those the ones the output has not generated, for
+        pending-copy scores (None without them): the output counts, which a copy plugin's slots
+        keep (``counts_tokens``), say which."""
         mask = (self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask)[group.slots_t]
-        pending = None if model.pending_score is None else mask & (self.output_counts[group.slots_t] == 0)
-        return model.add_copy_score(hidden, plugin_logits, mask, pending)
+        if self.models[group.plugin].pending_score is None:
+            return mask, None
+        return mask, mask & (self.output_counts[group.slots_t] == 0)
 
     def _restrict_to_top_k(self, group: _Group, logits: torch.Tensor) -> None:
         """Rows of a plugin trained from top-k log-probs decode against that view of the base."""
@@ -440,20 +478,38 @@ class PluginBank:
         logits.index_copy_(0, r, x)
 
 
-def _fast_head(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The head (``model.head``) through vLLM's own CPU GEMM (oneDNN, prepacked weight), as vLLM runs
-    the base's layers: much faster than aten's matmul at decode batch sizes on CPU (see README).
-    Elsewhere, or if vLLM's CPU ops are missing, the model's head."""
+def _shortlisted_entropy(d: torch.Tensor, lifts: list, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n] entropy of a shortlisted plugin's softmax over the vocabulary from ``d`` [n, K] (its K
+    tokens' logits above the rest row's) and its copy scores ``lifts`` (nested token masks [n, V]
+    and their bonuses [n, 1]): K columns, and off the shortlist one flat group per lift depth."""
+    y, value = d, torch.zeros_like(d[:, :1])
+    values, counts = [value], [torch.full_like(value, vocab_size - len(ids))]
+    for tokens, bonus in lifts:
+        on_list = tokens[:, ids]
+        y = y + bonus * on_list
+        off = (tokens.sum(-1, keepdim=True) - on_list.sum(-1, keepdim=True)).float()
+        counts[-1] = counts[-1] - off
+        value = value + bonus
+        values.append(value)
+        counts.append(off)
+    return entropy_with_flat(y, torch.cat(values, 1), torch.cat(counts, 1))
+
+
+def _fast_head_rows(model, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The head's rows (``model.head_rows``: the vocabulary, or a shortlist and its rest row)
+    through vLLM's own CPU GEMM (oneDNN, prepacked weight), as vLLM runs the base's layers: much
+    faster than aten's matmul at decode batch sizes on CPU (see README). Elsewhere, or if vLLM's
+    CPU ops are missing, the model's own."""
     if device.type != "cpu":
-        return model.head
+        return model.head_rows
     try:
         from vllm import _custom_ops as ops
 
         if not getattr(ops, "_supports_onednn", False):
-            return model.head
+            return model.head_rows
         handler = ops.create_onednn_mm(model.head_weight().detach().t(), 32)
     except Exception as e:  # noqa: BLE001 - any failure here just means the portable path
         logger.info("vllm_plugin: oneDNN head unavailable (%s); using torch", e)
-        return model.head
+        return model.head_rows
     bias = model.out_bias.detach()
-    return lambda hidden: model.to_vocab(ops.onednn_mm(handler, hidden.contiguous(), bias))
+    return lambda hidden: ops.onednn_mm(handler, hidden.contiguous(), bias)

@@ -180,7 +180,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
     ``length`` counts the prompt and the generated tokens but not a final EOS.
 
     Each beam's base logits and plugin state are recomputed from its whole sequence, with no
-    cache: slow, and as plain as it gets.
+    cache: slow, and as plain as it gets. A gated plugin's strength is its gate's at each step,
+    as in ``reference_generate``.
 
     Args:
         base: an HF causal LM (logits [1, L, V] from ``base(input_ids=[1, L])``).
@@ -207,7 +208,13 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
         plugin.advance(state, slot, torch.tensor([tokens]), [len(tokens)], [0])
         plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
                                               pending_copy(in_prompt, tokens[len(prompt):]))[0]
-        return torch.log_softmax(combine(base_logits, plugin_logits, weight, mode, top_k), -1)
+        if top_k:  # the base as the plugin sees it, also for its gate
+            base_logits = base_top_k(base_logits[None], top_k)[0]
+        strength = weight
+        if Mode.parse(mode) == Mode.PRODUCT:  # a gated plugin's strength at this position
+            gate = plugin.strength(state["out"][slot], base_logits[None], plugin_logits[None])
+            strength = weight if gate is None else weight * float(gate[0])
+        return torch.log_softmax(combine(base_logits, plugin_logits, strength, mode), -1)
 
     def score(tokens: list[int], cum: float) -> float:
         length = len(tokens) - (tokens[-1] == eos_token_id)

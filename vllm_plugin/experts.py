@@ -75,15 +75,35 @@ def flat_tail(top: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return tail.log()
 
 
+_LOG_P_FLOOR = -80.0
+
+
 def entropy(scores: torch.Tensor) -> torch.Tensor:
     """[...] entropy (nats) of ``softmax(scores)`` over the last dimension, in float32: what a
     gated plugin reads of each expert (``PluginLM.strength``). A score of -inf (a token masked
     before the processor: a grammar, bad words) counts as probability 0."""
     # -sum p log p from the log-probs: no log of tiny probabilities (torch.special.entr took over
-    # 40 % of the processor's time per decode step, see the throughput profile). Clamping keeps a
-    # masked token's share 0 * finite = 0, in value and in gradient (0 * -inf would be NaN).
-    log_p = torch.log_softmax(scores.float(), -1).clamp_min(torch.finfo(torch.float32).min)
+    # 40 % of the processor's time per decode step, see the throughput profile). The floor keeps
+    # a masked token's share finite, in value and in gradient (0 * -inf would be NaN), and keeps
+    # exp out of float32's subnormal range (below e^-87.3), which this CPU computes about 25x
+    # slower: a plugin's log-probs reach -100 on most of the vocabulary. What the floor adds, at
+    # most V * 80 e^-80 (< 1e-28 nats), float32 cannot hold beside an entropy.
+    log_p = torch.log_softmax(scores.float(), -1).clamp_min(_LOG_P_FLOOR)
     return -(log_p.exp() * log_p).sum(-1)
+
+
+def entropy_with_flat(scores: torch.Tensor, flat: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[n] entropy (nats) of the softmax over ``scores`` [n, m] and, for each g, ``counts[:, g]``
+    more columns that all hold ``flat[:, g]`` ([n, G] each; a count may be 0): ``log Z - E_p[z]``
+    without building those columns. A shortlisted plugin's logits over the vocabulary are its
+    shortlist's scores and a few such flat groups (the rest row, lifted on copied tokens), so
+    its entropy costs its shortlist, not the vocabulary (training's loss and the processor)."""
+    scores, flat = scores.float(), flat.float()
+    # Each group's log of summed exp; an empty group's -inf floored so no gradient is NaN.
+    log_mass = (flat + counts.float().log()).clamp_min(torch.finfo(torch.float32).min)
+    log_z = torch.logaddexp(scores.logsumexp(-1), log_mass.logsumexp(-1))
+    p, p_flat = (scores - log_z[:, None]).exp(), (log_mass - log_z[:, None]).exp()
+    return log_z - (p * scores).sum(-1) - (p_flat * flat).sum(-1)
 
 
 def penalise_generated(scores: torch.Tensor, generated: torch.Tensor, penalty: float) -> torch.Tensor:
