@@ -30,8 +30,9 @@ bench: install
 # the E2E table's other rows can be added with --systems.
 WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5,plugin_shortlist_copy_task_gate_icl1
 # E2E, the fast recipe's rows (benchmarks/results/shortlist): on the plain prompt, behind icl_1's
-# example, with copy scores on the task's input only, and that plugin's top-20 twin.
-SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
+# example, with copy scores on the task's input only, and that plugin's top-20 twin; beside them
+# the strongest prompt measured, one example per input chosen by similarity (icl_1_nearest).
+SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 # Qwen2.5-Coder-0.5B (vocabulary 151,936): the baselines and the fast recipe, full logits and top-20,
 # with and without the gate, and behind icl_1's example with copy scores on the task's input only
 # (the first eight rows about 80 minutes on an older CPU, 22 of them the base's log-prob pass; the

@@ -48,6 +48,7 @@ ICL1_GATE = {**ICL1, "gate": True}
 ICL1_TASK = {**ICL1, "copy_task_only": True}
 ICL1_TASK_GATE = {**ICL1_TASK, "gate": True}
 ICL1_TASK_PENDING_GATE = {**ICL1_TASK_GATE, "copy_pending": True}
+ICL1_TASK_NEAREST_GATE = {**ICL1_TASK_GATE, "nearest_shot": True}
 LONG = {"train": {"epochs": 15, "patience": 3}}
 
 LEVERS: dict[str, Lever] = {
@@ -117,6 +118,19 @@ LEVERS: dict[str, Lever] = {
     "shortlist_copy_gate_icl1_task_pending_fp0.5": Lever("shortlist_copy_gate_icl1_task_pending decoded with frequency "
                                                          "penalty 0.5", training=ICL1_TASK_PENDING_GATE,
                                                          decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1"),
+    "shortlist_copy_gate_icl1_task_nearest": Lever("shortlist_copy_gate_icl1_task with, per input, the fit example "
+                                                   "most like it as the in-context example (--nearest-shot), in "
+                                                   "training and decoding", training=ICL1_TASK_NEAREST_GATE,
+                                                   prompt="icl_1_nearest"),
+    "shortlist_copy_gate_icl1_task_nearest_fp0.5": Lever("shortlist_copy_gate_icl1_task_nearest decoded with frequency "
+                                                         "penalty 0.5", training=ICL1_TASK_NEAREST_GATE,
+                                                         decoding={"plugin_frequency_penalty": 0.5},
+                                                         prompt="icl_1_nearest"),
+    "shortlist_copy_gate_icl1_task_nearest_apart_fp0.5": Lever(
+        "shortlist_copy_gate_icl1_task_nearest_fp0.5, each fit input's example from another venue "
+        "(--nearest-apart venue), as far from it as a new input's", training={**ICL1_TASK_NEAREST_GATE,
+                                                                             "nearest_apart": "venue"},
+        decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1_nearest"),
     "shortlist_copy_gate_icl1_task_fp1": Lever("shortlist_copy_gate_icl1_task decoded with frequency penalty 1.0, "
                                                "past the quality benchmark's grid",
                                                training=ICL1_TASK_GATE, decoding={"plugin_frequency_penalty": 1.0},
@@ -133,7 +147,8 @@ LEVERS: dict[str, Lever] = {
                                                        prompt="icl_1"),
 }
 # Base rows decoded beside the levers, from the quality benchmark's files where it made them.
-REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example"}
+REFERENCES = {"zero_shot": "the base alone, no plugin", "icl_1": "the base alone, one in-context example",
+              "icl_1_nearest": "the base alone, one in-context example: per input, the fit example most like it"}
 NO_PENALTY = {"repetition_penalty": 1.0, "frequency_penalty": 0.0}
 
 

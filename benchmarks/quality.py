@@ -59,7 +59,11 @@ plugin_shortlist_copy_gate_icl1, those trained against the base prompted with ic
 plugin_shortlist_copy_task_icl1 and plugin_shortlist_copy_task_gate_icl1, the same with copy
 scores on the task's input only (``--copy-task-only``), not the example's;
 plugin_shortlist_copy_task_top20_icl1 and plugin_shortlist_copy_task_top20_gate_icl1, their
-closed-API twins (trained from, and decoding against, the one-example prompt's top-20 log-probs).
+closed-API twins (trained from, and decoding against, the one-example prompt's top-20 log-probs);
+icl_1_nearest, a baseline with one example per input, the fit example most like it
+(``training.data.NearestShot``), and plugin_shortlist_copy_task_icl1_nearest and
+plugin_shortlist_copy_task_gate_icl1_nearest, the task-only copy plugin trained and decoded behind
+that example (``--nearest-shot``).
 """
 from __future__ import annotations
 
@@ -97,19 +101,24 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_icl1": "shortlist_copy_task_icl1",
          "plugin_shortlist_copy_task_gate_icl1": "shortlist_copy_task_icl1_gated",
          "plugin_shortlist_copy_task_top20_icl1": "shortlist_copy_task_top20_icl1",
-         "plugin_shortlist_copy_task_top20_gate_icl1": "shortlist_copy_task_top20_icl1_gated"}
+         "plugin_shortlist_copy_task_top20_gate_icl1": "shortlist_copy_task_top20_icl1_gated",
+         "plugin_shortlist_copy_task_icl1_nearest": "shortlist_copy_task_icl1_nearest",
+         "plugin_shortlist_copy_task_gate_icl1_nearest": "shortlist_copy_task_icl1_nearest_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
                     "plugin_shortlist_copy_top20_gate", "plugin_shortlist_copy_icl1", "plugin_shortlist_copy_gate_icl1",
                     "plugin_shortlist_copy_task_icl1", "plugin_shortlist_copy_task_gate_icl1",
-                    "plugin_shortlist_copy_task_top20_icl1", "plugin_shortlist_copy_task_top20_gate_icl1"]
+                    "plugin_shortlist_copy_task_top20_icl1", "plugin_shortlist_copy_task_top20_gate_icl1",
+                    "icl_1_nearest", "plugin_shortlist_copy_task_icl1_nearest",
+                    "plugin_shortlist_copy_task_gate_icl1_nearest"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
                  "shortlist_copy_top20_gated": "shortlist_copy_top20", "shortlist_copy_icl1_gated": "shortlist_copy_icl1",
                  "shortlist_copy_task_icl1_gated": "shortlist_copy_task_icl1",
-                 "shortlist_copy_task_top20_icl1_gated": "shortlist_copy_task_top20_icl1"}
+                 "shortlist_copy_task_top20_icl1_gated": "shortlist_copy_task_top20_icl1",
+                 "shortlist_copy_task_icl1_nearest_gated": "shortlist_copy_task_icl1_nearest"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -131,12 +140,20 @@ def parse_systems(arg: str) -> list[str]:
     return systems
 
 
-def icl_shots(protocol: Protocol) -> list:
-    """The in-context examples of every icl system: 3 fit examples, seeded, the same in every run
-    (and those a plugin trained with ``RunSpec.shots`` was trained behind)."""
-    from vllm_plugin.training.data import MAX_SHOTS, in_context_shots
+@dataclass(frozen=True)
+class Shots:
+    """The in-context examples: ``drawn``, the fit examples every icl_<k> system prompts with (and
+    a plugin trained with ``RunSpec.shots`` was trained behind); ``nearest``, for a task prompt,
+    the fit example whose input is most like it (``*_nearest`` systems, ``RunSpec.nearest_shot``)."""
+    drawn: list
+    nearest: object  # training.data.NearestShot over the fit split
 
-    return in_context_shots(protocol.fit, MAX_SHOTS)
+
+def icl_shots(protocol: Protocol) -> Shots:
+    """3 fit examples, seeded, the same in every run; and the nearest-example finder over fit."""
+    from vllm_plugin.training.data import MAX_SHOTS, NearestShot, in_context_shots
+
+    return Shots(in_context_shots(protocol.fit, MAX_SHOTS), NearestShot(protocol.fit))
 
 
 def icl_prompt(prompt: str, shots) -> str:
@@ -145,17 +162,22 @@ def icl_prompt(prompt: str, shots) -> str:
     return with_shots(prompt, shots)
 
 
-def system_input(system: str, prompt: str, shots, tokenizer) -> str:
+def system_input(system: str, prompt: str, shots: Shots, tokenizer) -> str:
     """The text a system sends the engine for one task prompt: the prompt itself, after in-context
-    examples (icl_<k>, and a plugin trained behind them, *_icl<k>), or as the one user turn of the
-    base's chat template (zero_shot_chat)."""
+    examples (icl_<k>, and a plugin trained behind them, *_icl<k>; *_nearest: the one example
+    most like the task's input), or as the one user turn of the base's chat template
+    (zero_shot_chat)."""
+    from vllm_plugin.training.data import Example
+
     if system == "zero_shot_chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
+    if system.endswith("_nearest"):  # a task prompt is its input's one rendering: it names the input
+        return icl_prompt(prompt, [shots.nearest(Example(group=prompt, prompt=prompt, target=""))])
     k = int(m.group(1)) if (m := re.search(r"(?:^|_)icl_?(\d)$", system)) else 0
-    if k > len(shots):
-        raise ValueError(f"{system}: {k} in-context examples, but only {len(shots)} are drawn")
-    return icl_prompt(prompt, shots[:k])
+    if k > len(shots.drawn):
+        raise ValueError(f"{system}: {k} in-context examples, but only {len(shots.drawn)} are drawn")
+    return icl_prompt(prompt, shots.drawn[:k])
 
 
 def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
@@ -180,6 +202,8 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
                                             shortlist_min_count=1, shots=1),
         "shortlist_copy_task_top20_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                   shortlist_min_count=1, shots=1, source=top20_source, top_k=20),
+        "shortlist_copy_task_icl1_nearest": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                    shortlist_min_count=1, shots=1, nearest_shot=True),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
@@ -459,7 +483,7 @@ def training_summary(root: Path, names) -> dict:
 
 
 PLUGIN_ROWS = re.compile(r"plugin_(recurrent|transformer|shortlist).*")
-BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "plugin_alone", "weighted_mix")
+BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "icl_1_nearest", "plugin_alone", "weighted_mix")
 # Trained on the base's top-20 log-probs and decoded against its top-20 view: the closed-API regime.
 # Each of them and the full-logit row it is the closed-API twin of.
 TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_copy_top20": "plugin_shortlist_copy",

@@ -226,16 +226,26 @@ def test_systems_are_named_or_added_to_the_default_list():
 
 def test_a_plugin_trained_behind_examples_decodes_behind_them():
     """A ``*_icl<k>`` plugin row sends the engine icl_k's prompt, the one it was trained against
-    (``RunSpec.shots``); other plugin rows send the plain prompt."""
+    (``RunSpec.shots``); a ``*_nearest`` row the prompt after the fit example most like it;
+    other plugin rows send the plain prompt."""
     import pytest
 
-    from benchmarks.quality import NEEDS, SAME_TRAINING, system_input
-    from vllm_plugin.training.data import Example, with_shots
+    from benchmarks.quality import NEEDS, SAME_TRAINING, Shots, system_input
+    from vllm_plugin.training.data import Example, NearestShot, with_shots
 
-    shots = [Example(f"g{i}", f"prompt {i}: ", f"target {i}") for i in range(3)]
+    drawn = [Example(f"g{i}", f"prompt {i}: ", f"target {i}") for i in range(3)]
+    fit = [Example("a", "Attributes:\nname -- A\narea -- riverside\n", "A is by the river."),
+           Example("b", "Attributes:\nname -- B\nfood -- Thai\neatType -- pub\n", "B is a Thai pub."),
+           Example("b", "Attributes:\nname -- B\nfood -- Thai\neatType -- pub\n", "B serves Thai food.")]
+    shots = Shots(drawn, NearestShot(fit))
+    task = "Attributes:\nname -- C\nfood -- Thai\neatType -- restaurant\n"
+    assert system_input("icl_1_nearest", task, shots, None) == system_input(
+        "plugin_shortlist_copy_task_gate_icl1_nearest", task, shots, None) == with_shots(task, fit[1:2])
+    assert shots.nearest(fit[1]) == fit[0]  # never the input itself
+    assert NEEDS["plugin_shortlist_copy_task_gate_icl1_nearest"] in SAME_TRAINING
     assert system_input("plugin_shortlist_copy_gate_icl1", "P", shots, None) == system_input("icl_1", "P", shots, None) \
-        == with_shots("P", shots[:1]) == "prompt 0: target 0\n\nP"
-    assert system_input("icl_3", "P", shots, None) == with_shots("P", shots)
+        == with_shots("P", drawn[:1]) == "prompt 0: target 0\n\nP"
+    assert system_input("icl_3", "P", shots, None) == with_shots("P", drawn)
     assert system_input("plugin_shortlist_copy_gate", "P", shots, None) == system_input("zero_shot", "P", shots, None) == "P"
     with pytest.raises(ValueError, match="plugin_x_icl5: 5 in-context examples, but only 3 are drawn"):
         system_input("plugin_x_icl5", "P", shots, None)
@@ -321,8 +331,8 @@ def test_every_lever_is_a_valid_run_and_prompt():
         fields = {k: v for k, v in lever.training.items() if k != "train"}
         spec = RunSpec(train=TrainConfig(**lever.training.get("train", {})), **fields)
         assert lever.prompt in REFERENCES, name
-        if spec.shots:  # a plugin trained behind k examples decodes behind the same k
-            assert lever.prompt == f"icl_{spec.shots}", name
+        if spec.shots:  # a plugin trained behind k examples decodes behind the same k, chosen alike
+            assert lever.prompt == f"icl_{spec.shots}" + ("_nearest" if spec.nearest_shot else ""), name
 
 
 def test_levers_are_measured_on_select_only(tiny, tmp_path):

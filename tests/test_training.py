@@ -534,6 +534,35 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
         torch.testing.assert_close(fast_grad[k], p.grad, atol=1e-5, rtol=1e-4, msg=k)
 
 
+def test_a_run_with_the_nearest_shot_puts_each_inputs_own_example_first(tiny, e2e_file, tmp_path):
+    """``RunSpec(shots=1, nearest_shot=True)``: each prompt follows the fit example whose input is
+    most like its own (``data.NearestShot``), never its own input's; the checkpoint's template
+    is the task's alone (the example varies per input) and says how it was trained."""
+    from vllm_plugin.training.data import PROMPT_TEMPLATES, NearestShot, input_features
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), shots=1,
+                   nearest_shot=True, shortlist_min_count=1, train=TrainConfig(epochs=1, batch_size=8, lr=1e-2))
+    run(spec, progress=False, log=lambda *_: None)
+    config = load_plugin(tmp_path / "run" / "checkpoint").config
+    assert config.prompt_template == PROMPT_TEMPLATES["e2e"] and config.training["nearest_shot"] is True
+    fit, select = split_by_input(load_e2e(e2e_file), 0.6, seed=0)
+    nearest = NearestShot(fit)
+    for e in fit[:5] + select[:5]:
+        shot = nearest(e)
+        assert shot.group != e.group
+        overlap = lambda x: len(input_features(e) & input_features(x)) / len(input_features(e) | input_features(x))
+        assert overlap(shot) == max(overlap(x) for x in fit if x.group != e.group)
+    apart = NearestShot(fit, apart="venue")
+    for e in fit[:5]:
+        assert dict(apart(e).meta)["venue"] != dict(e.meta)["venue"]
+    spec.shots = 2
+    with pytest.raises(ValueError, match="--nearest-shot chooses one in-context example per input: it needs --shots 1"):
+        run(spec, progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--nearest-apart is for --nearest-shot"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "x"), nearest_apart="venue"),
+            progress=False, log=lambda *_: None)
+
+
 def test_a_run_with_shots_trains_against_the_prompted_base(tiny, e2e_file, tmp_path):
     """``RunSpec(shots=k)``: fit and select prompts follow the fit split's first k drawn
     examples (those the quality benchmark's icl_k systems prompt with), the checkpoint's

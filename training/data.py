@@ -227,6 +227,51 @@ def with_shots(prompt: str, shots: list[Example]) -> str:
     return "".join(f"{e.prompt}{e.target}\n\n" for e in shots) + prompt
 
 
+def input_features(example: Example) -> frozenset[str]:
+    """What ``nearest_shots`` compares two inputs by: the lines of the input as its prompt lists
+    them (an E2E attribute with its value, a WebNLG triple) and each line's field (the
+    attribute; the triple's predicate); the prompt's lower-cased words for other data."""
+    items = [line.strip() for line in example.prompt.splitlines() if " -- " in line or line.count(" | ") == 2]
+    fields = ["field:" + (i.split(" -- ")[0] if " -- " in i else i.split(" | ")[1]) for i in items]
+    return frozenset(items + fields) or frozenset(re.findall(r"\w+", example.prompt.lower()))
+
+
+class NearestShot:
+    """The in-context example for an input, chosen per input by similarity, as kNN prompting
+    does (Liu et al., 2022, "What Makes Good In-Context Examples for GPT-3?"): of the examples in
+    ``pool`` (the fit split), the one whose input shares the largest Jaccard overlap of
+    ``input_features`` with it, from another input (``group``), its first reference; ties go to
+    the earlier input in ``pool``. So the example shows the attributes the task holds. ``apart``:
+    a meta field (E2E ``venue``) the example must not share with the input either, so that a fit
+    input's example is no closer to it than a new input's would be.
+
+    Raises (on a call):
+        ValueError: ``pool`` holds no input other than the example's.
+    """
+
+    def __init__(self, pool: list[Example], apart: str | None = None):
+        self.apart = apart
+        firsts: dict[str, Example] = {}
+        for e in pool:
+            firsts.setdefault(e.group, e)
+        self.candidates = [(e, input_features(e)) for e in firsts.values()]
+        self._chosen: dict[str, Example] = {}
+
+    def __call__(self, example: Example) -> Example:
+        if example.group not in self._chosen:
+            want = input_features(example)
+            away = dict(example.meta).get(self.apart) if self.apart else None
+            best, best_score = None, -1.0
+            for c, have in self.candidates:
+                score = len(want & have) / len(want | have)
+                if score > best_score and c.group != example.group and (away is None or dict(c.meta).get(self.apart) != away):
+                    best, best_score = c, score
+            if best is None:
+                raise ValueError(f"no in-context example for {example.group!r}: the fit split holds no other input")
+            self._chosen[example.group] = best
+        return self._chosen[example.group]
+
+
 def split_by_input(examples: list[Example], fit_fraction: float = 0.6, seed: int = 0):
     """Split so that no input has references on both sides (the paper's 60/40)."""
     groups = sorted({e.group for e in examples})

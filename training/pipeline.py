@@ -16,8 +16,8 @@ from vllm_plugin.paths import cache_root
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
 from .config import SOURCES, TrainConfig
-from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, in_context_shots, load_examples, split_examples,
-                   swap_names, template_prefix, with_shots)
+from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, NearestShot, in_context_shots, load_examples,
+                   split_examples, swap_names, template_prefix, with_shots)
 from .fetch import data_root
 from .train import PairSet, task_shortlist, train
 
@@ -83,6 +83,12 @@ class RunSpec:
     # > 0: every prompt (fit and select) follows this many in-context examples drawn from the fit
     # split (data.in_context_shots): a plugin for a base that will be prompted with them.
     shots: int = 0
+    # With shots=1: the example is, per input, the fit example whose input is most like it
+    # (data.NearestShot) instead of one drawn for all; send prompts built the same way.
+    nearest_shot: bool = False
+    # A meta field (E2E: venue) a fit input's nearest example must not share with it, so that
+    # training sees examples as far from the input as new inputs get; "" for none.
+    nearest_apart: str = ""
     out: str | None = None
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -112,6 +118,13 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
                          f"has none")
     if spec.copy_pending and not spec.copy:
         raise ValueError("--copy-pending adds to copy scores: it needs --copy")
+    if spec.nearest_shot and spec.shots != 1:
+        raise ValueError(f"--nearest-shot chooses one in-context example per input: it needs --shots 1, got {spec.shots}")
+    if spec.nearest_apart and not spec.nearest_shot:
+        raise ValueError("--nearest-apart is for --nearest-shot")
+    if spec.nearest_shot and spec.name_swap:
+        raise ValueError("--nearest-shot and --name-swap: the examples are chosen among the fit inputs before any "
+                         "names are invented; use one of them")
     if spec.copy_task_only and not spec.shots:
         raise ValueError("--copy-task-only keeps copy scores off the in-context examples: it needs --shots "
                          "(without examples the task's input is the whole prompt; use --copy alone)")
@@ -187,9 +200,10 @@ def base_vocab_size(base_path: str) -> int:
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
                "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
-               "copy_task_only")
+               "nearest_shot", "nearest_apart", "copy_task_only")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
-                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "copy_task_only": False}
+                   "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
+                   "copy_task_only": False}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -269,9 +283,14 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
     shots = in_context_shots(fit_ex, spec.shots, seed=spec.train.seed)  # drawn before any name swap
+    nearest = NearestShot(fit_ex) if spec.nearest_shot else None
+    nearest_fit = NearestShot(fit_ex, spec.nearest_apart or None) if spec.nearest_shot else None
     if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
         fit_ex = swap_names(fit_ex, spec.name_swap, seed=spec.train.seed)
-    if shots:  # trained against the base as it will be prompted
+    if nearest:  # trained against the base as it will be prompted
+        fit_ex = [replace(e, prompt=with_shots(e.prompt, [nearest_fit(e)])) for e in fit_ex]
+        select_ex = [replace(e, prompt=with_shots(e.prompt, [nearest(e)])) for e in select_ex]
+    elif shots:
         fit_ex, select_ex = ([replace(e, prompt=with_shots(e.prompt, shots)) for e in part] for part in (fit_ex, select_ex))
     log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
         f"-> fit {len(fit_ex)} / select {len(select_ex)}")
@@ -296,13 +315,14 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, copy_pending=spec.copy_pending,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
-        prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), shots),
+        prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),
         training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                   "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
                   "split": spec.split, "name_swap": spec.name_swap,
                   "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
                   "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
                   "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
+                  "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
                   "copy_task_only": spec.copy_task_only,
                   # Which tokens, not only how often: other data would give another shortlist.
                   "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},

@@ -65,6 +65,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shots", type=int, default=0,
                    help="train against the base prompted with this many in-context examples from the fit split "
                         "(0 to 3; the checkpoint's prompt_template then starts with them: send prompts that way)")
+    p.add_argument("--nearest-shot", action="store_true",
+                   help="with --shots 1: the in-context example is, per input, the fit example whose input is most "
+                        "like it (shared attributes or triples) instead of one drawn for all; the checkpoint's "
+                        "prompt_template is then the task's alone: put such an example before it")
+    p.add_argument("--nearest-apart", default="",
+                   help="with --nearest-shot: a field (E2E: venue) a fit input's example must not share with it, so "
+                        "training sees examples as far from the input as new inputs get (default: none)")
     p.add_argument("--name-swap", type=float, default=0.0,
                    help="E2E: share of fit inputs whose venue names are replaced by invented ones, so the "
                         "plugin leaves names to the base (0: none)")
@@ -81,7 +88,8 @@ def _spec(args):
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy, copy_task_only=args.copy_task_only,
-        copy_pending=args.copy_pending,
+        copy_pending=args.copy_pending, nearest_shot=args.nearest_shot,
+        nearest_apart=args.nearest_apart,
         shortlist_min_count=args.shortlist_min_count, shots=args.shots,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
