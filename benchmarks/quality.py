@@ -172,7 +172,7 @@ def system_input(system: str, prompt: str, shots: Shots, tokenizer) -> str:
     if system == "zero_shot_chat":
         return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
-    if system.endswith("_nearest"):  # a task prompt is its input's one rendering: it names the input
+    if system.endswith("_nearest"):  # select and test inputs are never fit inputs: no group to leave out
         return icl_prompt(prompt, [shots.nearest(Example(group=prompt, prompt=prompt, target=""))])
     k = int(m.group(1)) if (m := re.search(r"(?:^|_)icl_?(\d)$", system)) else 0
     if k > len(shots.drawn):

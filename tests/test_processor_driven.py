@@ -398,3 +398,37 @@ def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):
         for batch in (1, 3, 40):
             hidden = torch.randn(batch, plugin.config.d_model)
             torch.testing.assert_close(head(hidden), plugin.head_rows(hidden), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [[0, 1, 2], [2, 0, 1]])  # the logits' first rows in order (in place), or not
+def test_shortlisted_product_path_equals_the_product_over_the_vocabulary(tiny, rows):
+    """The shortlisted product path never builds the plugin's vocabulary-wide logits; it leaves the
+    softmax of ``base + gate * log_softmax(head + copy scores)`` over the whole vocabulary, also
+    for a shortlist set in no particular order."""
+    from vllm_plugin.bank import PluginBank
+    from vllm_plugin.decode import prompt_mask
+    from vllm_plugin.testing import tiny_plugin
+
+    plugin = tiny_plugin(tiny.vocab_size, seed=11, copy=True, gate=True, shortlist_size=tiny.vocab_size // 4)
+    order = torch.randperm(tiny.vocab_size, generator=torch.Generator().manual_seed(0))
+    plugin.set_shortlist(order[:tiny.vocab_size // 4])  # row i scores token order[i]: not sorted
+    prompts = [tiny.encode(p) for p in ("Aromi is a", "name -- Zizzi\narea -- riverside\n", "Cotto serves")]
+    width = max(map(len, prompts))
+    padded = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
+    bank = PluginBank({"x": plugin}, 4, "cpu")
+    for slot, p in enumerate(prompts):
+        bank.assign(slot, "x", 0.8, prompt_len=len(p))
+    torch.manual_seed(1)
+    base = torch.randn(4, tiny.vocab_size) * 3
+    out = base.clone()
+    bank.apply(out, np.array(rows), np.arange(3), np.array(list(map(len, prompts))), None,
+               lambda sel, start, length: padded[torch.as_tensor(sel)][:, int(start.min()):int(start.min()) + int(length.max())])
+    assert torch.equal(out[3], base[3])  # a row without a plugin is untouched
+    with torch.no_grad():
+        for i, p in enumerate(prompts):
+            hidden = plugin(torch.tensor([p]))[:, -1]
+            logits = plugin.add_copy_score(hidden, plugin.head(hidden), prompt_mask(p, tiny.vocab_size))
+            gate = plugin.strength(hidden, base[rows[i]][None], logits)
+            want = base[rows[i]] + 0.8 * gate * torch.log_softmax(logits[0], -1)
+            torch.testing.assert_close(torch.log_softmax(out[rows[i]], -1), torch.log_softmax(want, -1),
+                                       atol=1e-4, rtol=1e-4)

@@ -228,7 +228,7 @@ def with_shots(prompt: str, shots: list[Example]) -> str:
 
 
 def input_features(example: Example) -> frozenset[str]:
-    """What ``nearest_shots`` compares two inputs by: the lines of the input as its prompt lists
+    """What ``NearestShot`` compares two inputs by: the lines of the input as its prompt lists
     them (an E2E attribute with its value, a WebNLG triple) and each line's field (the
     attribute; the triple's predicate); the prompt's lower-cased words for other data."""
     items = [line.strip() for line in example.prompt.splitlines() if " -- " in line or line.count(" | ") == 2]
@@ -246,7 +246,7 @@ class NearestShot:
     input's example is no closer to it than a new input's would be.
 
     Raises (on a call):
-        ValueError: ``pool`` holds no input other than the example's.
+        ValueError: ``pool`` holds no input other than the example's (of another ``apart``).
     """
 
     def __init__(self, pool: list[Example], apart: str | None = None):
@@ -263,11 +263,12 @@ class NearestShot:
             away = dict(example.meta).get(self.apart) if self.apart else None
             best, best_score = None, -1.0
             for c, have in self.candidates:
-                score = len(want & have) / len(want | have)
+                score = len(want & have) / max(1, len(want | have))
                 if score > best_score and c.group != example.group and (away is None or dict(c.meta).get(self.apart) != away):
                     best, best_score = c, score
             if best is None:
-                raise ValueError(f"no in-context example for {example.group!r}: the fit split holds no other input")
+                raise ValueError(f"no in-context example for {example.group!r}: the fit split holds no other input"
+                                 + (f" of another {self.apart}" if self.apart else ""))
             self._chosen[example.group] = best
         return self._chosen[example.group]
 

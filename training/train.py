@@ -116,6 +116,8 @@ class PairSet:
             column = torch.full((vocab_size,), -1, dtype=torch.long)
             column[cols] = torch.arange(len(cols))
             ids = column[ids]
+            if bool((ids < 0).any()):  # -1 would mark the last column instead
+                raise ValueError("generated_before: cols must hold every target token of the batch")
         mask = torch.zeros(offset, vocab_size if cols is None else len(cols), dtype=torch.bool)
         mask[rows, ids] = True
         return mask

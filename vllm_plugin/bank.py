@@ -82,7 +82,7 @@ class PluginBank:
         self.device = torch.device(device)
         self.models = [plugins[n].to(self.device).eval() for n in self.names]
         self.heads = [_fast_head_rows(m, self.device) for m in self.models]
-        self.shortlists = [m.shortlist() for m in self.models]  # [K] token ids, or None
+        self.shortlists = [_token_of_row(m) for m in self.models]  # [K] the token of each head row, or None
         self.states = [m.new_state(num_slots, self.device) for m in self.models]
         self.max_len = [m.config.max_len if m.config.architecture == "transformer" else None for m in self.models]
         # A plugin with copy scores reads which tokens each sequence's prompt holds: the
@@ -310,8 +310,8 @@ class PluginBank:
             plugin_entropy = _shortlisted_entropy(d, lifts, ids, logits.shape[-1])
             weight = weight * model.strength_of(hidden, entropy(base), plugin_entropy)[:, None]
         for tokens, bonus in lifts:
-            base += tokens * (weight * bonus)
-        base.index_add_(1, ids, d * weight)
+            base += (tokens * (weight * bonus)).to(base.dtype)
+        base.index_add_(1, ids, (d * weight).to(base.dtype))
         if not group.in_order:
             logits.index_copy_(0, group.rows_t, base)
 
@@ -478,9 +478,20 @@ class PluginBank:
         logits.index_copy_(0, r, x)
 
 
+def _token_of_row(model) -> torch.Tensor | None:
+    """[K] the token id each of a shortlisted plugin's first K head rows scores (its ``index_of``
+    inverted; the shortlist in row order, whatever order it was set in); None without a shortlist."""
+    ids = model.shortlist()
+    if ids is None:
+        return None
+    out = torch.empty_like(ids)
+    out[model.index_of[ids]] = ids
+    return out
+
+
 def _shortlisted_entropy(d: torch.Tensor, lifts: list, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[n] entropy of a shortlisted plugin's softmax over the vocabulary from ``d`` [n, K] (its K
-    tokens' logits above the rest row's) and its copy scores ``lifts`` (nested token masks [n, V]
+    tokens' logits above the rest row's, in row order: token ``ids[i]`` is row i) and its copy scores ``lifts`` (nested token masks [n, V]
     and their bonuses [n, 1]): K columns, and off the shortlist one flat group per lift depth."""
     y, value = d, torch.zeros_like(d[:, :1])
     values, counts = [value], [torch.full_like(value, vocab_size - len(ids))]
