@@ -36,8 +36,9 @@ SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_
 # Qwen2.5-Coder-0.5B (vocabulary 151,936): the baselines and the fast recipe, full logits and top-20,
 # with and without the gate, and behind icl_1's example with copy scores on the task's input only
 # (the first eight rows about 80 minutes on an older CPU, 22 of them the base's log-prob pass; the
-# two rows behind the example 55 more on a newer one, 35 of them their base pass).
-QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
+# two rows behind the example 55 more on a newer one, 35 of them their base pass); and the
+# nearest-example prompt (icl_1_nearest), the strongest prompt measured on SmolLM2.
+QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
 paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems +lora,plugin_recurrent_gate,plugin_recurrent_copy,plugin_recurrent_copy_gate --lora-epochs 1 --top20-source full_topk
