@@ -27,8 +27,8 @@ bench: install
 # select) and the fast plugin with copy scores and gate, on the plain prompt and behind icl_1's
 # example (copy scores on the whole prompt, and on the task's input only), about 75 minutes here,
 # its select stage on 150 inputs, half of it the base's log-prob pass on the one-example prompts;
-# the E2E table's other rows can be added with --systems.
-WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5,plugin_shortlist_copy_task_gate_icl1
+# and the nearest-example prompt (icl_1_nearest); the E2E table's other rows can be added with --systems.
+WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_recurrent_w0.5,plugin_shortlist_copy_task_gate_icl1,icl_1_nearest
 # E2E, the fast recipe's rows (benchmarks/results/shortlist): on the plain prompt, behind icl_1's
 # example, with copy scores on the task's input only, and that plugin's top-20 twin; beside them
 # the strongest prompt measured, one example per input chosen by similarity (icl_1_nearest).
