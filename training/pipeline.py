@@ -284,7 +284,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
     shots = in_context_shots(fit_ex, spec.shots, seed=spec.train.seed)  # drawn before any name swap
     nearest = NearestShot(fit_ex) if spec.nearest_shot else None
-    nearest_fit = NearestShot(fit_ex, spec.nearest_apart or None) if spec.nearest_shot else None
+    nearest_fit = NearestShot(fit_ex, spec.nearest_apart) if spec.nearest_apart else nearest
     if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
         fit_ex = swap_names(fit_ex, spec.name_swap, seed=spec.train.seed)
     if nearest:  # trained against the base as it will be prompted

@@ -301,10 +301,8 @@ class PluginBank:
         base = logits[:len(group.rows_t)] if group.in_order else logits[group.rows_t]
         lifts = []  # (tokens [n, V] bool, bonus [n, 1]); each lift's tokens hold the next one's
         if self.copies[group.plugin]:
-            mask, pending = self._copied(group)
-            lifts.append((mask, model.copy_score(hidden).float()))
-            if pending is not None:
-                lifts.append((pending, model.pending_score(hidden).float()))
+            masks, bonuses = self._copied(group), model.copy_bonuses(hidden)
+            lifts = [(m, b) for m, b in zip(masks, bonuses) if m is not None]
         weight = group.weight
         if model.gate is not None:
             plugin_entropy = _shortlisted_entropy(d, lifts, ids, logits.shape[-1])

@@ -85,7 +85,7 @@ def entropy(scores: torch.Tensor) -> torch.Tensor:
     # -sum p log p from the log-probs: no log of tiny probabilities (torch.special.entr took over
     # 40 % of the processor's time per decode step, see the throughput profile). The floor keeps
     # a masked token's share finite, in value and in gradient (0 * -inf would be NaN), and keeps
-    # exp out of float32's subnormal range (below e^-87.3), which this CPU computes about 25x
+    # exp out of float32's subnormal range (below e^-87.3), which this CPU computes many times
     # slower: a plugin's log-probs reach -100 on most of the vocabulary. What the floor adds, at
     # most V * 80 e^-80 (< 1e-28 nats), float32 cannot hold beside an entropy.
     log_p = torch.log_softmax(scores.float(), -1).clamp_min(_LOG_P_FLOOR)

@@ -202,14 +202,22 @@ class PluginLM(nn.Module):
         """
         if self.copy_score is None:
             return logits
-        dtype = self.copy_score.weight.dtype
-        logits = logits + self.copy_score(hidden.to(dtype)).to(logits.dtype) * in_prompt
-        if self.pending_score is None:
+        copy, still = self.copy_bonuses(hidden)
+        logits = logits + copy.to(logits.dtype) * in_prompt
+        if still is None:
             return logits
         if pending is None:
             raise ValueError("this plugin has pending-copy scores (copy_pending): pass the prompt's tokens "
                              "not generated yet")
-        return logits + self.pending_score(hidden.to(dtype)).to(logits.dtype) * pending
+        return logits + still.to(logits.dtype) * pending
+
+    def copy_bonuses(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """[n, 1] each, float32: the copy score and the pending-copy score (None without them) at
+        ``hidden`` [n, d_model], the bonuses ``add_copy_score`` adds (the processor's shortlisted
+        path adds them itself)."""
+        dtype = self.copy_score.weight.dtype
+        still = None if self.pending_score is None else self.pending_score(hidden.to(dtype)).float()
+        return self.copy_score(hidden.to(dtype)).float(), still
 
     def strength(self, hidden: torch.Tensor, base_scores: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor | None:
         """[n] per-position multiplier of the request's strength, in (0, 2): ``2 sigmoid(gate(
