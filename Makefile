@@ -33,6 +33,9 @@ WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_sh
 # example, with copy scores on the task's input only, and that plugin's top-20 twin; beside them
 # the strongest prompt measured, one example per input chosen by similarity (icl_1_nearest).
 SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
+# E2E, the plugin behind the nearest example with example scores (benchmarks/results/nearest) beside
+# that prompt alone and the chosen plugin: about 30 minutes here once their base log-probs are cached.
+NEAREST_SYSTEMS = icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_example_gate_icl1_nearest
 # Qwen2.5-Coder-0.5B (vocabulary 151,936): the baselines and the fast recipe, full logits and top-20,
 # with and without the gate, and behind icl_1's example with copy scores on the task's input only
 # (the first eight rows about 80 minutes on an older CPU, 22 of them the base's log-prob pass; the
@@ -43,6 +46,7 @@ QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin
 paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems +lora,plugin_recurrent_gate,plugin_recurrent_copy,plugin_recurrent_copy_gate --lora-epochs 1 --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(SHORTLIST_SYSTEMS) --top20-source full_topk --results benchmarks/results/shortlist
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(NEAREST_SYSTEMS) --top20-source full_topk --results benchmarks/results/nearest
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --select-subset 150
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg

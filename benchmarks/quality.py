@@ -63,7 +63,11 @@ closed-API twins (trained from, and decoding against, the one-example prompt's t
 icl_1_nearest, a baseline with one example per input, the fit example most like it
 (``training.data.NearestShot``), and plugin_shortlist_copy_task_icl1_nearest and
 plugin_shortlist_copy_task_gate_icl1_nearest, the task-only copy plugin trained and decoded behind
-that example (``--nearest-shot``).
+that example (``--nearest-shot``); plugin_shortlist_copy_task_read_icl1_nearest and
+plugin_shortlist_copy_task_read_gate_icl1_nearest, those reading the task's segment only
+(``--read-task-only``): the base reads the example, the plugin what it reads on the plain prompt;
+plugin_shortlist_copy_task_example_icl1_nearest and plugin_shortlist_copy_task_example_gate_icl1_nearest
+(and ``_icl1`` twins behind the drawn example), those with example scores (``--copy-example``).
 """
 from __future__ import annotations
 
@@ -103,7 +107,13 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_top20_icl1": "shortlist_copy_task_top20_icl1",
          "plugin_shortlist_copy_task_top20_gate_icl1": "shortlist_copy_task_top20_icl1_gated",
          "plugin_shortlist_copy_task_icl1_nearest": "shortlist_copy_task_icl1_nearest",
-         "plugin_shortlist_copy_task_gate_icl1_nearest": "shortlist_copy_task_icl1_nearest_gated"}
+         "plugin_shortlist_copy_task_gate_icl1_nearest": "shortlist_copy_task_icl1_nearest_gated",
+         "plugin_shortlist_copy_task_read_icl1_nearest": "shortlist_copy_task_read_icl1_nearest",
+         "plugin_shortlist_copy_task_read_gate_icl1_nearest": "shortlist_copy_task_read_icl1_nearest_gated",
+         "plugin_shortlist_copy_task_example_icl1_nearest": "shortlist_copy_task_example_icl1_nearest",
+         "plugin_shortlist_copy_task_example_gate_icl1_nearest": "shortlist_copy_task_example_icl1_nearest_gated",
+         "plugin_shortlist_copy_task_example_icl1": "shortlist_copy_task_example_icl1",
+         "plugin_shortlist_copy_task_example_gate_icl1": "shortlist_copy_task_example_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -111,14 +121,20 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_icl1", "plugin_shortlist_copy_task_gate_icl1",
                     "plugin_shortlist_copy_task_top20_icl1", "plugin_shortlist_copy_task_top20_gate_icl1",
                     "icl_1_nearest", "plugin_shortlist_copy_task_icl1_nearest",
-                    "plugin_shortlist_copy_task_gate_icl1_nearest"]
+                    "plugin_shortlist_copy_task_gate_icl1_nearest", "plugin_shortlist_copy_task_read_icl1_nearest",
+                    "plugin_shortlist_copy_task_read_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1_nearest",
+                    "plugin_shortlist_copy_task_example_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1",
+                    "plugin_shortlist_copy_task_example_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
                  "shortlist_copy_top20_gated": "shortlist_copy_top20", "shortlist_copy_icl1_gated": "shortlist_copy_icl1",
                  "shortlist_copy_task_icl1_gated": "shortlist_copy_task_icl1",
                  "shortlist_copy_task_top20_icl1_gated": "shortlist_copy_task_top20_icl1",
-                 "shortlist_copy_task_icl1_nearest_gated": "shortlist_copy_task_icl1_nearest"}
+                 "shortlist_copy_task_icl1_nearest_gated": "shortlist_copy_task_icl1_nearest",
+                 "shortlist_copy_task_read_icl1_nearest_gated": "shortlist_copy_task_read_icl1_nearest",
+                 "shortlist_copy_task_example_icl1_nearest_gated": "shortlist_copy_task_example_icl1_nearest",
+                 "shortlist_copy_task_example_icl1_gated": "shortlist_copy_task_example_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -204,6 +220,14 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
                                                   shortlist_min_count=1, shots=1, source=top20_source, top_k=20),
         "shortlist_copy_task_icl1_nearest": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                     shortlist_min_count=1, shots=1, nearest_shot=True),
+        "shortlist_copy_task_read_icl1_nearest": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                         read_task_only=True, shortlist_min_count=1, shots=1,
+                                                         nearest_shot=True),
+        "shortlist_copy_task_example_icl1_nearest": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                            copy_example=True, shortlist_min_count=1, shots=1,
+                                                            nearest_shot=True),
+        "shortlist_copy_task_example_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                    copy_example=True, shortlist_min_count=1, shots=1),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),

@@ -46,11 +46,12 @@ COPY_MARKER = "Sentence:"  # plugin m's copy scores read the prompt from its las
 
 
 class Tiny:
-    """The tiny base (as an HF folder and a loaded model) and nine saved plugins (k: trained,
+    """The tiny base (as an HF folder and a loaded model) and eleven saved plugins (k: trained,
     as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores; s: with
     copy scores and a shortlist of a quarter of the vocabulary; m: with copy scores on the
     prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores, a shortlist and a gate:
-    the chosen E2E design and more)."""
+    the chosen E2E design and more; e: m's copy scores with example scores, a shortlist and a gate;
+    r: m's copy scores, a shortlist and a gate, the plugin reading the prompt from the marker on)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -75,7 +76,16 @@ class Tiny:
             "p": tiny_plugin(self.vocab_size, "gru", seed=9, fingerprint=self.fingerprint, copy=True, copy_pending=True,
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
                              shortlist_size=self.vocab_size // 4, gate=True),
+            "e": tiny_plugin(self.vocab_size, "gru", seed=10, fingerprint=self.fingerprint, copy=True, copy_example=True,
+                             copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
+                             shortlist_size=self.vocab_size // 4, gate=True),
+            "r": tiny_plugin(self.vocab_size, "gru", seed=11, fingerprint=self.fingerprint, copy=True,
+                             copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
+                             shortlist_size=self.vocab_size // 4, gate=True, read_task_only=True),
         }
+        with torch.no_grad():  # r remembers (update gate near 1): what it reads before the task still shapes its state
+            d = self.plugins["r"].config.d_model
+            self.plugins["r"].rnn.bias_ih_l0[d:2 * d] = 4.0
         self.plugin_dirs = {n: save_plugin(m, root / f"plugin_{n}") for n, m in self.plugins.items()}
 
     def encode(self, text: str) -> list[int]:
@@ -100,7 +110,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, given
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, e, r, given
     as LLM(additional_config=...)."""
     from vllm import LLM
 

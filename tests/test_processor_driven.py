@@ -27,7 +27,7 @@ from vllm_plugin.processor import (PluginLogitsProcessor, PluginProcessorV1, Plu
                                    configured_plugins, penalty_args, request_plugin)
 
 MAX_LEN = 128
-SLOTS = 8
+SLOTS = 11
 
 
 @pytest.fixture
@@ -83,6 +83,10 @@ REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
     # p: m's copy scores with pending ones, a shortlist and a gate (the shortlisted product path)
     ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Aromi\nfood -- Thai\n\nSentence:\n", "p", None, 6, 2),
     ("Aromi is a Thai", "p", 0.7, 5, 4),
+    # e: copy and example scores after the last "Sentence:", a shortlist and a gate
+    ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Strada\nfood -- Thai\n\nSentence:\n", "e", None, 6, 1),
+    # r: reads from the last "Sentence:" on, once the (chunked) prompt is whole; arrives late: a recycled slot
+    ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Loch Fyne\narea -- riverside\n\nSentence:\n", "r", None, 5, 6),
 ]
 
 
@@ -401,18 +405,27 @@ def test_cpu_head_uses_vllms_onednn_gemm_and_matches_torch(tiny):
 
 
 @pytest.mark.parametrize("rows", [[0, 1, 2], [2, 0, 1]])  # the logits' first rows in order (in place), or not
-def test_shortlisted_product_path_equals_the_product_over_the_vocabulary(tiny, rows):
+@pytest.mark.parametrize("examples", [False, True])  # with pending-copy and example scores after a marker
+def test_shortlisted_product_path_equals_the_product_over_the_vocabulary(tiny, rows, examples):
     """The shortlisted product path never builds the plugin's vocabulary-wide logits; it leaves the
     softmax of ``base + gate * log_softmax(head + copy scores)`` over the whole vocabulary, also
-    for a shortlist set in no particular order."""
+    for a shortlist set in no particular order, and with pending-copy scores (nested in the copy
+    scores' tokens) and example scores (on tokens apart from them)."""
     from vllm_plugin.bank import PluginBank
-    from vllm_plugin.decode import prompt_mask
+    from vllm_plugin.decode import copy_mask, example_mask, pending_copy
     from vllm_plugin.testing import tiny_plugin
 
-    plugin = tiny_plugin(tiny.vocab_size, seed=11, copy=True, gate=True, shortlist_size=tiny.vocab_size // 4)
+    from .conftest import COPY_MARKER
+
+    marker = tiny.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids
+    features = dict(copy_after=marker, copy_pending=True, copy_example=True) if examples else {}
+    plugin = tiny_plugin(tiny.vocab_size, seed=11, copy=True, gate=True, shortlist_size=tiny.vocab_size // 4,
+                         **features)
     order = torch.randperm(tiny.vocab_size, generator=torch.Generator().manual_seed(0))
     plugin.set_shortlist(order[:tiny.vocab_size // 4])  # row i scores token order[i]: not sorted
-    prompts = [tiny.encode(p) for p in ("Aromi is a", "name -- Zizzi\narea -- riverside\n", "Cotto serves")]
+    shot = f"name -- Zizzi\nfood -- Thai\n\n{COPY_MARKER}\nZizzi serves Thai food.\n\n"
+    prompts = [tiny.encode(p) for p in ("Aromi is a", shot + f"name -- Cotto\narea -- riverside\n\n{COPY_MARKER}\n",
+                                        shot + "Cotto serves")]
     width = max(map(len, prompts))
     padded = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
     bank = PluginBank({"x": plugin}, 4, "cpu")
@@ -427,7 +440,9 @@ def test_shortlisted_product_path_equals_the_product_over_the_vocabulary(tiny, r
     with torch.no_grad():
         for i, p in enumerate(prompts):
             hidden = plugin(torch.tensor([p]))[:, -1]
-            logits = plugin.add_copy_score(hidden, plugin.head(hidden), prompt_mask(p, tiny.vocab_size))
+            mask = copy_mask(p, plugin)
+            logits = plugin.add_copy_score(hidden, plugin.head(hidden), mask,
+                                           pending_copy(mask, []) if examples else None, example_mask(p, plugin))
             gate = plugin.strength(hidden, base[rows[i]][None], logits)
             want = base[rows[i]] + 0.8 * gate * torch.log_softmax(logits[0], -1)
             torch.testing.assert_close(torch.log_softmax(out[rows[i]], -1), torch.log_softmax(want, -1),

@@ -93,14 +93,19 @@ def assert_served_as_reference_and_feature_matters(tiny, engine, plugin: str, fe
 
     without = copy.deepcopy(tiny.plugins[plugin])
     setattr(without, feature, None)
-    prompts = [tiny.encode(p) for p in PROMPTS]
+    assert_served_as_reference_unlike(tiny, engine, plugin, without, [tiny.encode(p) for p in PROMPTS])
+
+
+def assert_served_as_reference_unlike(tiny, engine, plugin: str, other, prompts: list[list[int]]):
+    """The engine decodes every prompt (token ids) with ``plugin`` exactly as the reference does,
+    and the reference with ``other`` (that plugin altered) decodes at least one differently."""
     outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [greedy(12, plugin)] * len(prompts),
                            use_tqdm=False)
     differs = 0
     for ids, out in zip(prompts, outs):
         want = reference_generate(tiny.base, [ids], tiny.plugins[plugin], max_new_tokens=12)[0]
         assert list(out.outputs[0].token_ids) == want
-        differs += want != reference_generate(tiny.base, [ids], without, max_new_tokens=12)[0]
+        differs += want != reference_generate(tiny.base, [ids], other, max_new_tokens=12)[0]
     assert differs >= 1
 
 
@@ -149,19 +154,58 @@ def test_copy_scores_read_the_task_after_the_last_marker(tiny, engine):
     plugin = tiny.plugins["m"]
     whole = copy.deepcopy(plugin)
     whole.config.copy_after = []
-    outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [greedy(12, "m")] * len(prompts),
-                           use_tqdm=False)
-    differs = 0
-    for ids, out in zip(prompts, outs):
-        want = reference_generate(tiny.base, [ids], plugin, max_new_tokens=12)[0]
-        assert list(out.outputs[0].token_ids) == want
-        differs += want != reference_generate(tiny.base, [ids], whole, max_new_tokens=12)[0]
-    assert differs >= 1
+    assert_served_as_reference_unlike(tiny, engine, "m", whole, prompts)
     task = tiny.encode(PROMPTS[2])  # the task's segment starts at its marker
     marker = tiny.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids
     at = next(i for i in range(len(task)) if task[i:i + len(marker)] == marker)
     assert torch.equal(copy_mask(prompts[0], plugin), prompt_mask(task[at:], tiny.vocab_size))
     assert torch.equal(copy_mask(prompts[2], plugin), prompt_mask(prompts[2], tiny.vocab_size))
+
+
+def test_plugin_reads_the_task_after_the_last_marker(tiny, engine):
+    """Plugin r reads the prompt from its last ``COPY_MARKER`` on (``read_task_only``), the whole
+    prompt when it has none, while the base reads all of it: served exactly as the reference
+    decodes it; after an in-context example its state is the one the task alone gives, and the
+    same plugin reading the whole prompt decodes such prompts differently."""
+    import copy
+
+    from vllm_plugin.model import read_start
+
+    from .conftest import COPY_MARKER
+
+    example = f"name -- Zizzi\narea -- riverside\n\n{COPY_MARKER}\nZizzi is a pub by the riverside.\n\n"
+    texts = [example + p for p in PROMPTS[:3]] + [PROMPTS[0]]
+    prompts = [tiny.encode(t) for t in texts]
+    plugin = tiny.plugins["r"]
+    whole = copy.deepcopy(plugin)
+    whole.config.read_task_only = False
+    assert_served_as_reference_unlike(tiny, engine, "r", whole, prompts)
+    alone = tiny.encode(PROMPTS[2])  # its own marker: the plugin reads from there, after the example too
+    assert prompts[2][read_start(plugin.config, prompts[2]):] == alone[read_start(plugin.config, alone):]
+    assert 0 < read_start(plugin.config, alone) and read_start(plugin.config, prompts[3]) == 0
+    assert read_start(whole.config, prompts[2]) == 0
+
+
+def test_example_scores_lift_the_examples_tokens_the_task_lacks(tiny, engine):
+    """Plugin e adds example scores: a bonus on the tokens of the prompt before its
+    last ``COPY_MARKER`` that the task's segment lacks, read by the processor as by the reference:
+    served exactly as the reference decodes it after an in-context example, differently without
+    them; the mask is empty without an example and never holds a task token."""
+    import copy
+
+    from vllm_plugin.decode import copy_mask, example_mask
+
+    from .conftest import COPY_MARKER
+
+    example = f"name -- Zizzi\narea -- riverside\n\n{COPY_MARKER}\nZizzi is a pub by the riverside.\n\n"
+    prompts = [tiny.encode(example + p) for p in PROMPTS] + [tiny.encode(PROMPTS[0])]  # the last: no marker
+    plugin = tiny.plugins["e"]
+    without = copy.deepcopy(plugin)
+    without.example_score = None
+    assert_served_as_reference_unlike(tiny, engine, "e", without, prompts)
+    lifted = example_mask(prompts[2], plugin)
+    assert lifted.any() and not (lifted & copy_mask(prompts[2], plugin)).any()
+    assert not example_mask(prompts[-1], plugin).any()
 
 
 def test_pending_copy_scores_lift_the_task_tokens_not_generated_yet(tiny, engine):
@@ -421,7 +465,8 @@ def test_forced_preemption(tiny):
     Resumed rows come back as new rows with output so far; the plugin rebuilds their state from
     prompt + output and the result still equals the reference. (Own process: see preemption_run.py.)
     """
-    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("p", 2)]  # p: copy region and pending tokens rebuilt on resume
+    # p: copy region and pending tokens rebuilt on resume; e: example region; r: read from the marker
+    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("p", 2), ("e", 2), ("r", 2)]
     requests = [{"ids": tiny.encode(PROMPTS[p]), "plugin": plugin} for plugin, p in cases]
     for r in requests:
         r["max_tokens"] = 50 - len(r["ids"])

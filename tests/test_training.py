@@ -1,6 +1,7 @@
 """Base-logit extraction, its cache, and a short real training run on the tiny base."""
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -290,6 +291,14 @@ def test_pending_copy_scores_leave_what_the_target_said_before(tiny, e2e_file):
         assert loss.item() == pytest.approx(batch_loss(fresh, data, idx)[0].item(), rel=1e-6)
     with pytest.raises(ValueError, match="copy_pending is for a plugin with copy scores"):
         PluginConfig(vocab_size=tiny.vocab_size, copy_pending=True)
+    with pytest.raises(ValueError, match="read_task_only reads the prompt from the copy_after marker on"):
+        PluginConfig(vocab_size=tiny.vocab_size, copy=True, read_task_only=True)
+    with pytest.raises(ValueError, match="read_task_only is for the gru plugin"):
+        PluginConfig(vocab_size=tiny.vocab_size, architecture="transformer", copy=True, copy_after=[1],
+                     read_task_only=True)
+    for bad in ({}, {"copy_after": [1], "read_task_only": True}):
+        with pytest.raises(ValueError, match="copy_example scores the examples before the copy_after marker"):
+            PluginConfig(vocab_size=tiny.vocab_size, copy=True, copy_example=True, **bad)
 
 
 def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_path):
@@ -496,27 +505,38 @@ def full_vocabulary_loss(plugin, data, idx):
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-@pytest.mark.parametrize("kind,copy_scores,gate,pending",
-                         [(kind, copy_scores, False, False) for kind in ("full", "topk", "alone")
+@pytest.mark.parametrize("kind,copy_scores,gate,pending,example",
+                         [(kind, copy_scores, False, False, False) for kind in ("full", "topk", "alone")
                           for copy_scores in (False, True)]
-                         + [("full", True, True, False), ("topk", True, True, False)]  # a gate weighs the plugin against a base
-                         + [("full", True, True, True), ("alone", True, False, True)])  # pending-copy scores
+                         + [("full", True, True, False, False), ("topk", True, True, False, False)]  # a gate weighs the plugin against a base
+                         + [("full", True, True, True, False), ("alone", True, False, True, False)]  # pending-copy scores
+                         + [("full", True, True, True, True), ("alone", True, False, False, True)])  # example scores
 def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate,
-                                                                       pending):
+                                                                       pending, example):
     """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
     and gradient as its head spread over the whole vocabulary, against a full base, a top-k
     view and no base, with and without a gate (which reads both experts' entropies over the
-    vocabulary) and pending-copy scores; its head gives every off-list token the rest row's logit."""
+    vocabulary), pending-copy scores and example scores (prompts after an in-context example);
+    its head gives every off-list token the rest row's logit."""
     from vllm_plugin.testing import tiny_plugin
+    from vllm_plugin.training.data import PROMPT_TEMPLATES
     from vllm_plugin.training.train import batch_loss
 
     ts = tokenize_examples(load_e2e(e2e_file)[:12], tiny.tokenizer)
+    marker = []
+    if example:  # each prompt after an example, as --shots makes them
+        shot = ts.prompts[-1] + ts.targets[-1]
+        ts.prompts = [shot + p for p in ts.prompts]
+        marker = tiny.tokenizer(PROMPT_TEMPLATES["e2e"].split("{input}")[0].strip(), add_special_tokens=False).input_ids
     bl = None if kind == "alone" else extract_full(tiny.base, ts, progress=False)
     if kind == "topk":
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     data = PairSet(ts, bl)
-    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending,
-                         shortlist_size=tiny.vocab_size // 3)
+    plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending, copy_after=marker,
+                         copy_example=example, shortlist_size=tiny.vocab_size // 3)
+    if example:
+        lifted = data.in_example([0], tiny.vocab_size, after=marker)
+        assert lifted.any() and not (lifted & data.in_prompt([0], tiny.vocab_size, after=marker)).any()
     off = plugin.index_of == plugin.config.shortlist_size
     assert off.sum() == tiny.vocab_size - tiny.vocab_size // 3
     logits = plugin.head(torch.randn(2, 32))
@@ -592,15 +612,21 @@ def test_copy_task_only_reads_the_task_not_the_examples(tiny, e2e_file, tmp_path
     """``RunSpec(copy_task_only=True)``: the checkpoint's ``copy_after`` is the template's text
     before {input}, tokenised; training's copy mask holds the tokens of each prompt from its last
     occurrence on (the task, not the in-context example), as the reference decoder's does; it
-    needs copy scores and a template with text before {input}."""
+    needs copy scores and a template with text before {input}. With ``read_task_only`` the plugin
+    reads each prompt from there too (its config says so; training's view of the prompts is
+    the task's segment, the base's rows unchanged); it needs ``copy_task_only`` and the GRU."""
     from vllm_plugin.decode import copy_mask
+    from vllm_plugin.model import copy_start, read_start
     from vllm_plugin.training.data import PROMPT_TEMPLATES
 
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), shots=1,
-                   copy=True, copy_task_only=True, shortlist_min_count=1,
+                   copy=True, copy_task_only=True, read_task_only=True, shortlist_min_count=1,
                    train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
-    run(spec, progress=False, log=lambda *_: None)
+    read_metrics = run(spec, progress=False, log=lambda *_: None)
     plugin = load_plugin(tmp_path / "run" / "checkpoint")
+    assert plugin.config.read_task_only
+    whole = run(replace(spec, read_task_only=False, out=str(tmp_path / "whole")), progress=False, log=lambda *_: None)
+    assert read_metrics["best_select_loss"] != pytest.approx(whole["best_select_loss"], rel=1e-6)  # it read less
     prefix = PROMPT_TEMPLATES["e2e"].split("{input}")[0].strip()
     assert plugin.config.copy_after == tiny.tokenizer(prefix, add_special_tokens=False).input_ids
     ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
@@ -612,6 +638,18 @@ def test_copy_task_only_reads_the_task_not_the_examples(tiny, e2e_file, tmp_path
     assert torch.equal(task, copy_mask(ts.prompts[0], plugin)[0])
     assert torch.equal(task, copy_mask(ts.prompts[0][len(shot):], plugin)[0])  # the task's tokens only
     assert (whole & ~task).any() and not (task & ~whole).any()
+    read = ts.read_from(lambda p: read_start(plugin.config, p))
+    assert read.prompts[0] == ts.prompts[0][copy_start(ts.prompts[0], plugin.config.copy_after):]
+    assert read.targets == ts.targets and read.prompts[0][:len(plugin.config.copy_after)] == plugin.config.copy_after
+    with pytest.raises(ValueError, match="--read-task-only reads the prompt from --copy-task-only's marker on"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "r"), copy=True, shots=1,
+                    read_task_only=True), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--copy-example scores the examples before --copy-task-only's marker"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "e"), copy=True, shots=1,
+                    copy_example=True), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--read-task-only is for the gru plugin"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "t"), copy=True, shots=1,
+                    copy_task_only=True, read_task_only=True, arch="transformer"), progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match="--copy-task-only restricts copy scores: it needs --copy"):
         run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out=str(tmp_path / "x"), copy_task_only=True),
             progress=False, log=lambda *_: None)

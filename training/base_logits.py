@@ -60,6 +60,12 @@ class TokenizedSet:
         """Every target token, example-major: the row order of a base-logit cache."""
         return torch.tensor([t for ex in self.targets for t in ex])
 
+    def read_from(self, start) -> "TokenizedSet":
+        """The same examples with each prompt ``p`` cut to ``p[start(p):]`` (the plugin's view of a
+        plugin that reads the task only, ``model.read_start``); targets, and so the rows of a
+        base-logit cache, unchanged."""
+        return TokenizedSet([p[start(p):] for p in self.prompts], self.example_prompt, self.targets)
+
     def digest(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps([self.prompts, self.example_prompt, self.targets]).encode())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
 from vllm_plugin.checkpoint import read_config
-from vllm_plugin.model import PluginConfig, build_plugin, count_parameters
+from vllm_plugin.model import PluginConfig, build_plugin, count_parameters, read_start
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
@@ -74,6 +74,12 @@ class RunSpec:
     # Copy scores read the task's own input only: the prompt from the last occurrence of the
     # template's text before {input} (PluginConfig.copy_after), not the in-context examples.
     copy_task_only: bool = False
+    # The plugin reads the prompt from that marker on too, not the in-context examples
+    # (PluginConfig.read_task_only); the base still reads the whole prompt.
+    read_task_only: bool = False
+    # Example scores (PluginConfig.copy_example): a learned bonus on the in-context examples'
+    # tokens that the task's segment does not hold.
+    copy_example: bool = False
     # A second copy score on the copied tokens the output has not generated yet (coverage;
     # PluginConfig.copy_pending).
     copy_pending: bool = False
@@ -116,6 +122,13 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     if spec.copy_task_only and not template_prefix(spec.dataset):
         raise ValueError(f"--copy-task-only needs a prompt template with text before {{input}}; {spec.dataset!r}'s "
                          f"has none")
+    if spec.read_task_only and not spec.copy_task_only:
+        raise ValueError("--read-task-only reads the prompt from --copy-task-only's marker on: it needs --copy-task-only")
+    if spec.copy_example and (not spec.copy_task_only or spec.read_task_only):
+        raise ValueError("--copy-example scores the examples before --copy-task-only's marker: it needs "
+                         "--copy-task-only, and not --read-task-only (the plugin must read the examples)")
+    if spec.read_task_only and spec.arch != "gru":
+        raise ValueError(f"--read-task-only is for the gru plugin, not --arch {spec.arch}")
     if spec.copy_pending and not spec.copy:
         raise ValueError("--copy-pending adds to copy scores: it needs --copy")
     if spec.nearest_shot and spec.shots != 1:
@@ -200,10 +213,10 @@ def base_vocab_size(base_path: str) -> int:
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
                "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
-               "nearest_shot", "nearest_apart", "copy_task_only")
+               "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
-                   "copy_task_only": False}
+                   "copy_task_only": False, "read_task_only": False, "copy_example": False}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -312,7 +325,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
-        dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, copy_pending=spec.copy_pending,
+        dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
+        copy_example=spec.copy_example, copy_pending=spec.copy_pending,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),
@@ -323,7 +337,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                   "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
                   "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
                   "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
-                  "copy_task_only": spec.copy_task_only,
+                  "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
+                  "copy_example": spec.copy_example,
                   # Which tokens, not only how often: other data would give another shortlist.
                   "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},
     )
@@ -354,10 +369,13 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters"
         + (f", a shortlist of {len(shortlist)} of {vocab_size} tokens" if shortlist is not None else ""))
     t1 = time.time()
-    metrics = train(plugin, PairSet(fit_ts, fit_bl), PairSet(select_ts, select_bl), spec.train,
+    # What the plugin reads of each prompt (all of it, or the task from the marker on); the base's
+    # log-probs, one row per target token, are those of the whole prompt either way.
+    fit_read, select_read = (ts.read_from(lambda p: read_start(config, p)) for ts in (fit_ts, select_ts))
+    metrics = train(plugin, PairSet(fit_read, fit_bl), PairSet(select_read, select_bl), spec.train,
                     spec.out_dir(), progress=progress, log=log)
     if spec.gate and not spec.alone:  # None: no epoch beat the base, so no plugin to gate
-        metrics["gate"] = (gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_ts, select_bl), log)
+        metrics["gate"] = (gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_read, select_bl), log)
                            if metrics.get("best_epoch") else None)
     metrics.update(
         checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,

@@ -89,12 +89,26 @@ class PairSet:
         ``idx`` (in ``batch`` order), which tokens occur in its example's prompt (from the last
         ``after`` marker on, ``model.copy_start``), as the processor marks them for a plugin with
         copy scores (``PluginLM.add_copy_score``)."""
+        return self._per_token(idx, vocab_size, cols, lambda prompt, start: (prompt[start:], ()), after)
+
+    def in_example(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None = None,
+                   after: list[int] = ()) -> torch.Tensor:
+        """``in_prompt``'s rows: the tokens of each example's prompt before the last ``after``
+        marker (the in-context examples) that the part from it on (the task) does not hold, what
+        a plugin's example scores lift (``copy_example``)."""
+        return self._per_token(idx, vocab_size, cols, lambda prompt, start: (prompt[:start], prompt[start:]), after)
+
+    def _per_token(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None, split, after) -> torch.Tensor:
+        """A [V] token mask per distinct prompt (``split(prompt, copy_start)``: the tokens to mark
+        and those to leave unmarked), read at ``cols``, one row per target token of ``idx``."""
         prompts = sorted({self.ts.example_prompt[e] for e in idx})
         local = {p: i for i, p in enumerate(prompts)}
         mask = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
         for i, p in enumerate(prompts):
             prompt = self.ts.prompts[p]
-            mask[i, torch.tensor(prompt[copy_start(prompt, after):], dtype=torch.long)] = True
+            marked, unmarked = split(prompt, copy_start(prompt, after))
+            mask[i, torch.tensor(marked, dtype=torch.long)] = True
+            mask[i, torch.tensor(unmarked, dtype=torch.long)] = False
         if cols is not None:
             mask = mask[:, cols]
         return mask[torch.tensor([local[self.ts.example_prompt[e]] for e in idx for _ in self.ts.targets[e]])]
@@ -165,14 +179,17 @@ def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts
 def with_copy_score(plugin: PluginLM, data: PairSet, idx: list[int], hidden: torch.Tensor, logits: torch.Tensor,
                     cols: torch.Tensor | None = None) -> torch.Tensor:
     """The plugin's ``logits`` [n, V] (or at columns ``cols``) before the target tokens of
-    examples ``idx`` (``hidden`` [n, d]), with its copy scores if it has them, and its
-    pending-copy scores on the copied tokens that the target has not held yet."""
+    examples ``idx`` (``hidden`` [n, d]), with its copy scores if it has them, its pending-copy
+    scores on the copied tokens that the target has not held yet, and its example scores on the
+    in-context examples' tokens the task lacks."""
     if plugin.copy_score is None:
         return logits
     vocab = plugin.config.vocab_size
     in_prompt = data.in_prompt(idx, vocab, cols, plugin.config.copy_after)
     pending = None if plugin.pending_score is None else in_prompt & ~data.generated_before(idx, vocab, cols)
-    return plugin.add_copy_score(hidden, logits, in_prompt, pending)
+    in_example = (None if plugin.example_score is None
+                  else data.in_example(idx, vocab, cols, plugin.config.copy_after))
+    return plugin.add_copy_score(hidden, logits, in_prompt, pending, in_example)
 
 
 def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):

@@ -71,7 +71,8 @@ class PluginBank:
     """Named plugins with state for ``num_slots`` sequences each, in preallocated tensors.
 
     Host-side arrays per slot: which plugin (-1: none), its strength, mode, base view, penalties,
-    and how many of the sequence's tokens its state has absorbed. A slot's tokens come from the
+    and how many of the sequence's tokens its state has absorbed (from ``offset`` on: the
+    task's marker for a plugin that reads the task only, else the first token). A slot's tokens come from the
     runner through two callbacks (``LastTokens``, ``TokenRange``), so the core never knows which
     runner it serves.
     """
@@ -93,6 +94,13 @@ class PluginBank:
         # instead, filled once a slot's whole prompt is known.
         self.copy_marker = [self._t(np.asarray(m.config.copy_after, dtype=np.int64)) if m.config.copy_after else None
                             for m in self.models]
+        # A plugin with example scores (``copy_example``) also reads ``example_mask``: the prompt's
+        # tokens before that marker that the task's segment lacks, filled at the same time.
+        self.examples = [m.example_score is not None for m in self.models]
+        # A plugin that reads the task only (``PluginConfig.read_task_only``) starts reading each
+        # sequence at that marker: ``offset`` [slot] (-1 until the whole prompt is known).
+        self.read_marker = [marker if m.config.read_task_only else None
+                            for m, marker in zip(self.models, self.copy_marker)]
         # A plugin trained from top-k log-probs learned to correct that view of the base.
         self.trained_top_k = [int(m.config.training.get("top_k") or 0) for m in self.models]
         self.plugin_of = np.full(num_slots, -1, dtype=np.int32)
@@ -100,7 +108,8 @@ class PluginBank:
         self.limit = np.full(num_slots, _NO_LIMIT, dtype=np.int64)  # the plugin's max_len
         self.weight = np.zeros(num_slots, dtype=np.float32)
         self.mode = np.zeros(num_slots, dtype=np.int8)  # a Mode
-        self.consumed = np.zeros(num_slots, dtype=np.int64)
+        self.consumed = np.zeros(num_slots, dtype=np.int64)  # tokens the plugin has read (from ``offset`` on)
+        self.offset = np.zeros(num_slots, dtype=np.int64)
         self.normalise = np.ones(num_slots, dtype=bool)
         self.top_k = np.zeros(num_slots, dtype=np.int64)  # 0: the full base
         # A request's logit_bias as (token ids, biases) on the device, for the paths that must
@@ -117,6 +126,7 @@ class PluginBank:
         self.counted = np.zeros(num_slots, dtype=np.int64)
         self.in_prompt: torch.Tensor | None = None
         self.copy_mask: torch.Tensor | None = None
+        self.example_mask: torch.Tensor | None = None
         self.output_counts: torch.Tensor | None = None
         self.version = 0  # bumped by every change a plan depends on
         self._plan: _Plan | None = None
@@ -152,6 +162,7 @@ class PluginBank:
         self.counted[slot] = 0
         self.top_k[slot] = (self.trained_top_k[g] if top_k is None else top_k) if g >= 0 else 0
         self.consumed[slot] = 0
+        self.offset[slot] = -1 if g >= 0 and self.read_marker[g] is not None else 0
         self.bias[slot] = ((self._t(np.fromiter(logit_bias, dtype=np.int64)),
                             self._t(np.fromiter(logit_bias.values(), dtype=np.float32)))
                            if logit_bias and g >= 0 else None)
@@ -266,11 +277,15 @@ class PluginBank:
 
     def _advance(self, group: _Group, seq_lens: np.ndarray, last_tokens: LastTokens, token_range: TokenRange) -> None:
         """Feed each slot the tokens its state has not absorbed: one per row on a decode step, the
-        whole prompt for a new row, the missed ones after chunked prefill or preemption."""
+        whole prompt for a new row (from its marker on, once the prompt is whole, for a plugin
+        that reads the task only), the missed ones after chunked prefill or preemption."""
         model, state, sel, s = self.models[group.plugin], self.states[group.plugin], group.sel, group.slots
-        done = self.consumed[s]
-        delta = seq_lens[sel] - done
-        self.consumed[s] = np.maximum(done, seq_lens[sel])
+        lens = seq_lens[sel]
+        if self.read_marker[group.plugin] is not None:
+            lens = self._read_lengths(group, lens, token_range)
+        off, done = self.offset[s], self.consumed[s]
+        delta = lens - done
+        self.consumed[s] = np.maximum(done, lens)
         if (delta == 1).all() and done.all():  # the decode hot path: one batched step
             model.advance(state, group.slots_t, last_tokens(sel, group.rows_t)[:, None], None, done)
             return
@@ -281,12 +296,30 @@ class PluginBank:
             model.reset(state, self._t(s[fresh]))
         if catch_up.any():  # new rows (whole prompt), resumed rows, chunked prefill
             lengths = delta[catch_up]
-            tokens = token_range(sel[catch_up], done[catch_up], lengths)
+            tokens = token_range(sel[catch_up], done[catch_up] + off[catch_up], lengths)
             model.advance(state, self._t(s[catch_up]), tokens, lengths.tolist(), done[catch_up])
         if step.any():
             idx = self._t(np.nonzero(step)[0])
             model.advance(state, group.slots_t[idx], last_tokens(sel[step], group.rows_t[idx])[:, None], None,
                           done[step])
+
+    def _read_lengths(self, group: _Group, seq_lens: np.ndarray, token_range: TokenRange) -> np.ndarray:
+        """[n] how many tokens of each row a plugin that reads the task only has to read: those
+        from its marker's last occurrence in the prompt on (the whole prompt if it lacks one), 0
+        while the prompt is incomplete (a chunked prefill: the marker may still come). Finds
+        ``offset`` once per sequence, when its whole prompt is known."""
+        s = group.slots
+        found = (self.offset[s] < 0) & (seq_lens >= self.prompt_len[s])
+        if found.any():
+            i = np.nonzero(found)[0]
+            # All the tokens up to now, as in ``_mark_copy_region``: a runner's range ends with this
+            # step's input, the prompt's last token only when no output follows it yet.
+            tokens = token_range(group.sel[i], np.zeros(len(i), dtype=np.int64), seq_lens[i])
+            marker = self.read_marker[group.plugin]
+            start = copy_starts(tokens, self._t(self.prompt_len[s[i]]), marker).clamp(min=0).cpu().numpy()
+            self.offset[s[i]] = start
+        off = self.offset[s]
+        return np.where(off < 0, 0, seq_lens - off)
 
     def _add_shortlisted_product(self, group: _Group, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         """``_add_product`` of a shortlisted plugin at its shortlist's cost. Up to a per-row
@@ -300,28 +333,30 @@ class PluginBank:
         d = row_logits[:, :-1] - row_logits[:, -1:]  # [n, K]
         base = logits[:len(group.rows_t)] if group.in_order else logits[group.rows_t]
         lifts = []  # (tokens [n, V] bool, bonus [n, 1]); each lift's tokens hold the next one's
+        apart = None  # the example scores' lift, on tokens no other lift holds
         if self.copies[group.plugin]:
-            masks, bonuses = self._copied(group), model.copy_bonuses(hidden)
-            lifts = [(m, b) for m, b in zip(masks, bonuses) if m is not None]
+            (copied, pending, example), bonuses = self._copied(group), model.copy_bonuses(hidden)
+            lifts = [(m, b) for m, b in zip((copied, pending), bonuses) if m is not None]
+            apart = None if example is None else (example, bonuses[2])
         weight = group.weight
         if model.gate is not None:
-            plugin_entropy = _shortlisted_entropy(d, lifts, ids, logits.shape[-1])
+            plugin_entropy = _shortlisted_entropy(d, lifts, ids, logits.shape[-1], apart)
             weight = weight * model.strength_of(hidden, entropy(base), plugin_entropy)[:, None]
-        for tokens, bonus in lifts:
+        for tokens, bonus in lifts + ([apart] if apart else []):
             base += (tokens * (weight * bonus)).to(base.dtype)
         base.index_add_(1, ids, (d * weight).to(base.dtype))
         if not group.in_order:
             logits.index_copy_(0, group.rows_t, base)
 
-    def _copied(self, group: _Group) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _copied(self, group: _Group) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """[n, V] bool: the tokens the rows' copy scores lift (the prompt's, or its task's after a
-        ``copy_after`` marker), and of those the ones the output has not generated, for
-        pending-copy scores (None without them): the output counts, which a copy plugin's slots
-        keep (``counts_tokens``), say which."""
+        ``copy_after`` marker); of those the ones the output has not generated, for pending-copy
+        scores (the output counts, which a copy plugin's slots keep, ``counts_tokens``, say
+        which); and the examples' tokens the task lacks, for example scores (None without them)."""
         mask = (self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask)[group.slots_t]
-        if self.models[group.plugin].pending_score is None:
-            return mask, None
-        return mask, mask & (self.output_counts[group.slots_t] == 0)
+        pending = (None if self.models[group.plugin].pending_score is None
+                   else mask & (self.output_counts[group.slots_t] == 0))
+        return mask, pending, self.example_mask[group.slots_t] if self.examples[group.plugin] else None
 
     def _restrict_to_top_k(self, group: _Group, logits: torch.Tensor) -> None:
         """Rows of a plugin trained from top-k log-probs decode against that view of the base."""
@@ -393,6 +428,8 @@ class PluginBank:
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
             if any(m is not None for m in self.copy_marker):
                 self.copy_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+            if any(self.examples):
+                self.example_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         sel = plan.counted
         s = plan.slots[sel]
         done = self.counted[s]
@@ -408,6 +445,8 @@ class PluginBank:
             self.output_counts[fresh] = 0
             if self.copy_mask is not None:
                 self.copy_mask[fresh] = False
+            if self.example_mask is not None:
+                self.example_mask[fresh] = False
         if step.any():
             idx = self._t(np.nonzero(step)[0])
             self._count_outputs(plan.counted_slots_t[idx], last_tokens(sel[step], plan.counted_rows_t[idx]))
@@ -448,13 +487,19 @@ class PluginBank:
             if bool((start < 0).any()):
                 self.warn_once("marker", f"vllm_plugin: a prompt for plugin '{self.names[g]}' lacks the text "
                                "its copy scores start at (the template's text before {input}: copy_after); "
-                               "its copy scores read the whole prompt. Send prompts in the checkpoint's "
-                               "prompt_template.")
+                               "its copy scores (and, for a plugin that reads the task only, the plugin) read "
+                               "the whole prompt. Send prompts in the checkpoint's prompt_template.")
             pos = torch.arange(tokens.shape[1], device=self.device)[None, :]
             keep = (pos >= start.clamp(min=0)[:, None]) & (pos < lengths[:, None])
             slot_t = self._t(slots[pick])
+            slot_of = slot_t[:, None].expand_as(tokens)
             self.copy_mask[slot_t] = False
-            self.copy_mask[slot_t[:, None].expand_as(tokens)[keep], tokens[keep]] = True
+            self.copy_mask[slot_of[keep], tokens[keep]] = True
+            if self.examples[g]:  # before the marker, less what the task holds
+                before = pos < start.clamp(min=0)[:, None]
+                self.example_mask[slot_t] = False
+                self.example_mask[slot_of[before], tokens[before]] = True
+                self.example_mask[slot_t] &= ~self.copy_mask[slot_t]
 
     def _count_outputs(self, slots_t: torch.Tensor, tokens: torch.Tensor) -> None:
         self.output_counts.index_put_((slots_t, tokens.long()), torch.ones_like(tokens, dtype=torch.int32),
@@ -487,18 +532,22 @@ def _token_of_row(model) -> torch.Tensor | None:
     return out
 
 
-def _shortlisted_entropy(d: torch.Tensor, lifts: list, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _shortlisted_entropy(d: torch.Tensor, lifts: list, ids: torch.Tensor, vocab_size: int,
+                         apart: tuple | None = None) -> torch.Tensor:
     """[n] entropy of a shortlisted plugin's softmax over the vocabulary from ``d`` [n, K] (its K
-    tokens' logits above the rest row's, in row order: token ``ids[i]`` is row i) and its copy scores ``lifts`` (nested token masks [n, V]
-    and their bonuses [n, 1]): K columns, and off the shortlist one flat group per lift depth."""
+    tokens' logits above the rest row's, in row order: token ``ids[i]`` is row i), its copy
+    scores ``lifts`` (nested token masks [n, V] and their bonuses [n, 1]) and ``apart`` (a mask
+    and bonus on tokens no lift holds: example scores): K columns, and off the shortlist one flat
+    group per lift depth and one for ``apart``."""
     y, value = d, torch.zeros_like(d[:, :1])
     values, counts = [value], [torch.full_like(value, vocab_size - len(ids))]
-    for tokens, bonus in lifts:
+    for depth, (tokens, bonus) in enumerate(lifts + ([apart] if apart else [])):
         on_list = tokens[:, ids]
         y = y + bonus * on_list
         off = (tokens.sum(-1, keepdim=True) - on_list.sum(-1, keepdim=True)).float()
-        counts[-1] = counts[-1] - off
-        value = value + bonus
+        parent = 0 if depth == len(lifts) else -1  # apart's tokens come out of the rest, not a lift
+        counts[parent] = counts[parent] - off
+        value = bonus if depth == len(lifts) else value + bonus
         values.append(value)
         counts.append(off)
     return entropy_with_flat(y, torch.cat(values, 1), torch.cat(counts, 1))

@@ -55,6 +55,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --copy and --shots: copy scores read the task's own segment only (the prompt from "
                         "the last occurrence of the template's text before {input} on), not the in-context "
                         "examples")
+    p.add_argument("--read-task-only", action="store_true",
+                   help="with --copy-task-only (gru only): the plugin reads the prompt from that same marker on, "
+                        "not the in-context examples (the base still reads them)")
+    p.add_argument("--copy-example", action="store_true",
+                   help="with --copy-task-only (not --read-task-only): a learned bonus on the in-context examples' "
+                        "tokens that the task's input does not hold (the names and values a prompted base repeats "
+                        "from an example)")
     p.add_argument("--copy-pending", action="store_true",
                    help="with --copy: a second learned bonus on the copied tokens the output has not generated "
                         "yet (coverage), so the plugin can tell what of the input is still to say")
@@ -88,6 +95,7 @@ def _spec(args):
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy, copy_task_only=args.copy_task_only,
+        read_task_only=args.read_task_only, copy_example=args.copy_example,
         copy_pending=args.copy_pending, nearest_shot=args.nearest_shot,
         nearest_apart=args.nearest_apart,
         shortlist_min_count=args.shortlist_min_count, shots=args.shots,

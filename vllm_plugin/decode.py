@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 import torch
 
 from .experts import Mode, base_top_k, combine, penalise_generated
-from .model import PluginLM, copy_start
+from .model import PluginLM, copy_start, read_start
 
 
 def constrain(logits: torch.Tensor, out: list[int], grammar=None, allowed_token_ids=None, bad_words=(),
@@ -50,6 +50,16 @@ def copy_mask(prompt: Sequence[int], plugin: PluginLM) -> torch.Tensor:
     return prompt_mask(list(prompt)[copy_start(prompt, plugin.config.copy_after):], plugin.config.vocab_size)
 
 
+def example_mask(prompt: Sequence[int], plugin: PluginLM) -> torch.Tensor | None:
+    """[1, V] bool: the tokens ``plugin``'s example scores lift for ``prompt`` (``copy_example``):
+    those of its part before the last ``copy_after`` marker that the part from it on does not
+    hold; None for a plugin without example scores."""
+    if plugin.example_score is None:
+        return None
+    start = copy_start(prompt, plugin.config.copy_after)
+    return prompt_mask(list(prompt)[:start], plugin.config.vocab_size) & ~copy_mask(prompt, plugin)
+
+
 def pending_copy(in_prompt: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
     """[1, V] bool: the tokens of ``in_prompt`` ([1, V], ``copy_mask``) that ``generated`` (the
     output so far) does not hold: what a plugin's pending-copy scores lift (``copy_pending``)."""
@@ -83,7 +93,9 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     for generated tokens only; the processor's ``plugin_expert_repetition_penalty``.
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``). A plugin with copy
     scores adds them to its logits first, on the tokens of the prompt (``PluginLM.add_copy_score``;
-    pending-copy scores on those the output does not hold yet).
+    pending-copy scores on those the output does not hold yet, example scores on the in-context
+    examples' tokens that the task lacks). A plugin that reads the task only
+    (``read_task_only``) reads the prompt from its last marker on.
 
     Constraints act on the base's logits before the plugin, as vLLM applies them before logits
     processors: ``grammar(output so far)`` gives a [V] bool mask of allowed next tokens (a
@@ -101,10 +113,11 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
         ids = list(prompt)
         out: list[int] = []
         past = None
-        if plugin is not None:
+        if plugin is not None:  # it reads the prompt from ``start`` on (the task only, or all of it)
+            start = read_start(plugin.config, ids)
             state = plugin.new_state(1)
-            plugin.advance(state, slot, torch.tensor([ids]), [len(ids)], [0])
-            in_prompt = copy_mask(prompt, plugin)
+            plugin.advance(state, slot, torch.tensor([ids[start:]]), [len(ids) - start], [0])
+            in_prompt, in_example = copy_mask(prompt, plugin), example_mask(prompt, plugin)
         for _ in range(max_new_tokens):
             if base is not None:
                 if use_cache:
@@ -118,7 +131,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             plugin_logits = None
             if plugin is not None:
                 plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
-                                                      pending_copy(in_prompt, out))[0].float()
+                                                      pending_copy(in_prompt, out), in_example)[0].float()
             if plugin is not None and base is not None and top_k:  # the base as the plugin sees it
                 base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
             if expert_repetition_penalty != 1.0 and plugin is not None:
@@ -155,7 +168,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             if tok in stop_token_ids:
                 break
             if plugin is not None:
-                plugin.advance(state, slot, torch.tensor([[tok]]), None, [len(ids) - 1])
+                plugin.advance(state, slot, torch.tensor([[tok]]), None, [len(ids) - 1 - start])
         results.append(out)
     return results
 
@@ -179,7 +192,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
     finished and live beams are ranked by ``cum_logprob / length ** length_penalty``, where
     ``length`` counts the prompt and the generated tokens but not a final EOS.
 
-    Each beam's base logits and plugin state are recomputed from its whole sequence, with no
+    Each beam's base logits and plugin state are recomputed from its whole sequence (the plugin's
+    from its marker on if it reads the task only), with no
     cache: slow, and as plain as it gets. A gated plugin's strength is its gate's at each step,
     as in ``reference_generate``.
 
@@ -199,15 +213,17 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
         raise ValueError(f"beam_width and max_new_tokens must be >= 1, got {beam_width}, {max_new_tokens}")
     slot = torch.zeros(1, dtype=torch.long)
     in_prompt = copy_mask(prompt, plugin) if plugin is not None else None
+    in_example = example_mask(prompt, plugin) if plugin is not None else None
+    start = read_start(plugin.config, prompt) if plugin is not None else 0
 
     def next_log_probs(tokens: list[int]) -> torch.Tensor:
         base_logits = base(input_ids=torch.tensor([tokens]), use_cache=False).logits[0, -1].float()
         if plugin is None:
             return torch.log_softmax(base_logits, -1)
         state = plugin.new_state(1)
-        plugin.advance(state, slot, torch.tensor([tokens]), [len(tokens)], [0])
+        plugin.advance(state, slot, torch.tensor([tokens[start:]]), [len(tokens) - start], [0])
         plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
-                                              pending_copy(in_prompt, tokens[len(prompt):]))[0]
+                                              pending_copy(in_prompt, tokens[len(prompt):]), in_example)[0]
         if top_k:  # the base as the plugin sees it, also for its gate
             base_logits = base_top_k(base_logits[None], top_k)[0]
         strength = weight

@@ -49,11 +49,20 @@ class PluginConfig:
     # it, whose names and values the output must not repeat. ``copy_start`` finds it; the same
     # rule in training and serving.
     copy_after: list[int] = field(default_factory=list)
+    # The plugin reads the prompt from that same marker on, not the in-context examples before it:
+    # a plugin behind an example chosen per input (kNN prompting) then reads what the plain
+    # prompt's plugin reads, while the base still reads the example. Needs copy_after; gru only.
+    read_task_only: bool = False
     # Coverage (See et al., 2017, in spirit): a second learned bonus on the copied tokens that the
     # output has not generated yet, so the plugin can tell the input's content still to say from
     # content said already (E2E outputs of the plain copy plugin omit an attribute in about a
     # quarter of the MRs that hold it). Needs copy=True.
     copy_pending: bool = False
+    # Example scores: a third learned bonus (of either sign) on the tokens of the in-context
+    # examples before the marker that the task's segment does not hold, the names and values a
+    # base prompted with an example tends to repeat from it. Needs copy_after; the plugin reads
+    # the whole prompt (not read_task_only).
+    copy_example: bool = False
     # A shortlist (vocabulary-restricted plugin): 0 scores every token of the base's vocabulary;
     # K > 0 scores K tokens of its own (those its training data holds, ``PluginLM.index_of``) and
     # gives every other token one shared logit, so that a token the plugin never saw is left to
@@ -77,6 +86,15 @@ class PluginConfig:
                              f"vocab_size={self.vocab_size}")
         if self.copy_after and not self.copy:
             raise ValueError(f"copy_after={self.copy_after} is for a plugin with copy scores (copy=True)")
+        if self.read_task_only and not self.copy_after:
+            raise ValueError("read_task_only reads the prompt from the copy_after marker on: it needs one")
+        if self.read_task_only and self.architecture != "gru":
+            # A transformer's max_len bounds the positions it reads, which admission checks
+            # against the whole prompt; a GRU reads any length.
+            raise ValueError("read_task_only is for the gru plugin")
+        if self.copy_example and (not self.copy_after or self.read_task_only):
+            raise ValueError("copy_example scores the examples before the copy_after marker: it needs one, and a "
+                             "plugin that reads them (not read_task_only)")
         if self.copy_pending and not self.copy:
             raise ValueError("copy_pending is for a plugin with copy scores (copy=True)")
         if not isinstance(self.copy_after, list) or not all(
@@ -98,6 +116,12 @@ def copy_start(prompt, marker) -> int:
         if prompt[i:i + m] == marker:
             return i
     return 0
+
+
+def read_start(config: PluginConfig, prompt) -> int:
+    """Where the plugin starts reading ``prompt`` (token ids): ``copy_start`` for a plugin that
+    reads the task only (``PluginConfig.read_task_only``), else 0."""
+    return copy_start(prompt, config.copy_after) if config.read_task_only else 0
 
 
 def copy_starts(tokens: torch.Tensor, lengths: torch.Tensor, marker: torch.Tensor) -> torch.Tensor:
@@ -154,9 +178,11 @@ class PluginLM(nn.Module):
             nn.init.zeros_(self.copy_score.weight)
             nn.init.zeros_(self.copy_score.bias)
         self.pending_score = nn.Linear(config.d_model, 1) if config.copy_pending else None
-        if self.pending_score is not None:  # starts at no bonus too
-            nn.init.zeros_(self.pending_score.weight)
-            nn.init.zeros_(self.pending_score.bias)
+        self.example_score = nn.Linear(config.d_model, 1) if config.copy_example else None
+        for score in (self.pending_score, self.example_score):
+            if score is not None:  # starts at no bonus too
+                nn.init.zeros_(score.weight)
+                nn.init.zeros_(score.bias)
 
     def set_shortlist(self, token_ids) -> None:
         """Make ``token_ids`` (``config.shortlist_size`` distinct ids, sorted) the shortlist: token
@@ -187,7 +213,7 @@ class PluginLM(nn.Module):
         return row_logits if self.index_of is None else row_logits.index_select(-1, self.index_of)
 
     def add_copy_score(self, hidden: torch.Tensor, logits: torch.Tensor, in_prompt: torch.Tensor,
-                       pending: torch.Tensor | None = None) -> torch.Tensor:
+                       pending: torch.Tensor | None = None, in_example: torch.Tensor | None = None) -> torch.Tensor:
         """``logits`` [n, C] plus the learned bonus ``copy_score(hidden)`` ([n], from ``hidden``
         [n, d_model]) on the columns whose token occurs in the sequence's prompt (``in_prompt``
         [n, C] bool; C: the vocabulary, or the columns a sampled softmax scores). A pointer-style
@@ -195,29 +221,36 @@ class PluginLM(nn.Module):
         a name it never saw, but it can learn where the output copies from the input, and then
         stop standing in the base's way. A plugin with ``copy_pending`` adds ``pending_score(hidden)``
         on ``pending`` ([n, C] bool: those of ``in_prompt`` that the output has not generated
-        yet). ``logits`` itself for a plugin without copy scores.
+        yet), and one with ``copy_example`` ``example_score(hidden)`` on ``in_example`` ([n, C]
+        bool: the tokens of the prompt before its marker that ``in_prompt`` does not hold).
+        ``logits`` itself for a plugin without copy scores.
 
         Raises:
-            ValueError: a plugin with ``copy_pending`` called without ``pending``.
+            ValueError: a plugin with ``copy_pending`` called without ``pending``, or with
+                ``copy_example`` without ``in_example``.
         """
         if self.copy_score is None:
             return logits
-        copy, still = self.copy_bonuses(hidden)
+        copy, still, example = self.copy_bonuses(hidden)
         logits = logits + copy.to(logits.dtype) * in_prompt
-        if still is None:
-            return logits
-        if pending is None:
-            raise ValueError("this plugin has pending-copy scores (copy_pending): pass the prompt's tokens "
-                             "not generated yet")
-        return logits + still.to(logits.dtype) * pending
+        if still is not None:
+            if pending is None:
+                raise ValueError("this plugin has pending-copy scores (copy_pending): pass the prompt's tokens "
+                                 "not generated yet")
+            logits = logits + still.to(logits.dtype) * pending
+        if example is not None:
+            if in_example is None:
+                raise ValueError("this plugin has example scores (copy_example): pass the examples' tokens")
+            logits = logits + example.to(logits.dtype) * in_example
+        return logits
 
-    def copy_bonuses(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """[n, 1] each, float32: the copy score and the pending-copy score (None without them) at
-        ``hidden`` [n, d_model], the bonuses ``add_copy_score`` adds (the processor's shortlisted
-        path adds them itself)."""
-        dtype = self.copy_score.weight.dtype
-        still = None if self.pending_score is None else self.pending_score(hidden.to(dtype)).float()
-        return self.copy_score(hidden.to(dtype)).float(), still
+    def copy_bonuses(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """[n, 1] each, float32: the copy score, the pending-copy score and the example score
+        (None without them) at ``hidden`` [n, d_model], the bonuses ``add_copy_score`` adds (the
+        processor's shortlisted path adds them itself)."""
+        x = hidden.to(self.copy_score.weight.dtype)
+        return tuple(None if score is None else score(x).float()
+                     for score in (self.copy_score, self.pending_score, self.example_score))
 
     def strength(self, hidden: torch.Tensor, base_scores: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor | None:
         """[n] per-position multiplier of the request's strength, in (0, 2): ``2 sigmoid(gate(

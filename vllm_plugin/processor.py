@@ -371,6 +371,8 @@ def describe(name: str, model, path) -> str:
     gate = ((", strength gated per position" if c.gate else "") + (", copy scores on prompt tokens" if c.copy else "")
             + (f" from the last {len(c.copy_after)}-token marker on" if c.copy_after else "")
             + (", pending-copy scores on those not generated yet" if c.copy_pending else "")
+            + (", example scores on the in-context examples' tokens the task lacks" if c.copy_example else "")
+            + (", reading each prompt from that marker on" if c.read_task_only else "")
             + (f", a shortlist of {c.shortlist_size} tokens (one shared logit for the rest)" if c.shortlist_size else ""))
     return (f"plugin '{name}': {c.architecture}, {count(parameters)} parameters ({c.n_layers} layer(s), "
             f"d_model={c.d_model}), base view {view}{gate}, vocabulary {c.vocab_size}, from {path}")

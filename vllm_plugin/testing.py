@@ -83,4 +83,7 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
         if model.pending_score is not None:  # and for those not generated yet, one that outweighs it
             model.pending_score.weight.normal_(0, 1.0)
             model.pending_score.bias.fill_(4.0)
+        if model.example_score is not None:  # and one on the examples' own tokens
+            model.example_score.weight.normal_(0, 1.0)
+            model.example_score.bias.fill_(4.0)
     return model.eval()
