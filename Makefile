@@ -34,7 +34,8 @@ WEBNLG_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_recurrent,plugin_sh
 # the strongest prompt measured, one example per input chosen by similarity (icl_1_nearest).
 SHORTLIST_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 # E2E, the plugin behind the nearest example with example scores (benchmarks/results/nearest) beside
-# that prompt alone and the chosen plugin: about 30 minutes here once their base log-probs are cached.
+# that prompt alone, the chosen plugin and the chosen plugin with example scores: about 40 minutes here
+# once their base log-probs are cached.
 NEAREST_SYSTEMS = icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_example_gate_icl1_nearest,plugin_shortlist_copy_task_example_gate_icl1
 # Qwen2.5-Coder-0.5B (vocabulary 151,936): the baselines and the fast recipe, full logits and top-20,
 # with and without the gate, and behind icl_1's example with copy scores on the task's input only
