@@ -98,7 +98,8 @@ class PluginBank:
         # tokens before that marker that the task's segment lacks, filled at the same time.
         self.examples = [m.example_score is not None for m in self.models]
         # A plugin that reads the task only (``PluginConfig.read_task_only``) starts reading each
-        # sequence at that marker: ``offset`` [slot] (-1 until the whole prompt is known).
+        # sequence at that marker: ``offset`` [slot], -1 until ``_mark_copy_region`` finds it (such
+        # a plugin has copy scores, so its rows are counted before they advance).
         self.read_marker = [marker if m.config.read_task_only else None
                             for m, marker in zip(self.models, self.copy_marker)]
         # A plugin trained from top-k log-probs learned to correct that view of the base.
@@ -280,10 +281,10 @@ class PluginBank:
         whole prompt for a new row (from its marker on, once the prompt is whole, for a plugin
         that reads the task only), the missed ones after chunked prefill or preemption."""
         model, state, sel, s = self.models[group.plugin], self.states[group.plugin], group.sel, group.slots
-        lens = seq_lens[sel]
-        if self.read_marker[group.plugin] is not None:
-            lens = self._read_lengths(group, lens, token_range)
-        off, done = self.offset[s], self.consumed[s]
+        lens, done = seq_lens[sel], self.consumed[s]
+        if self.read_marker[group.plugin] is not None:  # from the marker on; nothing before it is found
+            off = self.offset[s]
+            lens = np.where(off < 0, 0, lens - off)
         delta = lens - done
         self.consumed[s] = np.maximum(done, lens)
         if (delta == 1).all() and done.all():  # the decode hot path: one batched step
@@ -296,30 +297,12 @@ class PluginBank:
             model.reset(state, self._t(s[fresh]))
         if catch_up.any():  # new rows (whole prompt), resumed rows, chunked prefill
             lengths = delta[catch_up]
-            tokens = token_range(sel[catch_up], done[catch_up] + off[catch_up], lengths)
+            tokens = token_range(sel[catch_up], done[catch_up] + self.offset[s[catch_up]], lengths)
             model.advance(state, self._t(s[catch_up]), tokens, lengths.tolist(), done[catch_up])
         if step.any():
             idx = self._t(np.nonzero(step)[0])
             model.advance(state, group.slots_t[idx], last_tokens(sel[step], group.rows_t[idx])[:, None], None,
                           done[step])
-
-    def _read_lengths(self, group: _Group, seq_lens: np.ndarray, token_range: TokenRange) -> np.ndarray:
-        """[n] how many tokens of each row a plugin that reads the task only has to read: those
-        from its marker's last occurrence in the prompt on (the whole prompt if it lacks one), 0
-        while the prompt is incomplete (a chunked prefill: the marker may still come). Finds
-        ``offset`` once per sequence, when its whole prompt is known."""
-        s = group.slots
-        found = (self.offset[s] < 0) & (seq_lens >= self.prompt_len[s])
-        if found.any():
-            i = np.nonzero(found)[0]
-            # All the tokens up to now, as in ``_mark_copy_region``: a runner's range ends with this
-            # step's input, the prompt's last token only when no output follows it yet.
-            tokens = token_range(group.sel[i], np.zeros(len(i), dtype=np.int64), seq_lens[i])
-            marker = self.read_marker[group.plugin]
-            start = copy_starts(tokens, self._t(self.prompt_len[s[i]]), marker).clamp(min=0).cpu().numpy()
-            self.offset[s[i]] = start
-        off = self.offset[s]
-        return np.where(off < 0, 0, seq_lens - off)
 
     def _add_shortlisted_product(self, group: _Group, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         """``_add_product`` of a shortlisted plugin at its shortlist's cost. Up to a per-row
@@ -466,8 +449,10 @@ class PluginBank:
     def _mark_copy_region(self, sel: np.ndarray, slots: np.ndarray, done: np.ndarray, delta: np.ndarray,
                           token_range: TokenRange) -> None:
         """For slots of plugins with a ``copy_after`` marker whose prompt these tokens complete:
-        mark in ``copy_mask`` the prompt's tokens from the marker's last occurrence on. Once per
-        sequence, when the whole prompt is known (a marker can only be found then)."""
+        mark in ``copy_mask`` the prompt's tokens from the marker's last occurrence on (and in
+        ``example_mask`` those before it that the task lacks), and set ``offset`` there for a
+        plugin that reads the task only. Once per sequence, when the whole prompt is known (a
+        marker can only be found then; a prompt without one is read whole)."""
         if self.copy_mask is None:
             return
         plen = self.prompt_len[slots]
@@ -495,6 +480,8 @@ class PluginBank:
             slot_of = slot_t[:, None].expand_as(tokens)
             self.copy_mask[slot_t] = False
             self.copy_mask[slot_of[keep], tokens[keep]] = True
+            if self.read_marker[g] is not None:
+                self.offset[slots[pick]] = start.clamp(min=0).cpu().numpy()
             if self.examples[g]:  # before the marker, less what the task holds
                 before = pos < start.clamp(min=0)[:, None]
                 self.example_mask[slot_t] = False
