@@ -52,7 +52,18 @@ ICL1_TASK_NEAREST_GATE = {**ICL1_TASK_GATE, "nearest_shot": True}
 ICL1_TASK_NEAREST_READ_GATE = {**ICL1_TASK_NEAREST_GATE, "read_task_only": True}
 ICL1_TASK_NEAREST_EXAMPLE_GATE = {**ICL1_TASK_NEAREST_GATE, "copy_example": True}
 ICL1_TASK_EXAMPLE_GATE = {**ICL1_TASK_GATE, "copy_example": True}
+ICL1_TASK_CANDIDATES_GATE = {**ICL1_TASK_GATE, "base_candidates": 20}
+ICL1_TASK_SAMPLED_GATE = {**ICL1_TASK_GATE, "train": {"scheduled_sampling": 0.25}}
+# The chosen recipe without the shortlist: the default trainer, exact softmax over the vocabulary.
+FULL_ICL1_TASK_GATE = {k: v for k, v in ICL1_TASK_GATE.items() if k != "shortlist_min_count"}
 LONG = {"train": {"epochs": 15, "patience": 3}}
+
+def with_fp_twin(name: str, lever: Lever) -> dict[str, Lever]:
+    """The lever as ``name`` and, as ``<name>_fp0.5``, the same plugin decoded with vLLM's frequency
+    penalty 0.5 (the quality grid's usual choice for plugin rows)."""
+    return {name: lever, f"{name}_fp0.5": lever._replace(what=f"{name} decoded with frequency penalty 0.5",
+                                                        decoding={**lever.decoding, "plugin_frequency_penalty": 0.5})}
+
 
 LEVERS: dict[str, Lever] = {
     "default": Lever("the default plugin: GRU d=256, 5 epochs, exact softmax"),
@@ -155,6 +166,15 @@ LEVERS: dict[str, Lever] = {
                                                "past the quality benchmark's grid",
                                                training=ICL1_TASK_GATE, decoding={"plugin_frequency_penalty": 1.0},
                                                prompt="icl_1"),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_candidates", Lever(
+        "shortlist_copy_gate_icl1_task with candidate scores (--base-candidates 20): a learned bonus on the base's "
+        "20 most likely next tokens, by rank bucket", training=ICL1_TASK_CANDIDATES_GATE, prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_ss0.25", Lever(
+        "shortlist_copy_gate_icl1_task with scheduled sampling (--scheduled-sampling 0.25): a quarter of the target "
+        "tokens the plugin reads are its own greedy choices", training=ICL1_TASK_SAMPLED_GATE, prompt="icl_1")),
+    **with_fp_twin("copy_gate_icl1_task", Lever(
+        "shortlist_copy_gate_icl1_task without the shortlist: the plugin scores the whole vocabulary, exact softmax "
+        "(the default trainer)", training=FULL_ICL1_TASK_GATE, prompt="icl_1")),
     "transformer_shortlist_copy_icl1": Lever("shortlist_copy_icl1 with the paper's plugin: a 1-layer GPT-2-style "
                                              "decoder (d=256, 4 heads) that attends over the prompt",
                                              training={**ICL1, "arch": "transformer"}, prompt="icl_1"),

@@ -42,6 +42,7 @@ def _isolated_cache(tmp_path_factory):
 
 
 TINY_TOP_K = 5
+TINY_CANDIDATES = 4  # plugin q's candidate scores: the base's top 4
 COPY_MARKER = "Sentence:"  # plugin m's copy scores read the prompt from its last occurrence on
 
 
@@ -82,6 +83,8 @@ class Tiny:
             "r": tiny_plugin(self.vocab_size, "gru", seed=11, fingerprint=self.fingerprint, copy=True,
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
                              shortlist_size=self.vocab_size // 4, gate=True, read_task_only=True),
+            "q": tiny_plugin(self.vocab_size, "gru", seed=12, fingerprint=self.fingerprint, copy=True,
+                             shortlist_size=self.vocab_size // 4, gate=True, base_candidates=TINY_CANDIDATES),
         }
         with torch.no_grad():  # r remembers (update gate near 1): what it reads before the task still shapes its state
             d = self.plugins["r"].config.d_model
@@ -110,7 +113,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, e, r, given
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, e, r, q, given
     as LLM(additional_config=...)."""
     from vllm import LLM
 

@@ -52,7 +52,7 @@ def beam_result(tiny, tmp_path_factory):
            "cases": [{"name": "a", "plugin": "a"}, {"name": "k", "plugin": "k"}, {"name": "t", "plugin": "t"},
                      {"name": "a_half", "plugin": "a", "weight": 0.5}, {"name": "c", "plugin": "c"},
                      {"name": "p", "plugin": "p"}, {"name": "e", "plugin": "e"}, {"name": "r", "plugin": "r"},
-                     {"name": "a_stop", "plugin": "a", "stop": stop}, {"name": "none", "plugin": None}],
+                     {"name": "q", "plugin": "q"}, {"name": "a_stop", "plugin": "a", "stop": stop}, {"name": "none", "plugin": None}],
            "hidden": tiny.base.config.hidden_size, "short_prompt": tiny.encode("Aromi is a coffee shop"),
            "short_max_tokens": [12, SHORT_MAX_LEN - len(tiny.encode("Aromi is a coffee shop")) + 1]}
     return {"job": job, "short": short, **run("beam_run.py", str(tiny.base_dir), json.dumps(table), json.dumps(job))}
@@ -65,7 +65,7 @@ def assert_beams_equal(got, want, label):
         assert abs(g_cum - w_cum) < CUM_LOGPROB_TOL, (label, g_cum, w_cum)
 
 
-@pytest.mark.parametrize("case", ["a", "k", "t", "a_half", "c", "p", "e", "r", "a_stop", "none"])
+@pytest.mark.parametrize("case", ["a", "k", "t", "a_half", "c", "p", "e", "r", "q", "a_stop", "none"])
 def test_plugin_beam_search_equals_the_reference(tiny, beam_result, case):
     """Beams scored by the combined distribution (full-base plugin a, top-k plugin k, transformer t,
     a at half strength, c with copy scores, p with pending-copy scores) equal a plain beam search over ``decode.combine``:
@@ -73,7 +73,8 @@ def test_plugin_beam_search_equals_the_reference(tiny, beam_result, case):
     so this also checks that the processor catches the plugin state up from the whole beam, and
     (c) that copy scores read the user's prompt only, not the beam's tokens sent with it, (p)
     that pending-copy scores count the beam's tokens as generated, (e) that example scores and
-    (r) the plugin's reading start at the user's prompt's marker; a_stop
+    (r) the plugin's reading start at the user's prompt's marker, (q) that candidate scores sit on
+    the base's top tokens of each beam's step; a_stop
     finishes beams at stop tokens."""
     spec = next(c for c in beam_result["job"]["cases"] if c["name"] == case)
     plugin = tiny.plugins[spec["plugin"]] if spec["plugin"] else None

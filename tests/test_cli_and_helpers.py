@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,7 +69,10 @@ def test_serving_helpers(tmp_path, monkeypatch):
     assert sp.extra_args == {"plugin": "e2e", "plugin_weight": 1.0, "plugin_repetition_penalty": 1.1,
                              "plugin_expert_repetition_penalty": 1.2} and sp.repetition_penalty == 1.0
     cmd, env = serve_command("base", {"a": tmp_path}, "--port", "9000")
-    assert cmd[:3] == ["vllm", "serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
+    # this environment's vllm where it has one (a venv need not be activated), else PATH's
+    beside = Path(sys.executable).with_name("vllm")
+    assert cmd[0] == (str(beside) if beside.is_file() else "vllm")
+    assert cmd[1:3] == ["serve", "base"] and "vllm_plugin.processor:PluginLogitsProcessor" in cmd
     assert cmd[cmd.index("--middleware") + 1] == "vllm_plugin.middleware.PluginArgsMiddleware"
     # The table travels in the engine config, not in the environment (and never in VLLM_PLUGINS).
     assert json.loads(cmd[cmd.index("--additional-config") + 1]) == {

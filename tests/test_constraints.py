@@ -21,9 +21,11 @@ from .conftest import TINY_TOP_K
 
 PROMPTS = ["Aromi is a", "the coffee shop near the riverside serves", "Cotto"]
 # (plugin, weight, mode): a decodes against the full base, k against the base's top-5 view
-# (it was trained from top-5 log-probs); weight 5 makes the plugin dominate the product.
+# (it was trained from top-5 log-probs); weight 5 makes the plugin dominate the product; q's
+# candidate scores sit on the base's top 4 after the constraints (allowed_token_ids leaves 3).
 USES = [("a", 1.0, "product"), ("a", 0.5, "mixture"), ("a", 1.0, "alone"),
-        ("k", 1.0, "product"), ("k", 5.0, "product"), ("k", 0.5, "mixture"), ("k", 1.0, "alone")]
+        ("k", 1.0, "product"), ("k", 5.0, "product"), ("k", 0.5, "mixture"), ("k", 1.0, "alone"),
+        ("q", 1.0, "product")]
 CHOICES = ["Cotto", "Strada"]
 PATTERN = r"(Cotto|Strada) (is|serves) (a|the)"
 

@@ -27,7 +27,7 @@ from vllm_plugin.processor import (PluginLogitsProcessor, PluginProcessorV1, Plu
                                    configured_plugins, penalty_args, request_plugin)
 
 MAX_LEN = 128
-SLOTS = 11
+SLOTS = 12
 
 
 @pytest.fixture
@@ -87,6 +87,8 @@ REQUESTS = [  # (prompt, plugin, weight, new tokens, arrival step)
     ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Strada\nfood -- Thai\n\nSentence:\n", "e", None, 6, 1),
     # r: reads from the last "Sentence:" on, once the (chunked) prompt is whole; arrives late: a recycled slot
     ("name -- Zizzi\n\nSentence:\nZizzi is a pub.\n\nname -- Loch Fyne\narea -- riverside\n\nSentence:\n", "r", None, 5, 6),
+    # q: candidate scores on the base's top tokens (the vocabulary-wide path for a shortlisted plugin)
+    ("Aromi is a coffee shop near", "q", None, 6, 3),
 ]
 
 
@@ -186,6 +188,13 @@ def test_top_k_is_bounded_by_the_vocabulary_at_admission(tiny, plugins_env):
     with pytest.raises(ValueError, match=r"\[0, 8\]"):
         request_plugin(SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": 9}), {"a": "/x"},
                        vocab_size=lambda name: 8)
+    for k, ok in ((0, True), (3, False), (4, True)):  # a plugin with candidate scores on the base's top 4
+        args = SamplingParams(extra_args={"plugin": "a", "plugin_base_top_k": k})
+        if ok:
+            assert request_plugin(args, {"a": "/x"}, candidates=lambda name: 4).top_k == k
+        else:
+            with pytest.raises(ValueError, match="scores the base's top 4 tokens .*needs 0 .* or at least 4"):
+                request_plugin(args, {"a": "/x"}, candidates=lambda name: 4)
     for bad in ({"plugin": "a", "plugin_mode": ["product"]}, {"plugin": "a", "plugin_weight": [1.0]},
                 {"plugin": "a", "plugin_weight": False}, {"plugin": ["a"]}):
         with pytest.raises(ValueError):

@@ -208,6 +208,41 @@ def test_example_scores_lift_the_examples_tokens_the_task_lacks(tiny, engine):
     assert not example_mask(prompts[-1], plugin).any()
 
 
+def test_candidate_scores_lift_the_bases_top_tokens(tiny, engine):
+    """Plugin q (shortlisted, copy scores, gate) adds candidate scores: a learned bonus per rank
+    bucket on the base's top ``TINY_CANDIDATES`` tokens as the plugin sees the base. Served exactly
+    as the reference decodes it, on the full base and on a top-k view, and without them the same
+    plugin decodes differently; a view narrower than its candidates is refused at admission; a
+    token the constraints masked gets no bonus, and tied tokens share the best bucket."""
+    from vllm_plugin.model import candidate_buckets
+
+    from .conftest import TINY_CANDIDATES, TINY_TOP_K
+
+    assert_served_as_reference_and_feature_matters(tiny, engine, "q", "candidate_score")
+    plugin, ids = tiny.plugins["q"], tiny.encode(PROMPTS[1])
+
+    def params(top_k):
+        return SamplingParams(max_tokens=12, temperature=0.0, extra_args={"plugin": "q", "plugin_base_top_k": top_k})
+
+    out = engine.generate([TokensPrompt(prompt_token_ids=ids)], params(TINY_TOP_K), use_tqdm=False)[0]
+    assert list(out.outputs[0].token_ids) == reference_generate(tiny.base, [ids], plugin, max_new_tokens=12,
+                                                                top_k=TINY_TOP_K)[0]
+    with pytest.raises((ValueError, VLLMValidationError), match="needs 0 \\(the full base\\) or at least 4"):
+        engine.generate([TokensPrompt(prompt_token_ids=ids)], params(TINY_CANDIDATES - 1), use_tqdm=False)
+    assert candidate_buckets(20).tolist() == [0, 1, 1, 2, 2, 2, 2] + [3] * 8 + [4] * 5
+    with torch.no_grad():
+        hidden, base = torch.randn(3, 32), torch.randn(3, tiny.vocab_size)
+        base[1, 2:] = -math.inf  # two tokens allowed: only they can get a bonus
+        base[2, :3] = 5.0  # three tied first: one bucket, the best, for all three
+        lifted = plugin.add_candidate_score(hidden, torch.zeros(3, tiny.vocab_size), base)
+        buckets = plugin.candidate_score(hidden)  # [3, buckets]: rank 1, 2-3, 4-7, ...
+    top = base[0].topk(TINY_CANDIDATES).indices
+    assert torch.allclose(lifted[0, top], buckets[0, [0, 1, 1, 2]]) and int((lifted[0] != 0).sum()) == TINY_CANDIDATES
+    assert torch.allclose(lifted[1, base[1].topk(2).indices], buckets[1, [0, 1]]) and int((lifted[1] != 0).sum()) == 2
+    assert torch.allclose(lifted[2, :3], buckets[2, 0].expand(3))
+    assert torch.allclose(lifted[2, base[2].topk(TINY_CANDIDATES).indices[3]], buckets[2, 2])  # 3 above it: 4-7
+
+
 def test_pending_copy_scores_lift_the_task_tokens_not_generated_yet(tiny, engine):
     """Plugin p adds pending-copy scores: a second bonus on the copied tokens that the output does
     not hold yet, which the processor reads from its output counts as the reference reads its
@@ -423,6 +458,7 @@ def test_seeded_sampling_matches_the_reference_distribution(tiny, engine):
     ({"plugin": "a", "plugin_base_top_k": -1}, "must be an integer"),
     ({"plugin": "k", "plugin_base_top_k": 500}, "must be an integer in \\[0, 384\\]"),  # > vocabulary
     ({"plugin": "a", "plugin_base_top_k": 385}, "the base score 384 tokens"),
+    ({"plugin": "q", "plugin_base_top_k": 2.0}, "with its candidate scores, 0 or at least 4"),
     ({"plugin": "a", "plugin_weight": True}, "must be a number in"),
     ({"plugin": "../../etc"}, "unknown plugin"),
 ])
@@ -465,8 +501,9 @@ def test_forced_preemption(tiny):
     Resumed rows come back as new rows with output so far; the plugin rebuilds their state from
     prompt + output and the result still equals the reference. (Own process: see preemption_run.py.)
     """
-    # p: copy region and pending tokens rebuilt on resume; e: example region; r: read from the marker
-    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("p", 2), ("e", 2), ("r", 2)]
+    # p: copy region and pending tokens rebuilt on resume; e: example region; r: read from the marker;
+    # q: candidate scores
+    cases = [("a", 0), ("b", 1), (None, 3), ("t", 2), ("p", 2), ("e", 2), ("r", 2), ("q", 1)]
     requests = [{"ids": tiny.encode(PROMPTS[p]), "plugin": plugin} for plugin, p in cases]
     for r in requests:
         r["max_tokens"] = 50 - len(r["ids"])

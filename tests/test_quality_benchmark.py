@@ -222,6 +222,15 @@ def test_systems_are_named_or_added_to_the_default_list():
     assert plugin_of("plugin_recurrent_w0.25") == "recurrent" and plugin_of("icl_1") is None
     with pytest.raises(SystemExit, match="plugin_recurrent_wx"):
         parse_systems("zero_shot,plugin_recurrent_wx")
+    # make paper's lists (not run by CI: a misspelt system would first fail hours into the target)
+    import re
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    lists = dict(re.findall(r"^(\w+_SYSTEMS) = (\S+)$", makefile, re.M))
+    assert {"WEBNLG_SYSTEMS", "SHORTLIST_SYSTEMS", "NEAREST_SYSTEMS", "BY_MR_SYSTEMS", "QWEN_SYSTEMS"} <= set(lists)
+    for name, systems in lists.items():
+        assert parse_systems(systems) == systems.split(","), name
 
 
 def test_a_plugin_trained_behind_examples_decodes_behind_them():

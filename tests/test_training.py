@@ -299,12 +299,22 @@ def test_pending_copy_scores_leave_what_the_target_said_before(tiny, e2e_file):
     for bad in ({}, {"copy_after": [1], "read_task_only": True}):
         with pytest.raises(ValueError, match="copy_example scores the examples before the copy_after marker"):
             PluginConfig(vocab_size=tiny.vocab_size, copy=True, copy_example=True, **bad)
+    for bad in (-1, 21, 2.0, True, "4"):  # what a hand-edited config.json could hold
+        with pytest.raises(ValueError, match="base_candidates=.* must be an integer between 0 \\(none\\) and 20"):
+            PluginConfig(vocab_size=tiny.vocab_size, base_candidates=bad)
+    with pytest.raises(ValueError, match="base_candidates=8 is more than the 5 top log-probs the plugin was trained"):
+        PluginConfig(vocab_size=tiny.vocab_size, base_candidates=8, training={"source": "vllm", "top_k": 5})
 
 
 def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_path):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
     run(spec, progress=False, log=lambda *_: None)
+    for bad, message in [({"base_candidates": 21}, "--base-candidates is a number of the base's top tokens, 0 to 20"),
+                         ({"base_candidates": 4, "alone": True}, "not with --alone"),
+                         ({"base_candidates": 8, "source": "full_topk", "top_k": 5}, "more than the 5 top log-probs")]:
+        with pytest.raises(ValueError, match=message):
+            run(replace(spec, out=str(tmp_path / "bad"), **bad), progress=False, log=lambda *_: None)
     spec.train.negatives = 16
     with pytest.raises(ValueError, match=r"other settings \(negatives: 0 then, 16 now\).*--no-resume"):
         run(spec, progress=False, log=lambda *_: None)
@@ -500,24 +510,28 @@ def full_vocabulary_loss(plugin, data, idx):
     logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
     if data.base is not None:
         base = data.base.log_probs(rows)
+        logits = plugin.add_candidate_score(hidden, logits, base)
         gate = plugin.strength(hidden, base, logits)
         logits = base + (logits if gate is None else gate[:, None] * logits)
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-@pytest.mark.parametrize("kind,copy_scores,gate,pending,example",
-                         [(kind, copy_scores, False, False, False) for kind in ("full", "topk", "alone")
+@pytest.mark.parametrize("kind,copy_scores,gate,pending,example,candidates",
+                         [(kind, copy_scores, False, False, False, 0) for kind in ("full", "topk", "alone")
                           for copy_scores in (False, True)]
-                         + [("full", True, True, False, False), ("topk", True, True, False, False)]  # a gate weighs the plugin against a base
-                         + [("full", True, True, True, False), ("alone", True, False, True, False)]  # pending-copy scores
-                         + [("full", True, True, True, True), ("alone", True, False, False, True)])  # example scores
+                         + [("full", True, True, False, False, 0), ("topk", True, True, False, False, 0)]  # a gate weighs the plugin against a base
+                         + [("full", True, True, True, False, 0), ("alone", True, False, True, False, 0)]  # pending-copy scores
+                         + [("full", True, True, True, True, 0), ("alone", True, False, False, True, 0)]  # example scores
+                         + [("full", True, True, False, False, 4), ("topk", True, True, False, False, 5),
+                            ("full", False, False, False, False, 20)])  # candidate scores on the base's top tokens
 def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate,
-                                                                       pending, example):
+                                                                       pending, example, candidates):
     """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
     and gradient as its head spread over the whole vocabulary, against a full base, a top-k
     view and no base, with and without a gate (which reads both experts' entropies over the
-    vocabulary), pending-copy scores and example scores (prompts after an in-context example);
-    its head gives every off-list token the rest row's logit."""
+    vocabulary), pending-copy scores, example scores (prompts after an in-context example) and
+    candidate scores (on the base's top tokens, off the shortlist too); its head gives every
+    off-list token the rest row's logit."""
     from vllm_plugin.testing import tiny_plugin
     from vllm_plugin.training.data import PROMPT_TEMPLATES
     from vllm_plugin.training.train import batch_loss
@@ -533,7 +547,7 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     data = PairSet(ts, bl)
     plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending, copy_after=marker,
-                         copy_example=example, shortlist_size=tiny.vocab_size // 3)
+                         copy_example=example, base_candidates=candidates, shortlist_size=tiny.vocab_size // 3)
     if example:
         lifted = data.in_example([0], tiny.vocab_size, after=marker)
         assert lifted.any() and not (lifted & data.in_prompt([0], tiny.vocab_size, after=marker)).any()
@@ -707,3 +721,75 @@ def test_shortlisted_run_trains_on_the_fit_splits_tokens(tiny, e2e_file, tmp_pat
     spec.train.negatives = 16
     with pytest.raises(ValueError, match=r"--negatives samples the vocabulary a shortlisted plugin does not score"):
         run(spec, progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("shortlisted", [False, True])
+def test_scheduled_sampling_feeds_the_plugin_its_own_greedy_choices(tiny, e2e_file, shortlisted):
+    """``own_inputs``: the token greedy decoding picks at each target position under teacher
+    forcing (the argmax of the combined scores over the vocabulary, also for a shortlisted
+    plugin here), at a seeded share of the positions and never at an example's last; fed back
+    (``target_hidden(feed=...)``), the plugin's states change from the first replaced position
+    on and match the plain forward of the altered sequence, in both batch layouts."""
+    from vllm_plugin.testing import tiny_plugin
+    from vllm_plugin.training.train import batch_loss, own_inputs, target_hidden
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:12], tiny.tokenizer)
+    data = PairSet(ts, extract_full(tiny.base, ts, progress=False))
+    plugin = tiny_plugin(tiny.vocab_size, copy=True, gate=True, shortlist_size=tiny.vocab_size // 3 if shortlisted else 0)
+    idx = [0, 3, 5, 7]
+    hidden, rows, targets = target_hidden(plugin, data, idx)
+    with torch.no_grad():
+        logits = with_copy_score_full(plugin, data, idx, hidden)
+    assert torch.equal(batch_loss(plugin, data, idx, choose=True), logits.argmax(-1))
+    feed = own_inputs(plugin, data, idx, 0.5, seed=3)
+    assert torch.equal(feed, own_inputs(plugin, data, idx, 0.5, seed=3))
+    lengths = [len(ts.targets[e]) for e in idx]
+    last = torch.tensor(lengths).cumsum(0) - 1
+    assert (feed[last] == -1).all() and 0 < int((feed >= 0).sum()) < len(feed)
+    assert torch.equal(feed[feed >= 0], logits.argmax(-1)[feed >= 0])
+    for share_prompts in (False, True):
+        fed, _, _ = target_hidden(plugin, data, idx, share_prompts, feed)
+        start = 0
+        for e, n in zip(idx, lengths):  # the plain forward of prompt + altered target
+            own = torch.tensor(ts.targets[e])
+            own = torch.where(feed[start:start + n] >= 0, feed[start:start + n], own)
+            seq = torch.tensor(ts.prompts[ts.example_prompt[e]] + own[:-1].tolist())
+            p = len(ts.prompts[ts.example_prompt[e]])
+            with torch.no_grad():
+                want = plugin(seq[None])[0, p - 1:p - 1 + n]
+            torch.testing.assert_close(fed[start:start + n], want, atol=1e-5, rtol=1e-4)
+            first = int((feed[start:start + n] >= 0).int().argmax()) if (feed[start:start + n] >= 0).any() else n
+            torch.testing.assert_close(fed[start:start + first + 1], hidden[start:start + first + 1])
+            start += n
+
+
+def with_copy_score_full(plugin, data, idx, hidden):
+    """The combined scores over the whole vocabulary at each target token (what ``full_vocabulary_loss`` takes the CE of)."""
+    from vllm_plugin.training.train import target_hidden, with_copy_score
+
+    _, rows, _ = target_hidden(plugin, data, idx)
+    logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
+    base = data.base.log_probs(rows)
+    gate = plugin.strength(hidden, base, logits)
+    return base + (logits if gate is None else gate[:, None] * logits)
+
+
+def test_a_run_with_scheduled_sampling_learns(tiny, e2e_file, tmp_path):
+    """``TrainConfig.scheduled_sampling``: a run whose plugin reads its own greedy choices at that
+    share of the target positions still learns (select loss below the base's) and differs from
+    the same run with teacher forcing only; bad shares and combinations are refused."""
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "ss"), copy=True,
+                   shortlist_min_count=1, train=TrainConfig(epochs=2, batch_size=8, lr=1e-2, warmup_steps=2,
+                                                            scheduled_sampling=0.5))
+    sampled = run(spec, progress=False, log=lambda *_: None)
+    assert sampled["best_select_loss"] < sampled["base_select_loss"] - 0.2
+    forced = run(replace(spec, out=str(tmp_path / "tf"), train=replace(spec.train, scheduled_sampling=0.0)),
+                 progress=False, log=lambda *_: None)
+    assert sampled["best_select_loss"] != pytest.approx(forced["best_select_loss"], abs=1e-6)
+    assert load_plugin(tmp_path / "ss" / "checkpoint").config.training["scheduled_sampling"] == 0.5
+    with pytest.raises(ValueError, match=r"other settings \(scheduled_sampling: 0.5 then, 0.0 now\)"):
+        run(replace(spec, train=replace(spec.train, scheduled_sampling=0.0)), progress=False, log=lambda *_: None)
+    for train, message in [(replace(spec.train, scheduled_sampling=1.0), "in \\[0, 1\\)"),
+                           (replace(spec.train, negatives=16), "drop --negatives 16 \\(or --scheduled-sampling\\)")]:
+        with pytest.raises(ValueError, match=message):
+            run(replace(spec, out=str(tmp_path / "bad"), train=train), progress=False, log=lambda *_: None)

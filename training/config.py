@@ -30,3 +30,8 @@ class TrainConfig:
     # Batches of whole prompt groups (every target of a prompt together), so a plugin that can
     # (the GRU) reads each prompt once per batch; default: examples shuffled one by one.
     group_by_prompt: bool = False
+    # Scheduled sampling (Bengio et al., 2015), against exposure bias: this share of the target
+    # tokens the plugin reads (never the prompt's) is replaced by the token greedy decoding would
+    # pick there (``train.own_inputs``), seeded; the base's log-probs and the labels stay the
+    # reference's. 0: teacher forcing only.
+    scheduled_sampling: float = 0.0

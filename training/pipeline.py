@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vllm_plugin.base_model import DEFAULT_BASE, resolve_base, tokenizer_fingerprint
 from vllm_plugin.checkpoint import read_config
-from vllm_plugin.model import PluginConfig, build_plugin, count_parameters, read_start
+from vllm_plugin.model import MAX_CANDIDATES, PluginConfig, build_plugin, count_parameters, read_start
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
@@ -83,6 +83,8 @@ class RunSpec:
     # A second copy score on the copied tokens the output has not generated yet (coverage;
     # PluginConfig.copy_pending).
     copy_pending: bool = False
+    # > 0: candidate scores on the base's top tokens (PluginConfig.base_candidates), up to 20.
+    base_candidates: int = 0
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
@@ -131,6 +133,25 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--read-task-only is for the gru plugin, not --arch {spec.arch}")
     if spec.copy_pending and not spec.copy:
         raise ValueError("--copy-pending adds to copy scores: it needs --copy")
+    if not 0 <= spec.base_candidates <= MAX_CANDIDATES:
+        raise ValueError(f"--base-candidates is a number of the base's top tokens, 0 to {MAX_CANDIDATES}; "
+                         f"got {spec.base_candidates}")
+    if not 0.0 <= spec.train.scheduled_sampling < 1.0:
+        raise ValueError(f"--scheduled-sampling is a share of the target tokens, in [0, 1); got "
+                         f"{spec.train.scheduled_sampling}")
+    if spec.train.scheduled_sampling and spec.train.negatives:
+        raise ValueError(f"--scheduled-sampling picks its tokens with the exact loss: drop --negatives "
+                         f"{spec.train.negatives} (or --scheduled-sampling)")
+    if spec.train.scheduled_sampling and spec.copy_pending:
+        raise ValueError("--scheduled-sampling feeds the plugin tokens the reference does not hold, which "
+                         "--copy-pending's training mask does not follow: drop one of them")
+    if spec.base_candidates and spec.alone:
+        raise ValueError("--base-candidates reads the base's top tokens: not with --alone")
+    if spec.base_candidates and spec.train.negatives:
+        raise ValueError("--base-candidates trains with the exact loss: not with --negatives")
+    if spec.base_candidates and spec.top_k and spec.source != "full" and spec.base_candidates > spec.top_k:
+        raise ValueError(f"--base-candidates {spec.base_candidates} is more than the {spec.top_k} top log-probs "
+                         f"the source gives (--top-k)")
     if spec.nearest_shot and spec.shots != 1:
         raise ValueError(f"--nearest-shot chooses one in-context example per input: it needs --shots 1, got {spec.shots}")
     if spec.nearest_apart and not spec.nearest_shot:
@@ -213,10 +234,12 @@ def base_vocab_size(base_path: str) -> int:
 
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
                "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
-               "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example")
+               "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example", "base_candidates",
+               "scheduled_sampling")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
-                   "copy_task_only": False, "read_task_only": False, "copy_example": False}
+                   "copy_task_only": False, "read_task_only": False, "copy_example": False, "base_candidates": 0,
+                   "scheduled_sampling": 0.0}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -326,7 +349,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
-        copy_example=spec.copy_example, copy_pending=spec.copy_pending,
+        copy_example=spec.copy_example, copy_pending=spec.copy_pending, base_candidates=spec.base_candidates,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),
@@ -338,7 +361,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                   "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
                   "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
                   "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
-                  "copy_example": spec.copy_example,
+                  "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,
+                  "scheduled_sampling": spec.train.scheduled_sampling,
                   # Which tokens, not only how often: other data would give another shortlist.
                   "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},
     )

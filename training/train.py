@@ -163,17 +163,44 @@ def task_shortlist(ts: TokenizedSet, min_count: int = 1) -> list[int]:
     return ids
 
 
-def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
+def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False,
+                  feed: torch.Tensor | None = None):
     """The plugin's hidden state [n, d] before each target token of examples ``idx``, their flat
     rows [n] and ids [n]. ``share_prompts``: a plugin that can (the GRU) reads each distinct
-    prompt once (in training mode its references then share the prompt's dropout masks)."""
+    prompt once (in training mode its references then share the prompt's dropout masks).
+    ``feed`` (int64 [n], or None): where >= 0, the plugin reads that token in place of the
+    reference's target token there (scheduled sampling; an example's last target is never read)."""
     if share_prompts and hasattr(plugin, "forward_shared"):
         prompts, lens, conts, prompt_of, pos_e, pos_t, rows, targets = data.shared_batch(idx)
+        if feed is not None:
+            at = feed >= 0
+            conts[pos_e[at], pos_t[at]] = feed[at]
         after_prompt, along = plugin.forward_shared(prompts, lens, conts, prompt_of)
         states = torch.cat([after_prompt[prompt_of][:, None], along], 1)  # [E, 1 + Lc, d]
         return states[pos_e, pos_t], rows, targets
     ids, pos_b, pos_t, rows, targets = data.batch(idx)
+    if feed is not None:
+        at = feed >= 0
+        ids[pos_b[at], pos_t[at] + 1] = feed[at]
     return plugin(ids)[pos_b, pos_t], rows, targets
+
+
+@torch.no_grad()
+def own_inputs(plugin: PluginLM, data: PairSet, idx: list[int], share: float, seed: int,
+               share_prompts: bool = False) -> torch.Tensor:
+    """Scheduled sampling's inputs for examples ``idx``: int64 [n] over their target tokens
+    (``batch`` order), the token greedy decoding picks there under teacher forcing (the argmax
+    of the combined scores, ``batch_loss(choose=True)``; the plugin in eval mode) at a seeded
+    ``share`` of the positions, -1 (the reference's token) elsewhere and at each example's last."""
+    was = plugin.training
+    plugin.eval()
+    chosen = batch_loss(plugin, data, idx, share_prompts, choose=True)
+    plugin.train(was)
+    draw = torch.Generator().manual_seed(hash((seed, *idx)) & 0x7FFFFFFF)
+    replace = torch.rand(len(chosen), generator=draw) < share
+    lengths = torch.tensor([len(data.ts.targets[e]) for e in idx])
+    replace[lengths.cumsum(0) - 1] = False
+    return torch.where(replace, chosen, -1)
 
 
 def with_copy_score(plugin: PluginLM, data: PairSet, idx: list[int], hidden: torch.Tensor, logits: torch.Tensor,
@@ -192,9 +219,21 @@ def with_copy_score(plugin: PluginLM, data: PairSet, idx: list[int], hidden: tor
     return plugin.add_copy_score(hidden, logits, in_prompt, pending, in_example)
 
 
-def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False):
+def base_candidates(plugin: PluginLM, data: PairSet, rows: torch.Tensor) -> torch.Tensor | None:
+    """int64 [n, K]: the base's K most likely tokens, in rank order, at the flat rows ``rows`` of
+    its cache (a top-k cache: its first K listed), for a plugin with candidate scores
+    (``PluginConfig.base_candidates`` K); else None (also without a base)."""
+    k = plugin.config.base_candidates
+    if not k or data.base is None:
+        return None
+    return data.base.candidates()[rows][:, :k].contiguous()
+
+
+def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_prompts: bool = False,
+               feed: torch.Tensor | None = None, choose: bool = False):
     """Summed combined cross-entropy over the batch's target tokens, and their count
-    (``share_prompts``: see ``target_hidden``)."""
+    (``share_prompts``, ``feed``: see ``target_hidden``). ``choose``: instead, int64 [n] the
+    argmax of the combined scores at each target token (``own_inputs``)."""
     if plugin is None:  # the base alone: its target log-probs, without the vocabulary if it can
         _, _, _, rows, targets = data.batch(idx)
         target = data.base.target_log_probs(rows, targets)
@@ -202,13 +241,18 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_pro
             return -target.sum(), len(targets)
         return F.cross_entropy(data.base.scores(rows), targets, reduction="sum"), len(targets)
     if plugin.index_of is not None:
-        return shortlist_batch_loss(plugin, data, idx, share_prompts)
-    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
+        return shortlist_batch_loss(plugin, data, idx, share_prompts, feed, choose)
+    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts, feed)
     logits = with_copy_score(plugin, data, idx, hidden, plugin.head(hidden))
     if data.base is not None:  # CE renormalises the sum
         base = data.base.scores(rows)
+        candidates = base_candidates(plugin, data, rows)  # the cache's own (a top-k view's tail can outrank them)
+        if candidates is not None:
+            logits = logits.scatter_add(1, candidates, plugin.candidate_bonus(hidden, base.gather(1, candidates)))
         gate = plugin.strength(hidden, base, logits)
         logits = base + (logits if gate is None else gate[:, None] * logits)
+    if choose:
+        return logits.argmax(-1)
     return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
@@ -262,6 +306,8 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
         raise ValueError("a gated plugin needs the exact loss: its gate reads each expert's entropy")
     if plugin.index_of is not None:
         raise ValueError("a shortlisted plugin's exact loss already costs only its shortlist: use batch_loss")
+    if plugin.candidate_score is not None:
+        raise ValueError("a plugin with candidate scores trains with the exact loss (batch_loss)")
     hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
     vocab = plugin.config.vocab_size
     candidates = (data.base.candidates(min(candidate_k, vocab))[rows].flatten() if data.base is not None
@@ -286,7 +332,8 @@ def sampled_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], negative
     return (log_z - target_scores).sum(), len(targets)
 
 
-def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False):
+def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts: bool = False,
+                         feed: torch.Tensor | None = None, choose: bool = False):
     """``batch_loss`` of a shortlisted plugin, exact, at the cost of its shortlist: (summed
     cross-entropy, target-token count).
 
@@ -298,22 +345,33 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     ``log_probs_at``; a top-k cache's view is exact too), and without a base ``p_base`` is
     uniform. A gate reads the plugin's entropy over the vocabulary from the same split and the
     base's from ``data.base.entropy`` (one pass, cached), and scales z and z_r alike. Equal to
-    ``batch_loss`` of the same plugin through ``plugin.head`` (tested).
+    ``batch_loss`` of the same plugin through ``plugin.head`` (tested). ``choose``: the argmax
+    over E and the base's candidates (added to E: ``BaseLogits.candidates()``, its top 32 or a
+    top-k cache's own k), not the loss: a token off those could win only by the shared rest
+    logit, which the choice leaves out.
     """
-    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts)
+    hidden, rows, targets = target_hidden(plugin, data, idx, share_prompts, feed)
     extra = [targets]
     if plugin.copy_score is not None:
         extra += [torch.tensor(data.ts.prompts[p]) for p in {data.ts.example_prompt[e] for e in idx}]
+    candidates = base_candidates(plugin, data, rows)
+    if candidates is not None:
+        extra.append(candidates.flatten())
+    if choose and data.base is not None:
+        extra.append(data.base.candidates()[rows].flatten())
     cols = torch.unique(torch.cat([plugin.shortlist(), *extra]))  # sorted: E
     row_logits = plugin.head_rows(hidden)
     z = with_copy_score(plugin, data, idx, hidden, row_logits[:, plugin.index_of[cols]], cols)
+    base = None if data.base is None else data.base.log_probs_at(rows, cols)
+    if candidates is not None:
+        at = torch.searchsorted(cols, candidates)
+        z = z.scatter_add(1, at, plugin.candidate_bonus(hidden, base.gather(1, at)))
     z_rest = row_logits[:, -1]
     rest = plugin.config.vocab_size - len(cols)  # |R|
     if plugin.gate is not None and data.base is not None:
         plugin_entropy = entropy_with_flat(z, z_rest[:, None], torch.full_like(z_rest[:, None], rest))
         gate = plugin.strength_of(hidden, data.base.entropy(rows), plugin_entropy)
         z, z_rest = gate[:, None] * z, gate * z_rest
-    base = None if data.base is None else data.base.log_probs_at(rows, cols)
     scores = z if base is None else z + base
     if not rest:
         log_rest = torch.full_like(z_rest, -math.inf)
@@ -321,6 +379,8 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
         log_rest = torch.full_like(z_rest, math.log(rest))
     else:  # p_base(R) = 1 - p_base(E), in float64 (float32 loses it when E holds nearly all the mass)
         log_rest = torch.log1p(-base.double().logsumexp(-1).exp().clamp(max=1.0)).float()
+    if choose:
+        return cols[scores.argmax(-1)]
     log_z = torch.logaddexp(scores.logsumexp(-1), z_rest + log_rest)
     target_scores = scores.gather(1, torch.searchsorted(cols, targets)[:, None])[:, 0]
     return (log_z - target_scores).sum(), len(targets)
@@ -384,7 +444,9 @@ def train(plugin: PluginLM, fit: PairSet, select: PairSet, cfg: TrainConfig, out
             return sampled_batch_loss(plugin, fit, idx, cfg.negatives, cfg.candidate_k, cfg.seed, cfg.group_by_prompt)
     else:
         def fit_loss(idx):
-            return batch_loss(plugin, fit, idx, cfg.group_by_prompt)
+            feed = (own_inputs(plugin, fit, idx, cfg.scheduled_sampling, cfg.seed * 1000 + state.epoch,
+                               cfg.group_by_prompt) if cfg.scheduled_sampling else None)
+            return batch_loss(plugin, fit, idx, cfg.group_by_prompt, feed)
     loop.fit(plugin, opt, cfg, state, len(fit), batch_loss=fit_loss,
              select_loss=lambda: evaluate(plugin, select, negatives=cfg.negatives, candidate_k=cfg.candidate_k),
              save_best=lambda: save_plugin(plugin, out_dir / "checkpoint"),

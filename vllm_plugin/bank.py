@@ -170,6 +170,11 @@ class PluginBank:
         self.version += 1
         return name is not None
 
+    def base_candidates(self, name: str) -> int:
+        """How many of the base's top tokens plugin ``name``'s candidate scores read (0: none), so
+        that a request that reached the engine unchecked is held to admission's rule too."""
+        return self.models[self.index[name]].config.base_candidates
+
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -224,7 +229,10 @@ class PluginBank:
                 baselines.append((Mode(int(m)), self._t(r[part]), self._t(np.nonzero(part)[0]),
                                   self._t(weights[part])[:, None], self._bias_rows(s[part], vocab_size)))
         product, normalise = not modes.any(), bool(self.normalise[s].any())
-        shortlisted = self.shortlists[g] is not None and product and not normalise and expert is None
+        # Candidate scores sit on tokens the base picks each step, not on the few flat groups the
+        # shortlisted path's entropy knows: such a plugin takes the vocabulary-wide path.
+        shortlisted = (self.shortlists[g] is not None and product and not normalise and expert is None
+                       and not self.models[g].config.base_candidates)
         return _Group(g, sel, s, self._t(r), self._t(s), float(weights[0]) if shared else self._t(weights)[:, None],
                       product, shortlisted, bool((r == np.arange(len(r))).all()), normalise, tuple(views), expert,
                       tuple(baselines))
@@ -263,9 +271,12 @@ class PluginBank:
                 self._restrict_to_top_k(group, logits)
                 self._add_shortlisted_product(group, logits, hidden)
                 continue
-            plugin_logits = self.models[group.plugin].to_vocab(self.heads[group.plugin](hidden)).float()
+            model = self.models[group.plugin]
+            plugin_logits = model.to_vocab(self.heads[group.plugin](hidden)).float()
             if self.copies[group.plugin]:
-                plugin_logits = self.models[group.plugin].add_copy_score(hidden, plugin_logits, *self._copied(group))
+                plugin_logits = model.add_copy_score(hidden, plugin_logits, *self._copied(group))
+            if model.candidate_score is not None:  # the base's own top tokens, before any top-k view
+                plugin_logits = model.add_candidate_score(hidden, plugin_logits, logits[group.rows_t])
             self._restrict_to_top_k(group, logits)
             self._penalise_experts(group, logits, plugin_logits)
             if group.product:

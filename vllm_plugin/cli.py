@@ -38,6 +38,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(0: exact over the whole vocabulary)")
     p.add_argument("--candidate-k", type=int, default=d.candidate_k,
                    help="with --negatives: the base's top tokens per position kept exact")
+    p.add_argument("--scheduled-sampling", type=float, default=d.scheduled_sampling, metavar="SHARE",
+                   help="against exposure bias: this share, in [0, 1), of the target tokens the plugin reads is "
+                        "replaced by the token greedy decoding picks there (0: teacher forcing only); exact loss "
+                        "only (not with --negatives), not with --copy-pending")
     p.add_argument("--group-by-prompt", action=argparse.BooleanOptionalAction, default=d.group_by_prompt,
                    help="batches of whole prompt groups, so the GRU reads each prompt once per batch")
     p.add_argument("--max-target-tokens", type=int, default=256)
@@ -62,6 +66,11 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="with --copy-task-only (not --read-task-only): a learned bonus on the in-context examples' "
                         "tokens that the task's input does not hold (the names and values a prompted base repeats "
                         "from an example)")
+    p.add_argument("--base-candidates", type=int, default=0, metavar="K",
+                   help="condition the plugin on the base: a learned per-position bonus on the base's K most "
+                        "likely next tokens, by rank bucket (K <= 20, what a closed API returns, and at most "
+                        "--top-k; 0: none); exact loss only (not with --negatives), not with --alone; requests "
+                        "then take plugin_base_top_k 0 or at least K")
     p.add_argument("--copy-pending", action="store_true",
                    help="with --copy: a second learned bonus on the copied tokens the output has not generated "
                         "yet (coverage), so the plugin can tell what of the input is still to say")
@@ -95,14 +104,14 @@ def _spec(args):
         endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
         n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
         split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy, copy_task_only=args.copy_task_only,
-        read_task_only=args.read_task_only, copy_example=args.copy_example,
+        read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
         copy_pending=args.copy_pending, nearest_shot=args.nearest_shot,
         nearest_apart=args.nearest_apart,
         shortlist_min_count=args.shortlist_min_count, shots=args.shots,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,
-                          group_by_prompt=args.group_by_prompt),
+                          group_by_prompt=args.group_by_prompt, scheduled_sampling=args.scheduled_sampling),
     )
 
 

@@ -94,7 +94,9 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     ``top_k``: the base shows only its top-k log-probs (``base_top_k``). A plugin with copy
     scores adds them to its logits first, on the tokens of the prompt (``PluginLM.add_copy_score``;
     pending-copy scores on those the output does not hold yet, example scores on the in-context
-    examples' tokens that the task lacks). A plugin that reads the task only
+    examples' tokens that the task lacks), and one with candidate scores on the base's K most
+    likely tokens after the constraints, before the top-k view (``PluginLM.add_candidate_score``).
+    A plugin that reads the task only
     (``read_task_only``) reads the prompt from its last marker on.
 
     Constraints act on the base's logits before the plugin, as vLLM applies them before logits
@@ -131,7 +133,10 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             plugin_logits = None
             if plugin is not None:
                 plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
-                                                      pending_copy(in_prompt, out), in_example)[0].float()
+                                                      pending_copy(in_prompt, out), in_example)
+                if base is not None:  # candidate scores: the base's own top tokens, before any top-k view
+                    plugin_logits = plugin.add_candidate_score(state["out"][slot], plugin_logits, base_logits[None])
+                plugin_logits = plugin_logits[0].float()
             if plugin is not None and base is not None and top_k:  # the base as the plugin sees it
                 base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None])[0]
             if expert_repetition_penalty != 1.0 and plugin is not None:
@@ -223,7 +228,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
         state = plugin.new_state(1)
         plugin.advance(state, slot, torch.tensor([tokens[start:]]), [len(tokens) - start], [0])
         plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
-                                              pending_copy(in_prompt, tokens[len(prompt):]), in_example)[0]
+                                              pending_copy(in_prompt, tokens[len(prompt):]), in_example)
+        plugin_logits = plugin.add_candidate_score(state["out"][slot], plugin_logits, base_logits[None])[0]
         if top_k:  # the base as the plugin sees it, also for its gate
             base_logits = base_top_k(base_logits[None], top_k)[0]
         strength = weight

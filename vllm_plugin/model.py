@@ -25,6 +25,13 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from .experts import entropy
 
 ARCHITECTURES = ("gru", "transformer")
+MAX_CANDIDATES = 20
+
+
+def candidate_buckets(k: int) -> torch.Tensor:
+    """int64 [k]: the bucket of each of the base's top ``k`` ranks for candidate scores, by
+    powers of two (rank 1; 2-3; 4-7; 8-15; 16-20)."""
+    return torch.log2(torch.arange(1, k + 1, dtype=torch.float64)).floor().long()
 
 
 @dataclass
@@ -63,6 +70,13 @@ class PluginConfig:
     # base prompted with an example tends to repeat from it. Needs copy_after; the plugin reads
     # the whole prompt (not read_task_only).
     copy_example: bool = False
+    # Candidate scores (conditioning on the base, as IPA restricts to the base's top tokens): a
+    # learned per-position bonus on each of the base's K most likely next tokens, one value per
+    # rank bucket (rank 1, 2-3, 4-7, 8-15, 16-20), so the plugin can defer to what the base
+    # proposes (the names and values it reads from the input) or push past it. K <= 20, what a
+    # closed API returns, so full-logit and top-20 plugins see the same feature (the base's
+    # real top K, never a top-k view's flat tail). 0: none.
+    base_candidates: int = 0
     # A shortlist (vocabulary-restricted plugin): 0 scores every token of the base's vocabulary;
     # K > 0 scores K tokens of its own (those its training data holds, ``PluginLM.index_of``) and
     # gives every other token one shared logit, so that a token the plugin never saw is left to
@@ -97,6 +111,14 @@ class PluginConfig:
                              "plugin that reads them (not read_task_only)")
         if self.copy_pending and not self.copy:
             raise ValueError("copy_pending is for a plugin with copy scores (copy=True)")
+        if (type(self.base_candidates) is not int or not 0 <= self.base_candidates <= MAX_CANDIDATES
+                or self.base_candidates > self.vocab_size):
+            raise ValueError(f"base_candidates={self.base_candidates!r} must be an integer between 0 (none) and "
+                             f"{MAX_CANDIDATES} (what a closed API returns), and at most vocab_size")
+        trained_k = self.training.get("top_k") if isinstance(self.training, dict) else None
+        if type(trained_k) is int and 0 < trained_k < self.base_candidates:
+            raise ValueError(f"base_candidates={self.base_candidates} is more than the {trained_k} top log-probs "
+                             f"the plugin was trained from (training.top_k)")
         if not isinstance(self.copy_after, list) or not all(
                 type(t) is int and 0 <= t < self.vocab_size for t in self.copy_after):
             raise ValueError(f"copy_after must be a list of token ids below vocab_size={self.vocab_size}, "
@@ -179,7 +201,11 @@ class PluginLM(nn.Module):
             nn.init.zeros_(self.copy_score.bias)
         self.pending_score = nn.Linear(config.d_model, 1) if config.copy_pending else None
         self.example_score = nn.Linear(config.d_model, 1) if config.copy_example else None
-        for score in (self.pending_score, self.example_score):
+        self.candidate_score = (nn.Linear(config.d_model, int(candidate_buckets(config.base_candidates)[-1]) + 1)
+                                if config.base_candidates else None)
+        self.register_buffer("candidate_bucket", candidate_buckets(config.base_candidates) if config.base_candidates
+                             else None, persistent=False)
+        for score in (self.pending_score, self.example_score, self.candidate_score):
             if score is not None:  # starts at no bonus too
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
@@ -251,6 +277,27 @@ class PluginLM(nn.Module):
         x = hidden.to(self.copy_score.weight.dtype)
         return tuple(None if score is None else score(x).float()
                      for score in (self.copy_score, self.pending_score, self.example_score))
+
+    def candidate_bonus(self, hidden: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """[n, K] float32: the candidate scores' bonus on the base's K most likely tokens at
+        ``hidden`` [n, d_model], given the base's scores of those tokens ``values`` [n, K] (logits or
+        log-probs, in rank order). A token's bucket follows the number of candidates strictly above
+        it, so tied tokens share one (whatever order ``topk`` gave them); a token vLLM's constraints
+        masked (-inf) gets none."""
+        rank = (values[:, None, :] > values[:, :, None]).sum(-1)  # [n, K]: candidates above each
+        bonus = self.candidate_score(hidden.to(self.candidate_score.weight.dtype)).float()
+        bonus = bonus.gather(1, self.candidate_bucket[rank])
+        return torch.where(torch.isfinite(values), bonus, 0.0)
+
+    def add_candidate_score(self, hidden: torch.Tensor, logits: torch.Tensor, base_scores: torch.Tensor) -> torch.Tensor:
+        """``logits`` [n, V] plus candidate scores on the K tokens that ``base_scores`` [n, V] (the
+        base's logits after vLLM's constraints, before any top-k view, whose flat tail could
+        outrank a confident base's lower listed tokens) ranks highest. ``logits`` itself for a
+        plugin without candidate scores."""
+        if self.candidate_score is None:
+            return logits
+        top, ids = base_scores.topk(self.config.base_candidates)
+        return logits.scatter_add(1, ids, self.candidate_bonus(hidden, top).to(logits.dtype))
 
     def strength(self, hidden: torch.Tensor, base_scores: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor | None:
         """[n] per-position multiplier of the request's strength, in (0, 2): ``2 sigmoid(gate(

@@ -209,19 +209,23 @@ def _check_penalty(arg: str, value, low: float, high: float, low_open: bool) -> 
     return float(value)
 
 
-def request_plugin(params, known: dict | None = None,
-                   vocab_size: Callable[[str], int] | None = None) -> RequestPlugin:
+def request_plugin(params, known: dict | None = None, vocab_size: Callable[[str], int] | None = None,
+                   candidates: Callable[[str], int] | None = None) -> RequestPlugin:
     """How a request uses a plugin (``name`` None: it does not).
 
     ``params.extra_args`` (``vllm_xargs`` over HTTP) is read; ``known``: the servable plugin
     names (keys; default: ``configured_plugins()``); ``vocab_size(name)``: the number of tokens that
-    plugin (= the base) scores, bounding ``plugin_base_top_k`` (None: not checked here).
+    plugin (= the base) scores, bounding ``plugin_base_top_k`` (None: not checked here);
+    ``candidates(name)``: how many of the base's top tokens that plugin's candidate scores read
+    (``PluginConfig.base_candidates``), the least ``plugin_base_top_k`` above 0 it can decode with
+    (None: not checked here).
 
     Raises:
         ValueError: an argument the engine could not serve exactly as asked, with the reason:
             an unknown plugin or argument name, a weight that is not a finite number in range
             (booleans included), an unknown mode, a top-k that is not an integer in
-            ``[0, min(MAX_TOP_K, vocabulary size)]``; ``CheckpointError`` (a ValueError) if a
+            ``[0, min(MAX_TOP_K, vocabulary size)]`` or that shows the base's top tokens to a plugin
+            with candidate scores on more of them; ``CheckpointError`` (a ValueError) if a
             configured checkpoint's config cannot be read for its vocabulary size.
     """
     args = getattr(params, "extra_args", None) or {}
@@ -255,10 +259,15 @@ def request_plugin(params, known: dict | None = None,
     if top_k is not None:
         vocab = vocab_size(name) if vocab_size is not None else None
         limit = MAX_TOP_K if vocab is None else min(MAX_TOP_K, vocab)
+        wanted = candidates(name) if candidates is not None else 0
         if isinstance(top_k, bool) or not isinstance(top_k, int) or not 0 <= top_k <= limit:
             scope = "" if vocab is None else f"; plugin '{name}' and the base score {vocab} tokens"
+            scope += f"; with its candidate scores, 0 or at least {wanted}" if wanted else ""
             raise ValueError(f"'{ARG_TOP_K}' must be an integer in [0, {limit}] (0: the full base{scope}), "
                              f"got {top_k!r}")
+        if 0 < top_k < wanted:  # the plugin would read more of the base than the view shows
+            raise ValueError(f"'{ARG_TOP_K}'={top_k}: plugin '{name}' scores the base's top {wanted} tokens "
+                             f"(candidate scores), so it needs 0 (the full base) or at least {wanted}")
     vllm_set = [p for p, default in zip(VLLM_PENALTIES, NO_PENALTY) if getattr(params, p, default) != default]
     if vllm_set:
         given = ", ".join(f"{p}={getattr(params, p)!r}" for p in vllm_set)
@@ -279,28 +288,15 @@ def request_plugin(params, known: dict | None = None,
 
 
 @functools.lru_cache(maxsize=64)
-def _checkpoint_vocab_size(path: str) -> int:
-    """The vocabulary size a checkpoint's ``config.json`` declares (read once per path).
+def _checkpoint_config(path: str):
+    """A checkpoint's ``PluginConfig`` (its ``config.json``, read once per path).
 
     Raises:
         CheckpointError: the folder or its config is missing or invalid.
     """
     from .checkpoint import read_config
 
-    return read_config(path).vocab_size
-
-
-@functools.lru_cache(maxsize=64)
-def _checkpoint_max_len(path: str) -> int | None:
-    """The positions a checkpoint's plugin reads at most (a transformer's ``max_len``; None: any).
-
-    Raises:
-        CheckpointError: the folder or its config is missing or invalid.
-    """
-    from .checkpoint import read_config
-
-    config = read_config(path)
-    return config.max_len if config.architecture == "transformer" else None
+    return read_config(path)
 
 
 def validate_request(params) -> None:
@@ -320,9 +316,18 @@ def validate_request(params) -> None:
 
     input_processor, prompt = admitting_engine()
     table = configured_plugins(vllm_config=getattr(input_processor, "vllm_config", None))
-    req = request_plugin(params, table, vocab_size=lambda name: _checkpoint_vocab_size(str(table[name])))
+
+    def config(name: str):
+        return _checkpoint_config(str(table[name]))
+
+    def max_len() -> int | None:  # the positions the plugin reads at most (None: any)
+        c = config(req.name)
+        return c.max_len if c.architecture == "transformer" else None
+
+    req = request_plugin(params, table, vocab_size=lambda name: config(name).vocab_size,
+                         candidates=lambda name: config(name).base_candidates)
     if req.name is not None:  # engine facts: speculative decoding, prompt embeddings, max_len
-        check_admission(params, req.name, lambda: _checkpoint_max_len(str(table[req.name])), input_processor, prompt)
+        check_admission(params, req.name, max_len, input_processor, prompt)
 
 
 def _tokenizer_fingerprint(vllm_config) -> str | None:
@@ -373,6 +378,7 @@ def describe(name: str, model, path) -> str:
             + (", pending-copy scores on those not generated yet" if c.copy_pending else "")
             + (", example scores on the in-context examples' tokens the task lacks" if c.copy_example else "")
             + (", reading each prompt from that marker on" if c.read_task_only else "")
+            + (f", candidate scores on the base's top {c.base_candidates} tokens" if c.base_candidates else "")
             + (f", a shortlist of {c.shortlist_size} tokens (one shared logit for the rest)" if c.shortlist_size else ""))
     return (f"plugin '{name}': {c.architecture}, {count(parameters)} parameters ({c.n_layers} layer(s), "
             f"d_model={c.d_model}), base view {view}{gate}, vocabulary {c.vocab_size}, from {path}")
@@ -471,7 +477,7 @@ class PluginProcessorV1(_Admission, V1LogitsProcessor):
         for row, params, prompt_ids, output_ids in batch_update.added:
             self._release(row)
             try:
-                req = request_plugin(params, self.bank.index)
+                req = request_plugin(params, self.bank.index, candidates=self.bank.base_candidates)
             except ValueError as e:  # validated at admission; never let a request kill the engine
                 self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
                 continue
@@ -544,7 +550,7 @@ class PluginProcessorV2(_Admission, V2LogitsProcessor):
         if self.bank is None:
             return False
         try:
-            req = request_plugin(sampling_params, self.bank.index)
+            req = request_plugin(sampling_params, self.bank.index, candidates=self.bank.base_candidates)
         except ValueError as e:
             self.bank.warn_once(str(e), f"vllm_plugin: ignoring request arguments: {e}")
             req = RequestPlugin(None)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -185,5 +186,13 @@ def serve_command(model: str, plugins: Mapping[str, str | Path], *vllm_args: str
         vllm_args = ["--dtype", dtype, *vllm_args]
     if MIDDLEWARE not in vllm_args:
         vllm_args = ["--middleware", MIDDLEWARE, *vllm_args]
-    return ["vllm", "serve", model, "--logits-processors", PROCESSOR,
+    return [vllm_executable(), "serve", model, "--logits-processors", PROCESSOR,
             "--additional-config", json.dumps(additional), *vllm_args], env
+
+
+def vllm_executable() -> str:
+    """The `vllm` command of this Python's environment (beside ``sys.executable``, so a venv
+    need not be activated: ``.venv/bin/vllm-plugin serve`` runs ``.venv/bin/vllm``); plain
+    ``vllm``, found on PATH, where there is none."""
+    beside = Path(sys.executable).with_name("vllm")
+    return str(beside) if beside.is_file() and os.access(beside, os.X_OK) else "vllm"
