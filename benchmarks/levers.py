@@ -145,20 +145,14 @@ LEVERS: dict[str, Lever] = {
         "(--nearest-apart venue), as far from it as a new input's", training={**ICL1_TASK_NEAREST_GATE,
                                                                              "nearest_apart": "venue"},
         decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1_nearest"),
-    "shortlist_copy_gate_icl1_task_nearest_read": Lever(
+    **with_fp_twin("shortlist_copy_gate_icl1_task_nearest_read", Lever(
         "shortlist_copy_gate_icl1_task_nearest, the plugin reading the task's segment only (--read-task-only): "
         "the base reads the example, the plugin what it reads on the plain prompt",
-        training=ICL1_TASK_NEAREST_READ_GATE, prompt="icl_1_nearest"),
-    "shortlist_copy_gate_icl1_task_nearest_read_fp0.5": Lever(
-        "shortlist_copy_gate_icl1_task_nearest_read decoded with frequency penalty 0.5",
-        training=ICL1_TASK_NEAREST_READ_GATE, decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1_nearest"),
-    "shortlist_copy_gate_icl1_task_nearest_example": Lever(
+        training=ICL1_TASK_NEAREST_READ_GATE, prompt="icl_1_nearest")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_nearest_example", Lever(
         "shortlist_copy_gate_icl1_task_nearest with example scores (--copy-example): a learned bonus on the "
         "example's tokens that the task does not hold", training=ICL1_TASK_NEAREST_EXAMPLE_GATE,
-        prompt="icl_1_nearest"),
-    "shortlist_copy_gate_icl1_task_nearest_example_fp0.5": Lever(
-        "shortlist_copy_gate_icl1_task_nearest_example decoded with frequency penalty 0.5",
-        training=ICL1_TASK_NEAREST_EXAMPLE_GATE, decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1_nearest"),
+        prompt="icl_1_nearest")),
     "shortlist_copy_gate_icl1_task_example_fp0.5": Lever(
         "shortlist_copy_gate_icl1_task_fp0.5 with example scores (--copy-example)", training=ICL1_TASK_EXAMPLE_GATE,
         decoding={"plugin_frequency_penalty": 0.5}, prompt="icl_1"),

@@ -248,7 +248,7 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_pro
         base = data.base.scores(rows)
         candidates = base_candidates(plugin, data, rows)  # the cache's own (a top-k view's tail can outrank them)
         if candidates is not None:
-            logits = logits.scatter_add(1, candidates, plugin.candidate_bonus(hidden, base.gather(1, candidates)))
+            logits = plugin.add_candidate_score(hidden, logits, base, candidates)
         gate = plugin.strength(hidden, base, logits)
         logits = base + (logits if gate is None else gate[:, None] * logits)
     if choose:
@@ -364,8 +364,7 @@ def shortlist_batch_loss(plugin: PluginLM, data: PairSet, idx: list[int], share_
     z = with_copy_score(plugin, data, idx, hidden, row_logits[:, plugin.index_of[cols]], cols)
     base = None if data.base is None else data.base.log_probs_at(rows, cols)
     if candidates is not None:
-        at = torch.searchsorted(cols, candidates)
-        z = z.scatter_add(1, at, plugin.candidate_bonus(hidden, base.gather(1, at)))
+        z = plugin.add_candidate_score(hidden, z, base, torch.searchsorted(cols, candidates))
     z_rest = row_logits[:, -1]
     rest = plugin.config.vocab_size - len(cols)  # |R|
     if plugin.gate is not None and data.base is not None:

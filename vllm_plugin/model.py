@@ -289,15 +289,21 @@ class PluginLM(nn.Module):
         bonus = bonus.gather(1, self.candidate_bucket[rank])
         return torch.where(torch.isfinite(values), bonus, 0.0)
 
-    def add_candidate_score(self, hidden: torch.Tensor, logits: torch.Tensor, base_scores: torch.Tensor) -> torch.Tensor:
-        """``logits`` [n, V] plus candidate scores on the K tokens that ``base_scores`` [n, V] (the
-        base's logits after vLLM's constraints, before any top-k view, whose flat tail could
-        outrank a confident base's lower listed tokens) ranks highest. ``logits`` itself for a
-        plugin without candidate scores."""
+    def add_candidate_score(self, hidden: torch.Tensor, logits: torch.Tensor, base_scores: torch.Tensor,
+                            candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """``logits`` [n, C] plus candidate scores on the base's K most likely tokens: the columns
+        ``candidates`` [n, K] (int64, in rank order) of ``logits`` and ``base_scores`` [n, C] (the
+        base's scores over the same columns), or by default the K that ``base_scores`` ranks
+        highest (serving: the base's logits after vLLM's constraints, before any top-k view, whose
+        flat tail could outrank a confident base's lower listed tokens; training passes the cache's
+        own). ``logits`` itself for a plugin without candidate scores."""
         if self.candidate_score is None:
             return logits
-        top, ids = base_scores.topk(self.config.base_candidates)
-        return logits.scatter_add(1, ids, self.candidate_bonus(hidden, top).to(logits.dtype))
+        if candidates is None:
+            values, candidates = base_scores.topk(self.config.base_candidates)
+        else:
+            values = base_scores.gather(1, candidates)
+        return logits.scatter_add(1, candidates, self.candidate_bonus(hidden, values).to(logits.dtype))
 
     def strength(self, hidden: torch.Tensor, base_scores: torch.Tensor, plugin_logits: torch.Tensor) -> torch.Tensor | None:
         """[n] per-position multiplier of the request's strength, in (0, 2): ``2 sigmoid(gate(
