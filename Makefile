@@ -44,6 +44,14 @@ NEAREST_SYSTEMS = icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shor
 # nearest-example prompt (icl_1_nearest), the strongest prompt measured on SmolLM2.
 # E2E, the paper's split by MR (benchmarks/results/e2e_by_mr_*): the baselines that matter most and the chosen
 # recipe with its top-20 twin, about 50 minutes here (the full default list would take many hours).
+# WebNLG, the paper's target-category protocol (benchmarks/results/webnlg_target_*): the baselines, the
+# fast plugin on the plain prompt and behind icl_1's example (copy scores on the whole prompt, on the task's
+# input only), a LoRA of the base and the nearest-example prompt, on 200 of the 801 test entries (the
+# LoRA's one epoch took 463 s here).
+WEBNLG_TARGET_SYSTEMS = zero_shot,icl_1,icl_3,plugin_shortlist_copy_gate,plugin_shortlist_copy_gate_icl1,plugin_shortlist_copy_task_gate_icl1,lora,icl_1_nearest
+# E2E, the chosen recipe at the paper's plugin width (d_model 768) and its top-20 twin beside the same recipe at
+# d_model 256, the nearest-example prompt and zero-shot (benchmarks/results/wide): about 35 minutes here.
+WIDE_SYSTEMS = zero_shot,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_gate_d768_icl1,plugin_shortlist_copy_task_top20_gate_d768_icl1
 BY_MR_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
@@ -51,9 +59,10 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems +lora,plugin_recurrent_gate,plugin_recurrent_copy,plugin_recurrent_copy_gate --lora-epochs 1 --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(SHORTLIST_SYSTEMS) --top20-source full_topk --results benchmarks/results/shortlist
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(NEAREST_SYSTEMS) --top20-source full_topk --results benchmarks/results/nearest
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(WIDE_SYSTEMS) --top20-source full_topk --results benchmarks/results/wide
 	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-smollm2-135m/generations/select300/max64-float32 runs/quality/e2e-smollm2-135m/generations/test-all/max64-float32 --systems $(NEAREST_SYSTEMS) --results benchmarks/results/nearest
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --systems $(BY_MR_SYSTEMS) --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --select-subset 150
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg
-	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --split target --systems $(WEBNLG_SYSTEMS),lora --lora-epochs 2 --select-subset 150
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --split target --systems $(WEBNLG_TARGET_SYSTEMS) --lora-epochs 1 --subset 200 --select-subset 100
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --systems $(QWEN_SYSTEMS)

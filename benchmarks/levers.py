@@ -57,6 +57,9 @@ ICL1_TASK_SAMPLED_GATE = {**ICL1_TASK_GATE, "train": {"scheduled_sampling": 0.25
 # The chosen recipe without the shortlist: the default trainer, exact softmax over the vocabulary.
 FULL_ICL1_TASK_GATE = {k: v for k, v in ICL1_TASK_GATE.items() if k != "shortlist_min_count"}
 LONG = {"train": {"epochs": 15, "patience": 3}}
+# The paper's E2E schedule (its code: lr 5e-4, AdamW weight decay 10, up to 80 epochs, patience 5;
+# batch 32 here, not its 8, to keep an epoch's cost); its plugin width (d=768) is a lever of its own.
+PAPER_SCHEDULE = {"train": {"lr": 5e-4, "weight_decay": 10.0, "epochs": 80, "patience": 5}}
 
 def with_fp_twin(name: str, lever: Lever) -> dict[str, Lever]:
     """The lever as ``name`` and, as ``<name>_fp0.5``, the same plugin decoded with vLLM's frequency
@@ -169,6 +172,17 @@ LEVERS: dict[str, Lever] = {
     **with_fp_twin("copy_gate_icl1_task", Lever(
         "shortlist_copy_gate_icl1_task without the shortlist: the plugin scores the whole vocabulary, exact softmax "
         "(the default trainer)", training=FULL_ICL1_TASK_GATE, prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_paper_schedule", Lever(
+        "shortlist_copy_gate_icl1_task trained on the paper's schedule: lr 5e-4, weight decay 10, up to 80 epochs, "
+        "patience 5 (batch 32)", training={**ICL1_TASK_GATE, **PAPER_SCHEDULE}, prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_d768", Lever(
+        "shortlist_copy_gate_icl1_task at the paper's plugin width, d_model 768", training={**ICL1_TASK_GATE,
+                                                                                            "d_model": 768},
+        prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_d768_grouped", Lever(
+        "shortlist_copy_gate_icl1_task_d768 with batches of whole prompt groups (--group-by-prompt: the GRU reads "
+        "each prompt once per batch, packed)", training={**ICL1_TASK_GATE, "d_model": 768,
+                                                          "train": {"group_by_prompt": True}}, prompt="icl_1")),
     "transformer_shortlist_copy_icl1": Lever("shortlist_copy_icl1 with the paper's plugin: a 1-layer GPT-2-style "
                                              "decoder (d=256, 4 heads) that attends over the prompt",
                                              training={**ICL1, "arch": "transformer"}, prompt="icl_1"),

@@ -67,7 +67,9 @@ that example (``--nearest-shot``); plugin_shortlist_copy_task_read_icl1_nearest 
 plugin_shortlist_copy_task_read_gate_icl1_nearest, those reading the task's segment only
 (``--read-task-only``): the base reads the example, the plugin what it reads on the plain prompt;
 plugin_shortlist_copy_task_example_icl1_nearest and plugin_shortlist_copy_task_example_gate_icl1_nearest
-(and ``_icl1`` twins behind the drawn example), those with example scores (``--copy-example``).
+(and ``_icl1`` twins behind the drawn example), those with example scores (``--copy-example``);
+plugin_shortlist_copy_task_gate_d768_icl1 (plugin_shortlist_copy_task_gate_icl1 at the paper's plugin
+width, ``--d-model 768``) and its closed-API twin plugin_shortlist_copy_task_top20_gate_d768_icl1.
 """
 from __future__ import annotations
 
@@ -113,7 +115,9 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_example_icl1_nearest": "shortlist_copy_task_example_icl1_nearest",
          "plugin_shortlist_copy_task_example_gate_icl1_nearest": "shortlist_copy_task_example_icl1_nearest_gated",
          "plugin_shortlist_copy_task_example_icl1": "shortlist_copy_task_example_icl1",
-         "plugin_shortlist_copy_task_example_gate_icl1": "shortlist_copy_task_example_icl1_gated"}
+         "plugin_shortlist_copy_task_example_gate_icl1": "shortlist_copy_task_example_icl1_gated",
+         "plugin_shortlist_copy_task_gate_d768_icl1": "shortlist_copy_task_icl1_d768_gated",
+         "plugin_shortlist_copy_task_top20_gate_d768_icl1": "shortlist_copy_task_top20_icl1_d768_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -124,7 +128,8 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_gate_icl1_nearest", "plugin_shortlist_copy_task_read_icl1_nearest",
                     "plugin_shortlist_copy_task_read_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1_nearest",
                     "plugin_shortlist_copy_task_example_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1",
-                    "plugin_shortlist_copy_task_example_gate_icl1"]
+                    "plugin_shortlist_copy_task_example_gate_icl1", "plugin_shortlist_copy_task_gate_d768_icl1",
+                    "plugin_shortlist_copy_task_top20_gate_d768_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
@@ -134,7 +139,9 @@ SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gat
                  "shortlist_copy_task_icl1_nearest_gated": "shortlist_copy_task_icl1_nearest",
                  "shortlist_copy_task_read_icl1_nearest_gated": "shortlist_copy_task_read_icl1_nearest",
                  "shortlist_copy_task_example_icl1_nearest_gated": "shortlist_copy_task_example_icl1_nearest",
-                 "shortlist_copy_task_example_icl1_gated": "shortlist_copy_task_example_icl1"}
+                 "shortlist_copy_task_example_icl1_gated": "shortlist_copy_task_example_icl1",
+                 "shortlist_copy_task_icl1_d768_gated": "shortlist_copy_task_icl1_d768",
+                 "shortlist_copy_task_top20_icl1_d768_gated": "shortlist_copy_task_top20_icl1_d768"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -196,17 +203,11 @@ def system_input(system: str, prompt: str, shots: Shots, tokenizer) -> str:
     return icl_prompt(prompt, shots.drawn[:k])
 
 
-def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
-    """Train (or reuse) each named plugin on the protocol's split; {name: checkpoint folder}.
+def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm") -> dict:
+    """{plugin name: RunSpec} of every plugin the systems decode with (``out`` and ``train`` unset)."""
+    from vllm_plugin.training.pipeline import RunSpec
 
-    Raises:
-        SystemExit: a cached run under ``root`` was trained on another split.
-    """
-    from vllm_plugin.training.pipeline import RunSpec, run, run_finished
-    from vllm_plugin.training.train import TrainConfig
-    from vllm_plugin.checkpoint import read_config
-
-    common = dict(dataset=protocol.dataset, base=base, split=protocol.split)
+    common = dict(dataset=dataset, base=base, split=split)
     specs = {
         "recurrent": RunSpec(**common, arch="gru"),
         "copy": RunSpec(**common, arch="gru", copy=True),
@@ -228,11 +229,31 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
                                                             nearest_shot=True),
         "shortlist_copy_task_example_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                     copy_example=True, shortlist_min_count=1, shots=1),
+        # The chosen recipe at the paper's plugin width (the lever table's _d768).
+        "shortlist_copy_task_icl1_d768": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                 shortlist_min_count=1, shots=1, d_model=768),
+        "shortlist_copy_task_top20_icl1_d768": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                       shortlist_min_count=1, shots=1, d_model=768,
+                                                       source=top20_source, top_k=20),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
     }
     specs.update({gated: replace(specs[trained], gate=True) for gated, trained in SAME_TRAINING.items()})
+    return specs
+
+
+def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
+    """Train (or reuse) each named plugin on the protocol's split; {name: checkpoint folder}.
+
+    Raises:
+        SystemExit: a cached run under ``root`` was trained on another split.
+    """
+    from vllm_plugin.training.pipeline import run, run_finished
+    from vllm_plugin.training.train import TrainConfig
+    from vllm_plugin.checkpoint import read_config
+
+    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source)
     checkpoints = {}
     for name in sorted(names, key=lambda n: n in SAME_TRAINING):  # what they start from first
         spec = specs[name]
@@ -513,7 +534,8 @@ BASELINES = ("zero_shot", "zero_shot_chat", "icl_1", "icl_3", "icl_1_nearest", "
 TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_copy_top20": "plugin_shortlist_copy",
               "plugin_shortlist_copy_top20_gate": "plugin_shortlist_copy_gate",
               "plugin_shortlist_copy_task_top20_icl1": "plugin_shortlist_copy_task_icl1",
-              "plugin_shortlist_copy_task_top20_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
+              "plugin_shortlist_copy_task_top20_gate_icl1": "plugin_shortlist_copy_task_gate_icl1",
+              "plugin_shortlist_copy_task_top20_gate_d768_icl1": "plugin_shortlist_copy_task_gate_d768_icl1"}
 TOP20_ROWS = tuple(TOP20_TWIN)
 
 

@@ -20,6 +20,7 @@ import httpx
 from vllm_plugin.training.data import load_examples
 from vllm_plugin.training.pipeline import default_data_file
 from vllm_plugin.base_model import resolve_base
+from vllm_plugin.checkpoint import read_config
 from vllm_plugin.serving import serve_command
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,7 +53,9 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(1)
         startup_s = time.time() - t0
-        example = next(iter(load_examples("e2e", default_data_file("e2e", "test"))))
+        # In the prompt the plugin was trained on (behind its in-context example, if it has one).
+        example = next(iter(load_examples("e2e", default_data_file("e2e", "test"),
+                                          template=read_config(args.plugin).prompt_template or None)))
         body = {"model": "smollm2", "prompt": example.prompt, "max_tokens": 64, "temperature": 0.0, "stop": ["\n"]}
         results = {"startup_s": round(startup_s, 1), "prompt": example.prompt, "reference": example.target}
         for name, extra in [("base_alone", {}), ("with_plugin", {"vllm_xargs": {"plugin": "e2e"}})]:

@@ -165,3 +165,34 @@ def test_save_refuses_non_finite_weights_and_keeps_the_old_checkpoint(saved, tmp
         save_plugin(plugin, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporaries left
+
+
+def test_plugin_prompt_is_the_prompt_the_plugin_was_trained_on(tmp_path, capsys):
+    """`plugin_prompt` / `vllm-plugin prompt`: the checkpoint's template (its in-context example
+    first) around one input, formatted as the training data was; bad input named."""
+    from vllm_plugin.checkpoint import plugin_prompt
+    from vllm_plugin.cli import main
+    from vllm_plugin.training.data import PROMPT_TEMPLATES, Example, format_prompt, with_shots
+
+    shot = Example(group="g", prompt=format_prompt("e2e", "name[The Eagle], area[riverside]"),
+                   target="The Eagle is by the river.")
+    template = with_shots(PROMPT_TEMPLATES["e2e"], [shot])
+    folder = save_plugin(tiny_plugin(V, "gru", prompt_template=template, training={"dataset": "e2e"}),
+                         tmp_path / "e2e")
+    got = plugin_prompt(folder, "name[Aromi], food[Chinese]")
+    assert got == with_shots(format_prompt("e2e", "name[Aromi], food[Chinese]"), [shot])
+    assert got.startswith(shot.prompt + shot.target + "\n\n") and got.endswith("food -- Chinese\n\nSentence:\n")
+    assert main(["prompt", "--plugin", str(folder), "name[Aromi]", "name[Zizzi]"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [json.loads(x) for x in lines] == [plugin_prompt(folder, "name[Aromi]"), plugin_prompt(folder, "name[Zizzi]")]
+    # A plugin of no known dataset: its template around the input as given.
+    own = save_plugin(tiny_plugin(V, "gru", prompt_template="Q: {input}\nA:"), tmp_path / "own")
+    assert plugin_prompt(own, "2+2?") == "Q: 2+2?\nA:"
+    with pytest.raises(ValueError, match=r"not a meaning representation.*give an MR such as 'name\[Aromi\]"):
+        plugin_prompt(folder, "just text")
+    nearest = save_plugin(tiny_plugin(V, "gru", prompt_template=PROMPT_TEMPLATES["e2e"],
+                                      training={"dataset": "e2e", "nearest_shot": True}), tmp_path / "nearest")
+    with pytest.raises(ValueError, match="--nearest-shot.*put that example before this prompt"):
+        plugin_prompt(nearest, "name[Aromi]")
+    assert main(["prompt", "--plugin", str(tmp_path / "nope"), "x"]) == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -43,18 +43,75 @@ def test_generate_shows_base_and_plugin_as_decoded(tiny, capsys, plugin, penalti
 
 
 def test_demo_decodes_at_the_setting_chosen_on_select(capsys):
-    """`make demo` shows the default plugin at the penalties its quality-benchmark row chose on
-    the E2E select split (the committed result), not at an arbitrary setting."""
-    from pathlib import Path
-
+    """`make demo` shows the default recipe's plugin at the penalties its quality-benchmark row
+    chose on the select split of the demo's own split by input (the committed result), not at
+    an arbitrary setting."""
     from vllm_plugin.cli import E2E_SELECTED_FREQUENCY_PENALTY
 
-    chosen = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "e2e_smollm2-135m_select.json")
-                        .read_text())["decoding"]["chosen"]["plugin_recurrent"]
-    assert chosen == {"repetition_penalty": 1.0, "frequency_penalty": E2E_SELECTED_FREQUENCY_PENALTY}
+    result = json.loads((Path(__file__).parents[1] / "benchmarks" / "results" / "e2e_by_mr_smollm2-135m.json")
+                        .read_text())
+    assert result["chosen"] == "plugin_shortlist_copy_task_gate_icl1"
+    assert result["decoding"]["chosen"][result["chosen"]] == {"repetition_penalty": 1.0,
+                                                              "frequency_penalty": E2E_SELECTED_FREQUENCY_PENALTY}
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     assert f"(default {E2E_SELECTED_FREQUENCY_PENALTY})" in capsys.readouterr().out
+
+
+def _train_spec(*argv):
+    import argparse
+
+    from vllm_plugin.cli import _add_train_args, _spec
+
+    parser = argparse.ArgumentParser()
+    _add_train_args(parser)
+    return _spec(parser.parse_args(list(argv)))
+
+
+DESIGN = ("shortlist_min_count", "copy", "copy_task_only", "shots", "gate")
+
+
+def test_default_recipe_is_the_benchmarks_chosen_plugin():
+    """`vllm-plugin train` and `make demo` train, unless told otherwise, the plugin the quality
+    benchmark names "chosen" (trained on the split the benchmark gives it); `--recipe paper`
+    is the paper's plugin; an option changes only its own field of a recipe."""
+    from benchmarks import levers
+    from benchmarks.quality import OPTIONAL_SYSTEMS, plugin_of, plugin_specs
+    from vllm_plugin.training.pipeline import RunSpec, check_spec
+    from vllm_plugin.training.recipes import recipe
+
+    chosen = plugin_specs("e2e", "b", "input")[plugin_of("plugin_shortlist_copy_task_gate_icl1")]
+    default = _train_spec()
+    assert "plugin_shortlist_copy_task_gate_icl1" in OPTIONAL_SYSTEMS
+    assert {k: getattr(default, k) for k in DESIGN} == {k: getattr(chosen, k) for k in DESIGN}
+    assert (default.arch, default.d_model, default.source) == (chosen.arch, chosen.d_model, chosen.source)
+    paper = _train_spec("--recipe", "paper")
+    assert {k: getattr(paper, k) for k in DESIGN} == {k: getattr(RunSpec(), k) for k in DESIGN}
+    assert _train_spec("--no-gate").gate is False and _train_spec("--no-gate").shots == 1
+    assert _train_spec("--recipe", "paper", "--gate").gate is True
+    no_shots = _train_spec("--shots", "0")  # copy scores on the task's input need an example to skip
+    assert (no_shots.shots, no_shots.copy, no_shots.copy_task_only) == (0, True, False)
+    check_spec(no_shots, need_data=False)
+    # --alone is the paper's small-model baseline: the paper's design unless a recipe is named
+    assert {k: getattr(_train_spec("--alone"), k) for k in DESIGN} == {k: getattr(RunSpec(), k) for k in DESIGN}
+    assert _train_spec("--alone", "--recipe", "chosen").shots == 1
+    # the lever table's chosen recipe is this one too
+    assert levers.ICL1_TASK_GATE == recipe("chosen", "e2e")
+    no_copy = _train_spec("--no-copy")  # copy scores on the task's input go with copy scores
+    assert (no_copy.copy, no_copy.copy_task_only, no_copy.shortlist_min_count) == (False, False, 1)
+    # jsonl's template has no text before {input} to find the task by: copy scores read the whole prompt
+    jsonl = _train_spec("--dataset", "jsonl")
+    assert (jsonl.copy, jsonl.copy_task_only, jsonl.shots) == (True, False, 1)
+
+
+def test_unknown_recipe_is_refused_by_name(capsys):
+    from vllm_plugin.training.recipes import recipe
+
+    with pytest.raises(ValueError, match="unknown training recipe 'best'.*'chosen'.*'paper'"):
+        recipe("best", "e2e")
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "best"])
+    assert "invalid choice: 'best'" in capsys.readouterr().err
 
 
 def test_serving_helpers(tmp_path, monkeypatch):
@@ -192,3 +249,16 @@ def test_readme_throughput_table_is_the_benchmarks_output(tmp_path):
     table = (tmp_path / "t.md").read_text()
     assert table == (root / "benchmarks" / "results" / "throughput.md").read_text()
     assert table in (root / "README.md").read_text()
+
+
+def test_generate_shows_a_plugins_example_once():
+    """`vllm-plugin generate`/`demo` print the in-context example a plugin was trained behind once,
+    and each test input without it."""
+    from vllm_plugin.cli import _examples_before
+    from vllm_plugin.training.data import PROMPT_TEMPLATES, Example, with_shots
+
+    shot = Example(group="g", prompt="Attributes:\nname -- X\n", target="X is here.")
+    template = with_shots(PROMPT_TEMPLATES["e2e"], [shot])
+    assert _examples_before(template, "e2e") == shot.prompt + shot.target + "\n\n"
+    assert _examples_before(PROMPT_TEMPLATES["e2e"], "e2e") == ""
+    assert _examples_before(template, "webnlg") == ""  # another task's template: nothing to strip

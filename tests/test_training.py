@@ -8,7 +8,7 @@ import torch
 
 import vllm_plugin.training.base_logits as bl_mod
 from vllm_plugin.training.base_logits import BaseLogits, BaseLogitsError, cached, extract_full, tokenize_examples
-from vllm_plugin.training.data import load_e2e, split_by_input
+from vllm_plugin.training.data import load_e2e, split_by_input, with_shots
 from vllm_plugin.training.pipeline import RunSpec, run
 from vllm_plugin.training.train import PairSet, TrainConfig, TrainingDivergedError, evaluate
 from vllm_plugin.checkpoint import load_plugin
@@ -316,7 +316,7 @@ def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_pa
         with pytest.raises(ValueError, match=message):
             run(replace(spec, out=str(tmp_path / "bad"), **bad), progress=False, log=lambda *_: None)
     spec.train.negatives = 16
-    with pytest.raises(ValueError, match=r"other settings \(negatives: 0 then, 16 now\).*--no-resume"):
+    with pytest.raises(ValueError, match=r"another base, plugin or training \(negatives: 0 then, 16 now\).*--no-resume"):
         run(spec, progress=False, log=lambda *_: None)
     with pytest.raises(ValueError, match="--name-swap is for E2E"):
         run(RunSpec(dataset="webnlg", data=str(e2e_file), base=str(tiny.base_dir), name_swap=0.5,
@@ -333,8 +333,10 @@ def test_sampled_softmax_training_lowers_the_exact_heldout_loss(tiny, e2e_file, 
 
 
 def test_shared_prompts_give_the_plain_forward_numbers(tiny, e2e_file):
-    """The GRU reads each distinct prompt of a batch once (``target_hidden``); in eval mode that is
-    exactly the plain forward of every whole sequence, and grouped batches visit each example once."""
+    """The GRU reads each distinct prompt of a batch once, their common prefix (here the
+    template's opening, or an in-context example before every prompt) once for all
+    (``target_hidden(share_prompts=True)``); in eval mode that is exactly the plain forward of
+    every whole sequence, and grouped batches visit each example once."""
     from vllm_plugin.model import PluginConfig, build_plugin
     from vllm_plugin.training.train import target_hidden
 
@@ -342,13 +344,16 @@ def test_shared_prompts_give_the_plain_forward_numbers(tiny, e2e_file):
     data = PairSet(ts, None)
     torch.manual_seed(0)
     plugin = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, n_layers=2)).eval()
-    idx = [5, 0, 1, 9, 4, 8]  # prompts shared by pairs, out of order
-    with torch.no_grad():
-        shared, rows, targets = target_hidden(plugin, data, idx)
-        ids, pos_b, pos_t, plain_rows, plain_targets = data.batch(idx)
-        plain = plugin(ids)[pos_b, pos_t]
-    assert torch.equal(rows, plain_rows) and torch.equal(targets, plain_targets)
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    example = load_e2e(e2e_file)[20]
+    behind = PairSet(tokenize_examples([replace(e, prompt=with_shots(e.prompt, [example]))
+                                        for e in load_e2e(e2e_file)[:16]], tiny.tokenizer), None)
+    for pairs, idx in ((data, [5, 0, 1, 9, 4, 8]), (behind, [5, 0, 1, 9, 4, 8]), (data, [3])):
+        with torch.no_grad():  # prompts shared by pairs, out of order; and a batch of one
+            shared, rows, targets = target_hidden(plugin, pairs, idx, share_prompts=True)
+            ids, pos_b, pos_t, plain_rows, plain_targets = pairs.batch(idx)
+            plain = plugin(ids)[pos_b, pos_t]
+        assert torch.equal(rows, plain_rows) and torch.equal(targets, plain_targets)
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     order = data.grouped_order(3)
     assert sorted(order) == list(range(16)) and order != data.grouped_order(4)
     prompt = [ts.example_prompt[e] for e in order]
@@ -399,8 +404,29 @@ def test_resume_refuses_a_run_of_another_base(tiny, e2e_file, tmp_path):
     cfg["tokenizer_fingerprint"] = "sha256:another-base"
     (tmp_path / "run" / "resume" / "model" / "config.json").write_text(json.dumps(cfg))
     spec.train.epochs = 2
-    with pytest.raises(ValueError, match="holds a run for another base or plugin"):
+    with pytest.raises(ValueError, match="holds a run of another base, plugin or training "
+                                         r"\(tokenizer: 'sha256:another-base' then"):
         run(spec, progress=False, log=lambda *_: None)
+
+
+def test_resume_refuses_another_recipe_before_the_base_pass(tiny, e2e_file, tmp_path, monkeypatch):
+    """A run folder trained with the paper's recipe, continued with the default one: refused
+    before any base log-prob pass, naming what differs and the recipe the folder looks like."""
+    import vllm_plugin.training.pipeline as pipeline
+    from vllm_plugin.training.recipes import recipe
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=16, out=str(tmp_path / "run"),
+                   train=TrainConfig(epochs=1, batch_size=16), **recipe("paper", "e2e"))
+    run(spec, progress=False, log=lambda *_: None)
+
+    def no_base_pass(*args, **kwargs):
+        raise AssertionError("the base pass ran before the resume check")
+
+    monkeypatch.setattr(pipeline, "base_logits_for", no_base_pass)
+    chosen = replace(spec, **recipe("chosen", "e2e"))
+    with pytest.raises(ValueError, match=r"copy: False then, True now.*shots: 0 then, 1 now.*"
+                                         r"it looks like --recipe paper.*--no-resume"):
+        run(chosen, progress=False, log=lambda *_: None)
 
 
 def test_diverging_training_stops_and_keeps_the_best_checkpoint(tiny, e2e_file, tmp_path):
@@ -787,7 +813,7 @@ def test_a_run_with_scheduled_sampling_learns(tiny, e2e_file, tmp_path):
                  progress=False, log=lambda *_: None)
     assert sampled["best_select_loss"] != pytest.approx(forced["best_select_loss"], abs=1e-6)
     assert load_plugin(tmp_path / "ss" / "checkpoint").config.training["scheduled_sampling"] == 0.5
-    with pytest.raises(ValueError, match=r"other settings \(scheduled_sampling: 0.5 then, 0.0 now\)"):
+    with pytest.raises(ValueError, match=r"another base, plugin or training \(scheduled_sampling: 0.5 then, 0.0 now\)"):
         run(replace(spec, train=replace(spec.train, scheduled_sampling=0.0)), progress=False, log=lambda *_: None)
     for train, message in [(replace(spec.train, scheduled_sampling=1.0), "in \\[0, 1\\)"),
                            (replace(spec.train, negatives=16), "drop --negatives 16 \\(or --scheduled-sampling\\)")]:

@@ -16,6 +16,7 @@ from vllm_plugin.paths import cache_root
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
                           extract_topk_vllm, tokenize_examples, topk_view)
 from .config import SOURCES, TrainConfig
+from .recipes import RECIPES, recipe
 from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, NearestShot, in_context_shots, load_examples,
                    split_examples, swap_names, template_prefix, with_shots)
 from .fetch import data_root
@@ -166,7 +167,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--shortlist-min-count must be >= 0 (0: the whole vocabulary); got {spec.shortlist_min_count}")
     if spec.shortlist_min_count and spec.train.negatives:
         raise ValueError("--negatives samples the vocabulary a shortlisted plugin does not score: a shortlist's "
-                         "loss is exact at its own cost; drop --negatives or --shortlist-min-count")
+                         "loss is exact at its own cost; drop --negatives, or pass --shortlist-min-count 0 (the "
+                         "whole vocabulary; the default recipe shortlists)")
     if spec.train.negatives < 0 or spec.train.candidate_k < 1:
         raise ValueError(f"--negatives must be >= 0 and --candidate-k >= 1; got {spec.train.negatives}, "
                          f"{spec.train.candidate_k}")
@@ -300,6 +302,32 @@ def gate_checkpoint(checkpoint: Path, select, log=print) -> dict:
     return result
 
 
+def check_resume(spec: RunSpec, previous: PluginConfig, fingerprint: str, training: dict) -> None:
+    """Refuse to resume ``spec.out_dir()`` (whose resume point's config is ``previous``) with a
+    run of another base, plugin or training (``RESUME_KEYS``; epochs and patience may grow).
+
+    Raises:
+        ValueError: naming what differs and the fixes (another --out, --no-resume, or the
+            --recipe the folder was trained with).
+    """
+    mine = (fingerprint, spec.arch, spec.d_model, spec.n_layers, spec.copy, spec.copy_pending)
+    theirs = (previous.tokenizer_fingerprint, previous.architecture, previous.d_model, previous.n_layers,
+              previous.copy, previous.copy_pending)
+    differ = [f"{k}: {a!r} then, {b!r} now" for k, a, b in zip(
+        ("tokenizer", "arch", "d_model", "layers", "copy", "copy_pending"), theirs, mine) if a != b]
+    differ += [f"{k}: {previous.training.get(k, RESUME_DEFAULTS.get(k))!r} then, {v!r} now"
+               for k, v in training.items() if k in RESUME_KEYS
+               and previous.training.get(k, RESUME_DEFAULTS.get(k)) != v]
+    if differ:
+        was = [name for name, r in ((n, recipe(n, spec.dataset)) for n in RECIPES) if previous.copy == r["copy"]
+               and all(previous.training.get(k, RESUME_DEFAULTS[k]) == r[k]
+                       for k in ("shortlist_min_count", "copy_task_only", "shots"))]
+        hint = f" (it looks like --recipe {was[0]})" if was else ""
+        raise ValueError(f"{spec.out_dir()} holds a run of another base, plugin or training ({'; '.join(differ)}): "
+                         f"to continue it, pass the options it was trained with{hint}; else choose another "
+                         f"--out, or pass --no-resume to start over there (its checkpoint is then replaced)")
+
+
 def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = False,
         examples: list | None = None) -> dict:
     """Train one plugin; returns metrics with timings and the checkpoint path.
@@ -335,6 +363,23 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
 
     copy_after = (task_marker(tokenizer, spec.dataset, fit_ts.prompts + select_ts.prompts, spec.shots + 1)
                   if spec.copy_task_only else [])  # checked before the long base pass
+    shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
+    training = {"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
+                "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
+                "split": spec.split, "name_swap": spec.name_swap,
+                "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
+                "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
+                "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
+                "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
+                "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
+                "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,
+                "scheduled_sampling": spec.train.scheduled_sampling,
+                # Which tokens, not only how often: other data would give another shortlist.
+                "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]}
+    resume_model = spec.out_dir() / "resume" / "model"
+    previous = read_config(resume_model) if resume_model.is_dir() else None
+    if previous is not None:  # before the long base pass
+        check_resume(spec, previous, fingerprint, training)
     load_base = LazyBase(base_path)
     t0 = time.time()
     fit_bl = select_bl = None
@@ -345,7 +390,6 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     load_base = None  # free the base before training
 
     vocab_size = fit_bl.vocab_size if fit_bl is not None else base_vocab_size(base_path)
-    shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
@@ -353,39 +397,11 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),
-        training={"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
-                  "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
-                  "split": spec.split, "name_swap": spec.name_swap,
-                  "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
-                  "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
-                  "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
-                  "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
-                  "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
-                  "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,
-                  "scheduled_sampling": spec.train.scheduled_sampling,
-                  # Which tokens, not only how often: other data would give another shortlist.
-                  "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]},
+        training=training,
     )
-    resume_model = spec.out_dir() / "resume" / "model"
-    if resume_model.is_dir():
-        previous = read_config(resume_model)
-        if (previous.tokenizer_fingerprint, previous.vocab_size, previous.architecture, previous.d_model,
-                previous.n_layers, previous.copy, previous.copy_pending) != (
-                    fingerprint, config.vocab_size, spec.arch, spec.d_model, spec.n_layers, spec.copy, spec.copy_pending):
-            raise ValueError(
-                f"{spec.out_dir()} holds a run for another base or plugin (tokenizer "
-                f"{previous.tokenizer_fingerprint}, vocabulary {previous.vocab_size}, {previous.architecture}, "
-                f"d_model {previous.d_model}, {previous.n_layers} layer(s), copy scores {previous.copy}, pending-copy "
-                f"scores {previous.copy_pending}); this one has tokenizer {fingerprint}, vocabulary "
-                f"{config.vocab_size}, {spec.arch}, d_model {spec.d_model}, {spec.n_layers} layer(s), copy scores "
-                f"{spec.copy}, pending-copy scores {spec.copy_pending}: choose another --out or pass --no-resume")
-        # Settings a resumed run must share with the one it continues (epochs and patience may grow).
-        differ = [f"{k}: {previous.training.get(k, RESUME_DEFAULTS.get(k))!r} then, {v!r} now"
-                  for k, v in config.training.items() if k in RESUME_KEYS
-                  and previous.training.get(k, RESUME_DEFAULTS.get(k)) != v]
-        if differ:
-            raise ValueError(f"{spec.out_dir()} holds a run trained with other settings ({'; '.join(differ)}): "
-                             "choose another --out or pass --no-resume")
+    if previous is not None and previous.vocab_size != vocab_size:
+        raise ValueError(f"{spec.out_dir()} holds a run for a vocabulary of {previous.vocab_size}; this base has "
+                         f"{vocab_size}: choose another --out or pass --no-resume")
     torch.manual_seed(spec.train.seed)
     plugin = build_plugin(config)
     if shortlist is not None:
@@ -399,8 +415,10 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     metrics = train(plugin, PairSet(fit_read, fit_bl), PairSet(select_read, select_bl), spec.train,
                     spec.out_dir(), progress=progress, log=log)
     if spec.gate and not spec.alone:  # None: no epoch beat the base, so no plugin to gate
+        t_gate = time.time()
         metrics["gate"] = (gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_read, select_bl), log)
                            if metrics.get("best_epoch") else None)
+        metrics["gate_s"] = time.time() - t_gate
     metrics.update(
         checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,
         train_s=time.time() - t1, wall_s=time.time() - t_start, source=None if spec.alone else spec.source,

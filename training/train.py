@@ -256,6 +256,7 @@ def batch_loss(plugin: PluginLM | None, data: PairSet, idx: list[int], share_pro
     return F.cross_entropy(logits, targets, reduction="sum"), len(targets)
 
 
+@loop.without_subnormals
 def fit_gate(plugin: PluginLM, data: PairSet, epochs: int = 3, lr: float = 1e-2, batch_size: int = 64,
              seed: int = 0, log=print) -> dict:
     """Fit a gated plugin's gate (``PluginLM.strength``) on ``data``, everything else frozen:

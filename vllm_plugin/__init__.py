@@ -16,6 +16,7 @@ _LAZY = {
     "plugin_llm": "vllm_plugin.serving",
     "plugin_params": "vllm_plugin.serving",
     "plugin_args": "vllm_plugin.serving",
+    "plugin_prompt": "vllm_plugin.checkpoint",
 }
 
 

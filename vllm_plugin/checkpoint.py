@@ -143,3 +143,34 @@ def load_plugin(folder: str | Path, vocab_size: int | None = None,
                 f"{weights}: 'index_of' is not a shortlist of {k} tokens (each of rows 0..{k - 1} once, row {k} "
                 f"for the rest): the file is corrupt; retrain the plugin or restore this checkpoint from a good copy")
     return model.to(device).eval()
+
+
+def plugin_prompt(checkpoint: str | Path, task_input: str) -> str:
+    """The prompt the plugin at ``checkpoint`` was trained on, for one task input: its
+    ``prompt_template`` (the in-context examples it was trained behind, if any, then its
+    dataset's template) around ``task_input``, formatted as its training data was (E2E: an MR
+    ``name[Aromi], area[riverside]`` becomes one ``name -- Aromi`` line per attribute; WebNLG and
+    your own data: the input as given, e.g. one triple per line).
+
+    A plugin trained behind an example (``--shots``, the default recipe) expects it before every
+    input; a prompt without it is still served with the plugin, at the cost of a mismatch.
+
+    Raises:
+        CheckpointError: the checkpoint's config cannot be read (names the file).
+        ValueError: an E2E input that is not a meaning representation; a plugin trained behind
+            a per-input example (``--nearest-shot``), whose example this cannot know.
+    """
+    from vllm_plugin.training.data import PROMPT_TEMPLATES, format_prompt
+
+    config = read_config(checkpoint)
+    dataset = config.training.get("dataset")
+    if config.training.get("nearest_shot"):
+        raise ValueError(f"plugin {checkpoint} was trained behind, per input, the fit example most like it "
+                         "(--nearest-shot): put that example before this prompt yourself "
+                         "(training.data.NearestShot over the fit split finds it)")
+    try:
+        return format_prompt(dataset if dataset in PROMPT_TEMPLATES else "jsonl", task_input,
+                             config.prompt_template or None)
+    except ValueError as e:
+        raise ValueError(f"{e}: plugin {checkpoint} is an E2E plugin; give an MR such as "
+                         "'name[Aromi], eatType[coffee shop], area[riverside]'") from None

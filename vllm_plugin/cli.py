@@ -10,9 +10,17 @@ from .base_model import DEFAULT_BASE, PACKAGED_BASES
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from vllm_plugin.training.config import SOURCES, TrainConfig  # no torch: `--help` stays fast
+    from vllm_plugin.training.recipes import RECIPES
 
     d = TrainConfig()
     p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
+    p.add_argument("--recipe", choices=sorted(RECIPES),
+                   help="the plugin design to start from; the options below change it. chosen (default; paper "
+                        "with --alone, the paper's small-model baseline): the "
+                        "lever search's choice on E2E's select split, the same as --shortlist-min-count 1 --copy "
+                        "--copy-task-only --shots 1 --gate (without --copy-task-only for jsonl); paper: the "
+                        "paper's plugin over the whole vocabulary on the plain prompt (--shortlist-min-count 0 "
+                        "--no-copy --shots 0 --no-gate)")
     p.add_argument("--data", help="dataset file (default: the shared task data for --dataset)")
     p.add_argument("--base", default="smollm2-135m", help="HF folder or hub id (default: offline SmolLM2-135M)")
     p.add_argument("--source", default="full", choices=SOURCES,
@@ -50,15 +58,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "select names venues the fit split never sees, as in E2E's test set) or category "
                         "(WebNLG: whole categories fill most of select, for a plugin meant for new categories)")
     p.add_argument("--alone", action="store_true", help="train the small model without the base (baseline)")
-    p.add_argument("--gate", action="store_true",
-                   help="after training, fit a per-position strength on the select split (CombLM-style)")
-    p.add_argument("--copy", action="store_true",
+    p.add_argument("--gate", action=argparse.BooleanOptionalAction,
+                   help="after training, fit a per-position strength on the select split (CombLM-style; "
+                        "default: the recipe's)")
+    p.add_argument("--copy", action=argparse.BooleanOptionalAction,
                    help="learn copy scores: a per-position bonus on the prompt's tokens, so the plugin leaves "
-                        "names and values it never saw to the base")
-    p.add_argument("--copy-task-only", action="store_true",
-                   help="with --copy and --shots: copy scores read the task's own segment only (the prompt from "
-                        "the last occurrence of the template's text before {input} on), not the in-context "
-                        "examples")
+                        "names and values it never saw to the base (default: the recipe's)")
+    p.add_argument("--copy-task-only", action=argparse.BooleanOptionalAction,
+                   help="with --copy: copy scores read the task's own segment only (the prompt from the last "
+                        "occurrence of the template's text before {input} on), not the in-context examples "
+                        "(default: the recipe's, off with --no-copy)")
     p.add_argument("--read-task-only", action="store_true",
                    help="with --copy-task-only (gru only): the plugin reads the prompt from that same marker on, "
                         "not the in-context examples (the base still reads them)")
@@ -74,13 +83,15 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-pending", action="store_true",
                    help="with --copy: a second learned bonus on the copied tokens the output has not generated "
                         "yet (coverage), so the plugin can tell what of the input is still to say")
-    p.add_argument("--shortlist-min-count", type=int, default=0,
+    p.add_argument("--shortlist-min-count", type=int,
                    help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
                         "split (prompts and targets) and gives every other token one shared logit, leaving them "
-                        "to the base; training costs the shortlist, not the vocabulary (0: the whole vocabulary)")
-    p.add_argument("--shots", type=int, default=0,
+                        "to the base; training costs the shortlist, not the vocabulary (0: the whole vocabulary; "
+                        "default: the recipe's)")
+    p.add_argument("--shots", type=int,
                    help="train against the base prompted with this many in-context examples from the fit split "
-                        "(0 to 3; the checkpoint's prompt_template then starts with them: send prompts that way)")
+                        "(0 to 3; the checkpoint's prompt_template then starts with them: send prompts that way; "
+                        "default: the recipe's)")
     p.add_argument("--nearest-shot", action="store_true",
                    help="with --shots 1: the in-context example is, per input, the fit example whose input is most "
                         "like it (shared attributes or triples) instead of one drawn for all; the checkpoint's "
@@ -95,19 +106,29 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
 
 
+def _recipe_fields(args) -> dict:
+    """The recipe's design fields, each replaced by its option where one was given; copy scores on
+    the task's input go off with --no-copy or --shots 0 unless asked for."""
+    from vllm_plugin.training.recipes import DEFAULT_RECIPE, recipe
+
+    fields = recipe(args.recipe or ("paper" if args.alone else DEFAULT_RECIPE), args.dataset)
+    given = {k: getattr(args, k) for k in fields if getattr(args, k) is not None}
+    if (given.get("copy") is False or given.get("shots") == 0) and "copy_task_only" not in given:
+        given["copy_task_only"] = False
+    return {**fields, **given}
+
+
 def _spec(args):
     from vllm_plugin.training.pipeline import RunSpec
     from vllm_plugin.training.train import TrainConfig
 
     return RunSpec(
-        dataset=args.dataset, data=args.data, base=args.base, source=args.source, top_k=args.top_k,
-        endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch, d_model=args.d_model,
-        n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens, out=args.out, alone=args.alone,
-        split=args.split, name_swap=args.name_swap, gate=args.gate, copy=args.copy, copy_task_only=args.copy_task_only,
+        **_recipe_fields(args), dataset=args.dataset, data=args.data, base=args.base, source=args.source,
+        top_k=args.top_k, endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch,
+        d_model=args.d_model, n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens,
+        out=args.out, alone=args.alone, split=args.split, name_swap=args.name_swap,
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
-        copy_pending=args.copy_pending, nearest_shot=args.nearest_shot,
-        nearest_apart=args.nearest_apart,
-        shortlist_min_count=args.shortlist_min_count, shots=args.shots,
+        copy_pending=args.copy_pending, nearest_shot=args.nearest_shot, nearest_apart=args.nearest_apart,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,
@@ -145,8 +166,8 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
-# The setting every system of the E2E quality benchmark chose on its select split (greedy,
-# benchmarks/results/e2e_smollm2-135m_select.json): the demo shows the plugin at it.
+# The setting the default recipe's row (the "chosen" one) chose on the select split of the demo's
+# split by input (greedy, benchmarks/results/e2e_by_mr_smollm2-135m.json): the demo shows it.
 E2E_SELECTED_FREQUENCY_PENALTY = 0.5
 
 
@@ -176,12 +197,12 @@ def cmd_generate(args) -> None:
     tok = AutoTokenizer.from_pretrained(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).eval()
     plugin = load_plugin(args.plugin, base.config.get_text_config().vocab_size, tokenizer_fingerprint(tok))
+    same_task = plugin.config.training.get("dataset") == args.dataset
     if args.prompt:
         prompts, refs = [args.prompt], [None]
     else:
         seen, prompts, refs = set(), [], []
         # The prompt the plugin was trained on (behind in-context examples, if it was), for its dataset.
-        same_task = plugin.config.training.get("dataset") == args.dataset
         for e in load_examples(args.dataset, args.data or default_data_file(args.dataset, "test"),
                                template=(plugin.config.prompt_template or None) if same_task else None):
             if e.prompt not in seen:
@@ -199,13 +220,26 @@ def cmd_generate(args) -> None:
     combined = reference_generate(base, ids, plugin, weight=args.weight,
                                   expert_repetition_penalty=args.expert_repetition_penalty,
                                   top_k=plugin.config.training.get("top_k"), **kw)
+    # A plugin trained behind in-context examples reads them before every prompt: show them once.
+    examples = _examples_before(plugin.config.prompt_template, args.dataset) if same_task and not args.prompt else ""
+    if examples:
+        print(f"every prompt starts with the in-context example(s) the plugin was trained behind:\n{examples}", end="")
     for prompt, ref, a, c in zip(prompts, refs, alone, combined):
         print("-" * 72)
-        print(prompt.rstrip())
+        print(prompt[len(examples):].rstrip())
         print(f"  base alone : {tok.decode(a, skip_special_tokens=True).strip()}")
         print(f"  base+plugin: {tok.decode(c, skip_special_tokens=True).strip()}")
         if ref:
             print(f"  reference  : {ref}")
+
+
+def _examples_before(template: str, dataset: str) -> str:
+    """The in-context examples a checkpoint's ``prompt_template`` puts before ``dataset``'s own
+    template ("" for none, or for a template of another task)."""
+    from vllm_plugin.training.data import PROMPT_TEMPLATES
+
+    own = PROMPT_TEMPLATES.get(dataset, "{input}")
+    return template[:-len(own)] if template.endswith(own) and template != own else ""
 
 
 def cmd_demo(args) -> None:
@@ -215,6 +249,14 @@ def cmd_demo(args) -> None:
           f"base+plugin {metrics['best_select_loss']:.4f} nats (epoch {metrics['best_epoch']})\n")
     args.plugin, args.prompt, args.n, args.data = metrics["checkpoint"], None, 5, None
     cmd_generate(args)
+
+
+def cmd_prompt(args) -> None:
+    """Print the prompt a plugin expects for each input, as a JSON string (for a request body)."""
+    from .checkpoint import plugin_prompt
+
+    for task_input in args.input:
+        print(json.dumps(plugin_prompt(args.plugin, task_input)))
 
 
 def cmd_serve(args, extra: list[str]) -> None:
@@ -271,6 +313,11 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     _add_decoding_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("prompt", help="print the prompt a plugin was trained on for an input, as a JSON string")
+    p.add_argument("--plugin", required=True, help="plugin checkpoint folder")
+    p.add_argument("input", nargs="+", help="task input(s), e.g. an E2E MR 'name[Aromi], area[riverside]'")
+    p.set_defaults(func=cmd_prompt)
 
     p = sub.add_parser("demo", help="main job: prepare base, train the E2E plugin, show generations")
     _add_train_args(p)

@@ -364,10 +364,21 @@ class GRUPlugin(PluginLM):
         prompts [P, Lp] (right-padded; true lengths ``prompt_lens`` [P]); continuation e of
         ``conts`` [E, Lc] follows prompt ``prompt_of[e]``. Returns the hidden state after each
         prompt [P, d_model] and those along each continuation [E, Lc, d_model]: in eval mode
-        exactly ``forward`` of the concatenated sequences at those positions."""
-        packed = pack_padded_sequence(self.drop(self.embed_ids(prompts)), prompt_lens.cpu(), batch_first=True,
+        exactly ``forward`` of the concatenated sequences at those positions.
+
+        The prompts' common prefix (a template's opening text, an in-context example drawn for
+        all) is read once, by one row; in training mode its dropout masks are then shared too."""
+        lens = prompt_lens.cpu()
+        agree = (prompts == prompts[:1]).all(0).long()  # [Lp]: every prompt has prompt 0's token
+        k = min(int(agree.cumprod(0).sum()), int(lens.min()) - 1)  # leave each prompt a token
+        h0 = None
+        if k > 0 and len(prompts) > 1:
+            _, h0 = self.rnn(self.drop(self.embed_ids(prompts[:1, :k])))  # [n_layers, 1, d]
+            h0 = h0.expand(-1, len(prompts), -1).contiguous()
+            prompts, lens = prompts[:, k:], lens - k
+        packed = pack_padded_sequence(self.drop(self.embed_ids(prompts)), lens, batch_first=True,
                                       enforce_sorted=False)
-        _, h = self.rnn(packed)  # [n_layers, P, d]: each prompt's state after its last token
+        _, h = self.rnn(packed, h0)  # [n_layers, P, d]: each prompt's state after its last token
         out, _ = self.rnn(self.drop(self.embed_ids(conts)), h[:, prompt_of].contiguous())
         return self.ln_f(self.drop(h[-1])), self.ln_f(self.drop(out))
 
