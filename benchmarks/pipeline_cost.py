@@ -1,5 +1,5 @@
 """Wall time and peak memory of the default E2E pipeline (base-logit extraction + training),
-the default training recipe (``training.pipeline.DEFAULT_RECIPE``) unless ``--recipe`` says.
+the default training recipe (``training.recipes.DEFAULT_RECIPE``) unless ``--recipe`` says.
 
 Recomputes the base log-probs (refreshing their cache), trains from scratch into the default
 run folder (so `vllm-plugin demo` afterwards finds the plugin trained), and measures the base model's plain forward throughput
