@@ -52,6 +52,9 @@ WEBNLG_TARGET_SYSTEMS = zero_shot,icl_1,icl_3,plugin_shortlist_copy_gate,plugin_
 # E2E, the chosen recipe at the paper's plugin width (d_model 768) and its top-20 twin beside the same recipe at
 # d_model 256, the nearest-example prompt and zero-shot (benchmarks/results/wide): about 35 minutes here.
 WIDE_SYSTEMS = zero_shot,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_gate_d768_icl1,plugin_shortlist_copy_task_top20_gate_d768_icl1
+# E2E on the origin split (fit/select without near-twin MRs, benchmarks/results/origin): about 45 minutes on a
+# 2-core CPU without AVX-512, with the base's log-prob pass.
+ORIGIN_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_task_gate_icl1
 BY_MR_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
@@ -60,6 +63,8 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(SHORTLIST_SYSTEMS) --top20-source full_topk --results benchmarks/results/shortlist
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(NEAREST_SYSTEMS) --top20-source full_topk --results benchmarks/results/nearest
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(WIDE_SYSTEMS) --top20-source full_topk --results benchmarks/results/wide
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split origin --systems $(ORIGIN_SYSTEMS) --top20-source full_topk --results benchmarks/results/origin
+	$(VENV)/bin/python -m benchmarks.protocols --out benchmarks/results/splits_e2e.json
 	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-smollm2-135m/generations/select300/max64-float32 runs/quality/e2e-smollm2-135m/generations/test-all/max64-float32 --systems $(NEAREST_SYSTEMS) --results benchmarks/results/nearest
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --systems $(BY_MR_SYSTEMS) --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --select-subset 150

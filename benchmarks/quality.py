@@ -649,7 +649,7 @@ def write_outputs(result: dict, out_base: Path) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "input", "category", "target"],
+    parser.add_argument("--split", choices=["venue", "origin", "input", "category", "target"],
                         help="E2E fit/select split: venue (default; select mirrors test's unseen venues) or "
                              "input (the paper's, by distinct MR); WebNLG category shift: category (default; "
                              "select mirrors test's unseen categories) or input (by entry); WebNLG target: "

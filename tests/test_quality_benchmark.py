@@ -179,6 +179,41 @@ def test_e2e_venue_split_mirrors_test():
         split_examples([Example("a", "p", "t"), Example("b", "q", "u")], "venue")
 
 
+def test_e2e_origin_split_keeps_each_original_mr_on_one_side():
+    """``origin``: the venue split, but cleaned MRs sharing an original MR, directly or through a
+    chain (a cleaned MR can come from two originals), land on one side; same sizes within a
+    family's size; seeded; the venue split itself is unchanged by the units (singletons)."""
+    from benchmarks.protocols import Protocol, split_sizes
+    from vllm_plugin.training.data import Example, split_examples
+
+    # Venue v has 3 + v MRs; MR i of a venue shares its original with MR i + 1 when i is even,
+    # and MR 1 also comes from a second original that MR 4 shares: families of up to five.
+    examples = [Example(group=f"name[V{v}], food[F{i}]", prompt=f"p{v}-{i}", target=f"t{r}",
+                        meta=(("venue", f"V{v}"), ("origin", f"O{v}-{i // 2 * 2}" if r == 0 or i not in (1, 4)
+                                                   else f"O{v}-x")))
+                for v in range(12) for i in range(3 + v) for r in range(2)]
+    fit, select = split_examples(examples, "origin")
+    assert split_examples(examples, "origin") == (fit, select)
+    origins = lambda side: {dict(e.meta)["origin"] for e in side}
+    assert not origins(fit) & origins(select)
+    fit_groups, select_groups = {e.group for e in fit}, {e.group for e in select}
+    n = len({e.group for e in examples})
+    assert not fit_groups & select_groups and len(fit_groups) + len(select_groups) == n
+    assert abs(len(select_groups) - (n - round(0.6 * n))) <= 5
+    fit_venues = {dict(e.meta)["venue"] for e in fit}
+    assert {dict(e.meta)["venue"] for e in select} - fit_venues  # whole venues still held out
+    sharing = "select_inputs_sharing_an_origin_with_fit"
+    assert split_sizes(Protocol("e2e_by_origin", "e2e", "origin", examples, fit, select, ""))[sharing] == 0
+    by_venue = split_examples(examples, "venue")
+    assert split_sizes(Protocol("e2e", "e2e", "venue", examples, *by_venue, ""))[sharing] > 0
+    plain = [Example(e.group, e.prompt, e.target, e.meta[:1]) for e in examples]
+    plain_split = split_examples(plain, "venue")
+    assert [e.group for e in plain_split[1]] == [e.group for e in by_venue[1]]
+    assert sharing not in split_sizes(Protocol("e2e", "e2e", "venue", plain, *plain_split, ""))
+    with pytest.raises(ValueError, match="'origin' kept together needs examples with their origin .*orig_mr"):
+        split_examples(plain, "origin")
+
+
 def test_webnlg_category_split_holds_out_whole_categories():
     """Select is filled with whole categories the fit split never sees, never past its 40%; the
     rest of select is drawn by entry from the fit categories; seeded; sliced by category."""
@@ -210,6 +245,7 @@ def test_e2e_examples_carry_their_venue(tmp_path):
 
     path = write_e2e(tmp_path / "d.csv", [("name[Blue Spice], area[city centre]", "x."), ("area[riverside]", "y.")])
     assert [dict(e.meta)["venue"] for e in load_e2e(path)] == ["Blue Spice", ""]
+    assert [dict(e.meta)["origin"] for e in load_e2e(path)] == ["name[Blue Spice], area[city centre]", "area[riverside]"]
 
 
 def test_systems_are_named_or_added_to_the_default_list():

@@ -5,8 +5,10 @@ triples and references), and a generic JSON Lines of ``{"prompt", "completion"}`
 own tasks. Splits (``split_examples``): ``input``, the paper's: distinct inputs, shuffled with a
 seed, 60% to fit and 40% to select; ``venue`` (E2E): the same sizes, but about a third of the
 select inputs name venues that the fit split never sees, as about a third of E2E's test MRs name
-venues that never occur in ``devel``; ``category`` (WebNLG): whole categories the fit split never sees
-fill most of select, as they fill the category-shift test set.
+venues that never occur in ``devel``; ``origin`` (E2E): ``venue``, with the MRs that E2E-cleaned
+made from one original crowdsourced MR kept on one side, as test's original MRs are all new;
+``category`` (WebNLG): whole categories the fit split never sees fill most of select, as they
+fill the category-shift test set.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATASETS = ("e2e", "webnlg", "jsonl")
-SPLITS = ("input", "venue", "category")
+SPLITS = ("input", "venue", "origin", "category")
 
 # The paper's E2E prompt (its Llama-3.1 experiments), and the same shape for WebNLG.
 PROMPT_TEMPLATES = {
@@ -93,7 +95,11 @@ def load_e2e(path: str | Path, template: str | None = None) -> list[Example]:
                 prompt, venue = format_prompt("e2e", mr, template), venue_of(mr)
             except ValueError as e:
                 raise DataError(f"{path}:{line}: {e}") from e
-            examples.append(Example(group=mr, prompt=prompt, target=ref, meta=(("venue", venue),)))
+            # E2E-cleaned re-annotated each reference's MR: the CSV's orig_mr is the MR the crowd
+            # wrote it for, which several cleaned MRs share (split "origin" keeps them together).
+            origin = (row.get("orig_mr") or "").strip()
+            meta = (("venue", venue),) + ((("origin", origin),) if origin else ())
+            examples.append(Example(group=mr, prompt=prompt, target=ref, meta=meta))
     if not examples:
         raise DataError(f"{path} has no rows")
     return examples
@@ -294,41 +300,79 @@ def split_by_input(examples: list[Example], fit_fraction: float = 0.6, seed: int
 HELD_OUT_SHARE = {"venue": (1 / 3, 1.5), "category": (1.0, 1.0)}
 
 
-def split_by_held_out(examples: list[Example], key: str, fit_fraction: float = 0.6, seed: int = 0):
+def _units(examples: list[Example], together: str | None) -> dict[str, str]:
+    """Input (``group``) -> its unit: the inputs tied, directly or through others, by sharing a
+    value of the meta field ``together``, named by their first input in sorted order; each input
+    its own unit when ``together`` is None."""
+    parent = {e.group: e.group for e in examples}
+
+    def root(g: str) -> str:
+        while parent[g] != g:
+            parent[g] = g = parent[parent[g]]
+        return g
+
+    if together is not None:
+        first: dict[str, str] = {}
+        for e in examples:
+            value = dict(e.meta).get(together)
+            if value is None:
+                raise DataError(f"splitting with {together!r} kept together needs examples with their {together} "
+                                f"(E2E: the CSV's orig_mr column); {e.group!r} has none")
+            a, b = root(e.group), root(first.setdefault(value, e.group))
+            if a != b:
+                parent[max(a, b)] = min(a, b)
+    return {g: root(g) for g in parent}
+
+
+def split_by_held_out(examples: list[Example], key: str, fit_fraction: float = 0.6, seed: int = 0,
+                      together: str | None = None):
     """The paper's sizes (``fit_fraction`` of the distinct inputs to fit), but the select split
     mirrors a test set whose ``key`` values (``venue`` or ``category``, from ``Example.meta``) are
     partly or wholly new: whole values, drawn in a seeded order, go to select until they hold
     about ``HELD_OUT_SHARE[key]``'s share of its inputs (a value that would overshoot that
     share by its factor is passed over); the rest of select is drawn by input from the remaining
-    values (and the inputs without one).
+    values (and the inputs without one). ``together``: a meta field (E2E ``origin``) whose
+    shared values tie inputs into units that go to one side whole (``_units``); a held-out
+    value's units go to select whole, so the few units that span two values take the other's
+    inputs with them.
 
     Raises:
-        DataError: an example without ``key`` in its meta (E2E examples have a venue, WebNLG
-            examples a category).
+        DataError: an example without ``key`` (or ``together``) in its meta (E2E examples have a
+            venue and an origin, WebNLG examples a category).
     """
     unseen_share, overshoot = HELD_OUT_SHARE[key]
-    value_inputs: dict[str, set[str]] = {}
+    unit_of = _units(examples, together)
+    members: dict[str, set[str]] = {}
+    value_units: dict[str, set[str]] = {}
     for e in examples:
         if key not in dict(e.meta):
             raise DataError(f"split {key!r} needs examples with a {key} (E2E: venue, WebNLG: category); "
                             f"{e.group!r} has none")
-        value_inputs.setdefault(dict(e.meta)[key], set()).add(e.group)
-    n_inputs = sum(map(len, value_inputs.values()))
+        members.setdefault(unit_of[e.group], set()).add(e.group)
+        value_units.setdefault(dict(e.meta)[key], set()).add(unit_of[e.group])
+    n_inputs = len(unit_of)
     n_select = n_inputs - min(max(1, round(fit_fraction * n_inputs)), n_inputs - 1)
     target = unseen_share * n_select
     rng = random.Random(seed)
-    values = sorted(v for v in value_inputs if v)
+    values = sorted(v for v in value_units if v)
     rng.shuffle(values)
-    held_out, held = set(), 0
+    held_units: set[str] = set()
+    held = 0
     for v in values:
         if held >= target:
             break
-        if held + len(value_inputs[v]) <= overshoot * target:
-            held_out.add(v)
-            held += len(value_inputs[v])
-    rest = sorted(g for v, gs in value_inputs.items() if v not in held_out for g in gs)
+        new = value_units[v] - held_units
+        size = sum(len(members[u]) for u in new)
+        if held + size <= overshoot * target:
+            held_units |= new
+            held += size
+    rest = sorted(set(members) - held_units)
     rng.shuffle(rest)
-    select_groups = {g for v in held_out for g in value_inputs[v]} | set(rest[:max(0, n_select - held)])
+    select_groups = {g for u in held_units for g in members[u]}
+    for u in rest:
+        if len(select_groups) >= n_select:
+            break
+        select_groups |= members[u]
     fit = [e for e in examples if e.group not in select_groups]
     select = [e for e in examples if e.group in select_groups]
     return fit, select
@@ -336,14 +380,16 @@ def split_by_held_out(examples: list[Example], key: str, fit_fraction: float = 0
 
 def split_examples(examples: list[Example], split: str = "input", fit_fraction: float = 0.6, seed: int = 0):
     """(fit, select) examples: ``split`` is ``input`` (``split_by_input``, the paper's), ``venue``
-    (E2E) or ``category`` (WebNLG; both ``split_by_held_out``). No input has references on both
-    sides.
+    or ``origin`` (E2E) or ``category`` (WebNLG; all ``split_by_held_out``). No input has
+    references on both sides; with ``origin``, no original crowdsourced MR either.
 
     Raises:
         DataError: an unknown split, or too few inputs.
     """
     if split == "input":
         return split_by_input(examples, fit_fraction, seed)
+    if split == "origin":
+        return split_by_held_out(examples, "venue", fit_fraction, seed, together="origin")
     if split in HELD_OUT_SHARE:
         return split_by_held_out(examples, split, fit_fraction, seed)
     raise DataError(f"unknown split {split!r}; expected one of {SPLITS}")

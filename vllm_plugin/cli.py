@@ -53,9 +53,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by-prompt", action=argparse.BooleanOptionalAction, default=d.group_by_prompt,
                    help="batches of whole prompt groups, so the GRU reads each prompt once per batch")
     p.add_argument("--max-target-tokens", type=int, default=256)
-    p.add_argument("--split", default="input", choices=["input", "venue", "category"],
+    p.add_argument("--split", default="input", choices=["input", "venue", "origin", "category"],
                    help="fit/select split: input (distinct inputs, 60/40), venue (E2E: about a third of "
-                        "select names venues the fit split never sees, as in E2E's test set) or category "
+                        "select names venues the fit split never sees, as in E2E's test set), origin (E2E: "
+                        "venue, and the MRs E2E-cleaned made from one crowdsourced MR on one side) or category "
                         "(WebNLG: whole categories fill most of select, for a plugin meant for new categories)")
     p.add_argument("--alone", action="store_true", help="train the small model without the base (baseline)")
     p.add_argument("--gate", action=argparse.BooleanOptionalAction,
