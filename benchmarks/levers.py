@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_key, slice_names
+from benchmarks.protocols import DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, grouped_test, select_slices, slice_key, slice_names
 from benchmarks.quality import (DTYPE, RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
                                 score_sliced, scores_file, setting_label, start_from)
 
@@ -285,7 +285,7 @@ def write_report(result: dict, out_base: Path, sliced_by: str | None = None) -> 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "origin", "input", "category", "target"])
+    parser.add_argument("--split", choices=PROTOCOL_SPLITS)
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--base-name")
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")

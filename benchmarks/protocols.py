@@ -33,6 +33,9 @@ from pathlib import Path
 
 from vllm_plugin.base_model import PACKAGED_BASES
 
+# --split of the benchmarks: training.data.SPLITS, and WebNLG's "target" protocol.
+PROTOCOL_SPLITS = ("venue", "origin", "input", "category", "target")
+
 
 def base_name(base: str) -> str:
     """A base's short name for results and run folders: a packaged base's own name, else the
@@ -186,8 +189,9 @@ def main(argv=None) -> None:
         protocol = load_protocol("e2e", split)
         sizes[protocol.name] = {"split": split, "description": protocol.description, **split_sizes(protocol)}
     devel_origins = {dict(e.meta)["origin"] for e in protocol.train_examples}
-    sizes["test"] = {"inputs": len({e.group for e in load_test(protocol)}),
-                     "inputs_sharing_an_origin_with_devel": len({e.group for e in load_test(protocol)
+    test = load_test(protocol)
+    sizes["test"] = {"inputs": len({e.group for e in test}),
+                     "inputs_sharing_an_origin_with_devel": len({e.group for e in test
                                                                  if dict(e.meta)["origin"] in devel_origins})}
     text = json.dumps(sizes, indent=2) + "\n"
     print(text, end="")

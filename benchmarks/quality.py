@@ -85,7 +85,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from benchmarks.protocols import (DEFAULT_MAX_TOKENS, Protocol, base_name, grouped_test, held_out_slices,
+from benchmarks.protocols import (DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, Protocol, base_name, grouped_test, held_out_slices,
                                   load_protocol, load_test, select_slices, slice_key, slice_names, split_sizes)
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -649,9 +649,9 @@ def write_outputs(result: dict, out_base: Path) -> None:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "origin", "input", "category", "target"],
-                        help="E2E fit/select split: venue (default; select mirrors test's unseen venues) or "
-                             "input (the paper's, by distinct MR); WebNLG category shift: category (default; "
+    parser.add_argument("--split", choices=PROTOCOL_SPLITS,
+                        help="E2E fit/select split: venue (default; select mirrors test's unseen venues), origin "
+                             "(venue, each crowdsourced original MR on one side) or input (the paper's, by distinct MR); WebNLG category shift: category (default; "
                              "select mirrors test's unseen categories) or input (by entry); WebNLG target: "
                              "the paper's protocol (plugin fitted on the target categories)")
     parser.add_argument("--base", default="smollm2-135m")

@@ -53,9 +53,11 @@ def cross_entropies(data, plugin, weights, top_k: int | None) -> list[float]:
 
 
 def main(argv=None) -> None:
+    from benchmarks.protocols import PROTOCOL_SPLITS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", default="webnlg", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=["venue", "origin", "input", "category", "target"],
+    parser.add_argument("--split", choices=PROTOCOL_SPLITS,
                         help="the protocol's fit/select split (see benchmarks.quality)")
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--weights", default=",".join(map(str, WEIGHTS)))

@@ -11,6 +11,7 @@ from .base_model import DEFAULT_BASE, PACKAGED_BASES
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     from vllm_plugin.training.config import SOURCES, TrainConfig  # no torch: `--help` stays fast
     from vllm_plugin.training.recipes import RECIPES
+    from vllm_plugin.training.data import SPLITS
 
     d = TrainConfig()
     p.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg", "jsonl"])
@@ -53,7 +54,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-by-prompt", action=argparse.BooleanOptionalAction, default=d.group_by_prompt,
                    help="batches of whole prompt groups, so the GRU reads each prompt once per batch")
     p.add_argument("--max-target-tokens", type=int, default=256)
-    p.add_argument("--split", default="input", choices=["input", "venue", "origin", "category"],
+    p.add_argument("--split", default="input", choices=SPLITS,
                    help="fit/select split: input (distinct inputs, 60/40), venue (E2E: about a third of "
                         "select names venues the fit split never sees, as in E2E's test set), origin (E2E: "
                         "venue, and the MRs E2E-cleaned made from one crowdsourced MR on one side) or category "
