@@ -53,6 +53,7 @@ ICL1_TASK_NEAREST_READ_GATE = {**ICL1_TASK_NEAREST_GATE, "read_task_only": True}
 ICL1_TASK_NEAREST_EXAMPLE_GATE = {**ICL1_TASK_NEAREST_GATE, "copy_example": True}
 ICL1_TASK_EXAMPLE_GATE = {**ICL1_TASK_GATE, "copy_example": True}
 ICL1_TASK_CANDIDATES_GATE = {**ICL1_TASK_GATE, "base_candidates": 20}
+ICL1_TASK_BAG_GATE = {**ICL1_TASK_GATE, "input_bag": True}
 ICL1_TASK_SAMPLED_GATE = {**ICL1_TASK_GATE, "train": {"scheduled_sampling": 0.25}}
 # The chosen recipe without the shortlist: the default trainer, exact softmax over the vocabulary.
 FULL_ICL1_TASK_GATE = {k: v for k, v in ICL1_TASK_GATE.items() if k != "shortlist_min_count"}
@@ -169,6 +170,10 @@ LEVERS: dict[str, Lever] = {
     **with_fp_twin("shortlist_copy_gate_icl1_task_ss0.25", Lever(
         "shortlist_copy_gate_icl1_task with scheduled sampling (--scheduled-sampling 0.25): a quarter of the target "
         "tokens the plugin reads are its own greedy choices", training=ICL1_TASK_SAMPLED_GATE, prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_bag", Lever(
+        "shortlist_copy_gate_icl1_task with an input bag (--input-bag): a learned vector per token, averaged over "
+        "the task's input and added to the hidden state at every position", training=ICL1_TASK_BAG_GATE,
+        prompt="icl_1")),
     **with_fp_twin("copy_gate_icl1_task", Lever(
         "shortlist_copy_gate_icl1_task without the shortlist: the plugin scores the whole vocabulary, exact softmax "
         "(the default trainer)", training=FULL_ICL1_TASK_GATE, prompt="icl_1")),

@@ -50,8 +50,8 @@ class Tiny:
     """The tiny base (as an HF folder and a loaded model) and eleven saved plugins (k: trained,
     as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores; s: with
     copy scores and a shortlist of a quarter of the vocabulary; m: with copy scores on the
-    prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores, a shortlist and a gate:
-    the chosen E2E design and more; e: m's copy scores with example scores, a shortlist and a gate;
+    prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores, a shortlist, a gate
+    and an input bag: the chosen E2E design and more; e: m's copy scores with example scores, a shortlist and a gate;
     r: m's copy scores, a shortlist and a gate, the plugin reading the prompt from the marker on)."""
 
     def __init__(self, root: Path):
@@ -76,7 +76,7 @@ class Tiny:
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids),
             "p": tiny_plugin(self.vocab_size, "gru", seed=9, fingerprint=self.fingerprint, copy=True, copy_pending=True,
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
-                             shortlist_size=self.vocab_size // 4, gate=True),
+                             shortlist_size=self.vocab_size // 4, gate=True, input_bag=True),
             "e": tiny_plugin(self.vocab_size, "gru", seed=10, fingerprint=self.fingerprint, copy=True, copy_example=True,
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
                              shortlist_size=self.vocab_size // 4, gate=True),

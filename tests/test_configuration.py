@@ -61,7 +61,8 @@ def test_server_log_names_each_loaded_plugin(server, tiny):
         assert (f"{model.config.architecture}, " in line and f"base view {view}" in line
                 and f"{size / 1e3:.1f}K parameters" in line and str(tiny.plugin_dirs[name]) in line
                 and (f"a shortlist of {tiny.vocab_size // 4} tokens" in line) == (model.config.shortlist_size > 0)
-                and ("pending-copy scores" in line) == model.config.copy_pending), line
+                and ("pending-copy scores" in line) == model.config.copy_pending
+                and ("input bag" in line) == model.config.input_bag), line
 
 
 def test_vllms_own_plugin_variable_leaves_the_engine_untouched(tiny, tmp_path):

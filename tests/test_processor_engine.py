@@ -265,6 +265,14 @@ def test_pending_copy_scores_lift_the_task_tokens_not_generated_yet(tiny, engine
     assert torch.allclose(lifted, plugin.copy_score(hidden) * mask + plugin.pending_score(hidden) * pending)
 
 
+def test_input_bag_keeps_the_task_in_every_hidden_state(tiny, engine):
+    """Plugin p has an input bag: the mean of a learned vector over its task's distinct tokens,
+    added to every hidden state, which the processor sets once the prompt is whole as the
+    reference sets it after reading the prompt: served exactly as the reference decodes it, and
+    without it the same plugin decodes differently."""
+    assert_served_as_reference_and_feature_matters(tiny, engine, "p", "bag")
+
+
 def test_shortlisted_plugin_leaves_off_list_tokens_to_the_base(tiny, engine):
     """Plugin s scores a shortlist of its own and gives every other token one shared logit: served
     exactly as the reference decodes it, and without its copy scores it decodes differently; among

@@ -819,3 +819,57 @@ def test_a_run_with_scheduled_sampling_learns(tiny, e2e_file, tmp_path):
                            (replace(spec.train, negatives=16), "drop --negatives 16 \\(or --scheduled-sampling\\)")]:
         with pytest.raises(ValueError, match=message):
             run(replace(spec, out=str(tmp_path / "bad"), train=train), progress=False, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("shortlist", [False, True])
+def test_input_bag_in_training_is_the_bag_decoding_sets(tiny, e2e_file, shortlist):
+    """An input bag (``PluginConfig.input_bag``): the trainer's hidden states before each target
+    token, prompts read once per batch or not, equal those of the decode state after
+    ``set_bag`` with the prompt's task tokens (what the reference decoder and the processor do);
+    the bag is the mean of the task's distinct rows (off-shortlist tokens share the rest row,
+    counted once); it trains from zero, and bad configurations are refused."""
+    from vllm_plugin.decode import copy_mask
+    from vllm_plugin.model import PluginConfig, build_plugin
+    from vllm_plugin.testing import tiny_plugin
+    from vllm_plugin.training.data import PROMPT_TEMPLATES
+    from vllm_plugin.training.train import batch_loss, target_hidden
+
+    ts = tokenize_examples(load_e2e(e2e_file)[:8], tiny.tokenizer)
+    shot = ts.prompts[-1] + ts.targets[-1]
+    ts.prompts = [shot + p for p in ts.prompts]  # after an example, as --shots makes them
+    marker = tiny.tokenizer(PROMPT_TEMPLATES["e2e"].split("{input}")[0].strip(), add_special_tokens=False).input_ids
+    plugin = tiny_plugin(tiny.vocab_size, copy=True, copy_after=marker, input_bag=True,
+                         shortlist_size=tiny.vocab_size // 3 if shortlist else 0)
+    data, idx = PairSet(ts, None), [0, 2, 5]
+    with torch.no_grad():
+        for share in (False, True):
+            hidden = target_hidden(plugin, data, idx, share_prompts=share)[0]
+            r = 0
+            for e in idx:
+                prompt, target = ts.prompts[ts.example_prompt[e]], ts.targets[e]
+                state, slot = plugin.new_state(2), torch.tensor([1])
+                plugin.set_bag(state, slot, copy_mask(prompt, plugin))
+                plugin.advance(state, slot, torch.tensor([prompt]), None, [0])
+                for t in range(len(target)):
+                    torch.testing.assert_close(hidden[r], state["out"][1], atol=1e-5, rtol=1e-5)
+                    plugin.advance(state, slot, torch.tensor([[target[t]]]), None, [len(prompt) + t])
+                    r += 1
+            assert r == len(hidden)
+        task = copy_mask(ts.prompts[0], plugin)
+        rows = task[0].nonzero()[:, 0] if not shortlist else torch.unique(plugin.index_of[task[0]])
+        assert shortlist == bool((rows == plugin.config.shortlist_size).any())  # off-list tokens: one rest row
+        torch.testing.assert_close(plugin.bag_of(task)[0], plugin.bag.weight[rows].mean(0))
+        assert not plugin.bag_of(torch.zeros_like(task)).any()
+    torch.manual_seed(0)
+    fresh = build_plugin(PluginConfig(vocab_size=tiny.vocab_size, d_model=32, copy=True, copy_after=marker,
+                                      input_bag=True))
+    assert not fresh.bag.weight.any()  # starts as the plugin without it
+    batch_loss(fresh, data, idx)[0].backward()
+    assert fresh.bag.weight.grad.abs().sum() > 0
+    for bad in ({"copy_after": []}, {"architecture": "transformer"}):
+        with pytest.raises(ValueError, match="input_bag averages the task's tokens from the copy_after marker on"):
+            PluginConfig(**{"vocab_size": tiny.vocab_size, "copy": True, "copy_after": marker, "input_bag": True,
+                            **bad})
+    with pytest.raises(ValueError, match="--input-bag averages the task's tokens .* it needs --copy-task-only"):
+        run(RunSpec(data=str(e2e_file), base=str(tiny.base_dir), out="unused", copy=True, input_bag=True),
+            progress=False, log=lambda *_: None)

@@ -84,6 +84,8 @@ class RunSpec:
     # A second copy score on the copied tokens the output has not generated yet (coverage;
     # PluginConfig.copy_pending).
     copy_pending: bool = False
+    # An input bag of the task's tokens added to the plugin's hidden state (PluginConfig.input_bag).
+    input_bag: bool = False
     # > 0: candidate scores on the base's top tokens (PluginConfig.base_candidates), up to 20.
     base_candidates: int = 0
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
@@ -134,6 +136,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--read-task-only is for the gru plugin, not --arch {spec.arch}")
     if spec.copy_pending and not spec.copy:
         raise ValueError("--copy-pending adds to copy scores: it needs --copy")
+    if spec.input_bag and (not spec.copy_task_only or spec.arch != "gru"):
+        raise ValueError("--input-bag averages the task's tokens from --copy-task-only's marker on: it needs "
+                         f"--copy-task-only and the gru plugin (got --arch {spec.arch})")
     if not 0 <= spec.base_candidates <= MAX_CANDIDATES:
         raise ValueError(f"--base-candidates is a number of the base's top tokens, 0 to {MAX_CANDIDATES}; "
                          f"got {spec.base_candidates}")
@@ -310,11 +315,11 @@ def check_resume(spec: RunSpec, previous: PluginConfig, fingerprint: str, traini
         ValueError: naming what differs and the fixes (another --out, --no-resume, or the
             --recipe the folder was trained with).
     """
-    mine = (fingerprint, spec.arch, spec.d_model, spec.n_layers, spec.copy, spec.copy_pending)
+    mine = (fingerprint, spec.arch, spec.d_model, spec.n_layers, spec.copy, spec.copy_pending, spec.input_bag)
     theirs = (previous.tokenizer_fingerprint, previous.architecture, previous.d_model, previous.n_layers,
-              previous.copy, previous.copy_pending)
+              previous.copy, previous.copy_pending, previous.input_bag)
     differ = [f"{k}: {a!r} then, {b!r} now" for k, a, b in zip(
-        ("tokenizer", "arch", "d_model", "layers", "copy", "copy_pending"), theirs, mine) if a != b]
+        ("tokenizer", "arch", "d_model", "layers", "copy", "copy_pending", "input_bag"), theirs, mine) if a != b]
     differ += [f"{k}: {previous.training.get(k, RESUME_DEFAULTS.get(k))!r} then, {v!r} now"
                for k, v in training.items() if k in RESUME_KEYS
                and previous.training.get(k, RESUME_DEFAULTS.get(k)) != v]
@@ -393,7 +398,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     config = PluginConfig(
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
-        copy_example=spec.copy_example, copy_pending=spec.copy_pending, base_candidates=spec.base_candidates,
+        copy_example=spec.copy_example, copy_pending=spec.copy_pending, input_bag=spec.input_bag,
+        base_candidates=spec.base_candidates,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),

@@ -98,9 +98,14 @@ class PairSet:
         a plugin's example scores lift (``copy_example``)."""
         return self._per_token(idx, vocab_size, cols, lambda prompt, start: (prompt[:start], prompt[start:]), after)
 
-    def _per_token(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None, split, after) -> torch.Tensor:
+    def task_tokens(self, idx: list[int], vocab_size: int, after: list[int] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """``in_prompt`` once per distinct prompt of examples ``idx``: [P, V] bool, and int64 [n]
+        the prompt of each target token (``batch`` order), for an input bag (``PluginLM.bag_of``)."""
+        return self._per_prompt(idx, vocab_size, lambda prompt, start: (prompt[start:], ()), after)
+
+    def _per_prompt(self, idx: list[int], vocab_size: int, split, after) -> tuple[torch.Tensor, torch.Tensor]:
         """A [V] token mask per distinct prompt (``split(prompt, copy_start)``: the tokens to mark
-        and those to leave unmarked), read at ``cols``, one row per target token of ``idx``."""
+        and those to leave unmarked), [P, V], and the row of each target token of ``idx`` [n]."""
         prompts = sorted({self.ts.example_prompt[e] for e in idx})
         local = {p: i for i, p in enumerate(prompts)}
         mask = torch.zeros(len(prompts), vocab_size, dtype=torch.bool)
@@ -109,9 +114,12 @@ class PairSet:
             marked, unmarked = split(prompt, copy_start(prompt, after))
             mask[i, torch.tensor(marked, dtype=torch.long)] = True
             mask[i, torch.tensor(unmarked, dtype=torch.long)] = False
-        if cols is not None:
-            mask = mask[:, cols]
-        return mask[torch.tensor([local[self.ts.example_prompt[e]] for e in idx for _ in self.ts.targets[e]])]
+        return mask, torch.tensor([local[self.ts.example_prompt[e]] for e in idx for _ in self.ts.targets[e]])
+
+    def _per_token(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None, split, after) -> torch.Tensor:
+        """``_per_prompt``'s masks read at ``cols``, one row per target token of ``idx``."""
+        mask, which = self._per_prompt(idx, vocab_size, split, after)
+        return (mask if cols is None else mask[:, cols])[which]
 
     def generated_before(self, idx: list[int], vocab_size: int, cols: torch.Tensor | None = None) -> torch.Tensor:
         """[n, V] bool (or [n, len(cols)]), rows as ``in_prompt``'s: for each target token, the
@@ -177,12 +185,22 @@ def target_hidden(plugin: PluginLM, data: PairSet, idx: list[int], share_prompts
             conts[pos_e[at], pos_t[at]] = feed[at]
         after_prompt, along = plugin.forward_shared(prompts, lens, conts, prompt_of)
         states = torch.cat([after_prompt[prompt_of][:, None], along], 1)  # [E, 1 + Lc, d]
-        return states[pos_e, pos_t], rows, targets
+        return with_bag(plugin, data, idx, states[pos_e, pos_t]), rows, targets
     ids, pos_b, pos_t, rows, targets = data.batch(idx)
     if feed is not None:
         at = feed >= 0
         ids[pos_b[at], pos_t[at] + 1] = feed[at]
-    return plugin(ids)[pos_b, pos_t], rows, targets
+    return with_bag(plugin, data, idx, plugin(ids)[pos_b, pos_t]), rows, targets
+
+
+def with_bag(plugin: PluginLM, data: PairSet, idx: list[int], hidden: torch.Tensor) -> torch.Tensor:
+    """``hidden`` [n, d] before the target tokens of examples ``idx`` plus the input bag of each
+    one's task (``PluginLM.bag_of``), as ``set_bag`` adds it when decoding; ``hidden`` itself for
+    a plugin without one."""
+    if plugin.bag is None:
+        return hidden
+    tokens, which = data.task_tokens(idx, plugin.config.vocab_size, plugin.config.copy_after)
+    return hidden + plugin.bag_of(tokens)[which].to(hidden.dtype)
 
 
 @torch.no_grad()

@@ -461,8 +461,8 @@ class PluginBank:
                           token_range: TokenRange) -> None:
         """For slots of plugins with a ``copy_after`` marker whose prompt these tokens complete:
         mark in ``copy_mask`` the prompt's tokens from the marker's last occurrence on (and in
-        ``example_mask`` those before it that the task lacks), and set ``offset`` there for a
-        plugin that reads the task only. Once per sequence, when the whole prompt is known (a
+        ``example_mask`` those before it that the task lacks), give a plugin with an input bag
+        that of those tokens, and set ``offset`` there for a plugin that reads the task only. Once per sequence, when the whole prompt is known (a
         marker can only be found then; a prompt without one is read whole)."""
         if self.copy_mask is None:
             return
@@ -491,6 +491,8 @@ class PluginBank:
             slot_of = slot_t[:, None].expand_as(tokens)
             self.copy_mask[slot_t] = False
             self.copy_mask[slot_of[keep], tokens[keep]] = True
+            if self.models[g].bag is not None:  # before this step's advance, which adds it to ``out``
+                self.models[g].set_bag(self.states[g], slot_t, self.copy_mask[slot_t])
             if self.read_marker[g] is not None:
                 self.offset[slots[pick]] = start.clamp(min=0).cpu().numpy()
             if self.examples[g]:  # before the marker, less what the task holds

@@ -85,6 +85,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--copy-pending", action="store_true",
                    help="with --copy: a second learned bonus on the copied tokens the output has not generated "
                         "yet (coverage), so the plugin can tell what of the input is still to say")
+    p.add_argument("--input-bag", action="store_true",
+                   help="with --copy-task-only (gru): a learned vector per token, averaged over the task's input "
+                        "and added to the plugin's hidden state at every position, so which attributes and values "
+                        "the input holds stays in view")
     p.add_argument("--shortlist-min-count", type=int,
                    help="a shortlisted plugin: it scores the tokens occurring at least this often in the fit "
                         "split (prompts and targets) and gives every other token one shared logit, leaving them "
@@ -130,7 +134,7 @@ def _spec(args):
         d_model=args.d_model, n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens,
         out=args.out, alone=args.alone, split=args.split, name_swap=args.name_swap,
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
-        copy_pending=args.copy_pending, nearest_shot=args.nearest_shot, nearest_apart=args.nearest_apart,
+        copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot, nearest_apart=args.nearest_apart,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,

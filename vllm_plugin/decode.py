@@ -96,6 +96,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
     pending-copy scores on those the output does not hold yet, example scores on the in-context
     examples' tokens that the task lacks), and one with candidate scores on the base's K most
     likely tokens after the constraints, before the top-k view (``PluginLM.add_candidate_score``).
+    One with an input bag gets its task's (``PluginLM.set_bag``) once it has read the prompt.
     A plugin that reads the task only
     (``read_task_only``) reads the prompt from its last marker on.
 
@@ -120,6 +121,8 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
             state = plugin.new_state(1)
             plugin.advance(state, slot, torch.tensor([ids[start:]]), [len(ids) - start], [0])
             in_prompt, in_example = copy_mask(prompt, plugin), example_mask(prompt, plugin)
+            if plugin.bag is not None:
+                plugin.set_bag(state, slot, in_prompt)
         for _ in range(max_new_tokens):
             if base is not None:
                 if use_cache:
@@ -226,6 +229,8 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
         if plugin is None:
             return torch.log_softmax(base_logits, -1)
         state = plugin.new_state(1)
+        if plugin.bag is not None:  # the prompt's task, not the beam's tokens
+            plugin.set_bag(state, slot, in_prompt)
         plugin.advance(state, slot, torch.tensor([tokens[start:]]), [len(tokens) - start], [0])
         plugin_logits = plugin.add_copy_score(state["out"][slot], plugin.logits(state, slot), in_prompt,
                                               pending_copy(in_prompt, tokens[len(prompt):]), in_example)

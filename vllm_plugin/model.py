@@ -70,6 +70,12 @@ class PluginConfig:
     # base prompted with an example tends to repeat from it. Needs copy_after; the plugin reads
     # the whole prompt (not read_task_only).
     copy_example: bool = False
+    # Input bag: a learned vector per token, averaged over the distinct tokens of the task's
+    # segment (from the copy_after marker on) and added to the hidden state at every position,
+    # so that which names, attributes and values the input holds stays in view however long the
+    # output runs (a GRU's state fades; E2E plugins name attributes the input lacks). Set once per
+    # sequence, when its prompt is whole (``set_bag``). Needs copy_after; gru only.
+    input_bag: bool = False
     # Candidate scores (conditioning on the base, as IPA restricts to the base's top tokens): a
     # learned per-position bonus on each of the base's K most likely next tokens, one value per
     # rank bucket (rank 1, 2-3, 4-7, 8-15, 16-20), so the plugin can defer to what the base
@@ -109,6 +115,9 @@ class PluginConfig:
         if self.copy_example and (not self.copy_after or self.read_task_only):
             raise ValueError("copy_example scores the examples before the copy_after marker: it needs one, and a "
                              "plugin that reads them (not read_task_only)")
+        if self.input_bag and (not self.copy_after or self.architecture != "gru"):
+            raise ValueError("input_bag averages the task's tokens from the copy_after marker on: it needs one, "
+                             "and the gru plugin")
         if self.copy_pending and not self.copy:
             raise ValueError("copy_pending is for a plugin with copy scores (copy=True)")
         if (type(self.base_candidates) is not int or not 0 <= self.base_candidates <= MAX_CANDIDATES
@@ -209,6 +218,9 @@ class PluginLM(nn.Module):
             if score is not None:  # starts at no bonus too
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
+        self.bag = nn.Embedding(rows, config.d_model) if config.input_bag else None
+        if self.bag is not None:  # starts at no shift: the plugin without it
+            nn.init.zeros_(self.bag.weight)
 
     def set_shortlist(self, token_ids) -> None:
         """Make ``token_ids`` (``config.shortlist_size`` distinct ids, sorted) the shortlist: token
@@ -277,6 +289,17 @@ class PluginLM(nn.Module):
         x = hidden.to(self.copy_score.weight.dtype)
         return tuple(None if score is None else score(x).float()
                      for score in (self.copy_score, self.pending_score, self.example_score))
+
+    def bag_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[n, d_model]: the input bag of each of ``tokens`` [n, V] bool (the task's tokens,
+        ``PluginConfig.input_bag``): the mean of ``bag`` over their distinct rows (a shortlisted
+        plugin's tokens off the shortlist share the rest row, counted once); zeros for an empty row."""
+        if self.index_of is not None:
+            row, token = tokens.nonzero(as_tuple=True)
+            tokens = torch.zeros(len(tokens), self.bag.num_embeddings, dtype=torch.bool, device=tokens.device)
+            tokens[row, self.index_of[token]] = True
+        rows = tokens.to(self.bag.weight.dtype)
+        return rows @ self.bag.weight / rows.sum(-1, keepdim=True).clamp(min=1)
 
     def candidate_bonus(self, hidden: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """[n, K] float32: the candidate scores' bonus on the base's K most likely tokens at
@@ -384,17 +407,28 @@ class GRUPlugin(PluginLM):
 
     def new_state(self, num_slots: int, device=None, dtype=torch.float32) -> dict:
         """Zeroed decode state for ``num_slots`` sequences: ``h`` [num_slots, n_layers, d_model],
-        ``out`` [num_slots, d_model]."""
+        ``out`` [num_slots, d_model], and with an input bag ``bag`` [num_slots, d_model]."""
         c = self.config
-        return {
+        state = {
             "h": torch.zeros(num_slots, c.n_layers, c.d_model, device=device, dtype=dtype),
             "out": torch.zeros(num_slots, c.d_model, device=device, dtype=dtype),
         }
+        if c.input_bag:
+            state["bag"] = torch.zeros(num_slots, c.d_model, device=device, dtype=dtype)
+        return state
 
     def reset(self, state: dict, slots: torch.Tensor) -> None:
-        """Start a new sequence in each of ``slots`` (int64 [n])."""
+        """Start a new sequence in each of ``slots`` (int64 [n]). An input bag is left as it is:
+        ``set_bag`` gives the sequence its own once its prompt is whole, which may come first."""
         state["h"][slots] = 0.0
         state["out"][slots] = 0.0
+
+    def set_bag(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor) -> None:
+        """Give the sequences in ``slots`` (int64 [n]) the input bag of ``tokens`` [n, V] bool (their
+        task's tokens, ``bag_of``), in ``out`` too: every later hidden state carries it."""
+        bag = self.bag_of(tokens).to(state["bag"].dtype)
+        state["out"][slots] += bag - state["bag"][slots]
+        state["bag"][slots] = bag
 
     def advance(self, state: dict, slots: torch.Tensor, tokens: torch.Tensor,
                 lengths: list[int] | None, start: list[int]) -> None:
@@ -409,7 +443,7 @@ class GRUPlugin(PluginLM):
                                                  for w in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")))
                 layers.append(x)
             state["h"][slots] = torch.stack(layers, 1)
-            state["out"][slots] = self.ln_f(x)
+            state["out"][slots] = self.ln_f(x) if self.bag is None else self.ln_f(x) + state["bag"][slots]
             return
         h0 = state["h"][slots].transpose(0, 1).contiguous()
         x = self.embed_ids(tokens)
@@ -420,7 +454,7 @@ class GRUPlugin(PluginLM):
                                           batch_first=True, enforce_sorted=False)
             _, hn = self.rnn(packed, h0)
         state["h"][slots] = hn.transpose(0, 1)
-        state["out"][slots] = self.ln_f(hn[-1])
+        state["out"][slots] = self.ln_f(hn[-1]) if self.bag is None else self.ln_f(hn[-1]) + state["bag"][slots]
 
     def _core_macs_per_token(self) -> int:
         d = self.config.d_model

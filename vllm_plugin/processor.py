@@ -378,6 +378,7 @@ def describe(name: str, model, path) -> str:
             + (", pending-copy scores on those not generated yet" if c.copy_pending else "")
             + (", example scores on the in-context examples' tokens the task lacks" if c.copy_example else "")
             + (", reading each prompt from that marker on" if c.read_task_only else "")
+            + (", an input bag of the task's tokens" if c.input_bag else "")
             + (f", candidate scores on the base's top {c.base_candidates} tokens" if c.base_candidates else "")
             + (f", a shortlist of {c.shortlist_size} tokens (one shared logit for the rest)" if c.shortlist_size else ""))
     return (f"plugin '{name}': {c.architecture}, {count(parameters)} parameters ({c.n_layers} layer(s), "

@@ -86,6 +86,8 @@ def tiny_plugin(vocab_size: int, architecture: str = "gru", seed: int = 1, d_mod
         if model.example_score is not None:  # and one on the examples' own tokens
             model.example_score.weight.normal_(0, 1.0)
             model.example_score.bias.fill_(4.0)
+        if model.bag is not None:  # an input bag that shifts the hidden state as much as a token does
+            model.bag.weight.normal_(0, 1.0)
         if model.candidate_score is not None:  # and one on the base's top tokens, by rank bucket
             model.candidate_score.weight.normal_(0, 1.0)
             model.candidate_score.bias.normal_(0, 3.0)
