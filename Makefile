@@ -66,6 +66,9 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split origin --systems $(ORIGIN_SYSTEMS) --top20-source full_topk --results benchmarks/results/origin
 	$(VENV)/bin/python -m benchmarks.protocols --out benchmarks/results/splits_e2e.json
 	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-smollm2-135m/generations/select300/max64-float32 runs/quality/e2e-smollm2-135m/generations/test-all/max64-float32 --systems $(NEAREST_SYSTEMS) --results benchmarks/results/nearest
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.shots --dataset e2e --split venue --seeds 8
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --shot-seed 6 --systems zero_shot,icl_1,plugin_shortlist_copy_task_gate_icl1 --top20-source full_topk --results benchmarks/results/shot6
+	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-smollm2-135m-shot6/generations/select300/max64-float32 runs/quality/e2e-smollm2-135m-shot6/generations/test-all/max64-float32 --systems zero_shot,icl_1,plugin_shortlist_copy_task_gate_icl1 --results benchmarks/results/shot6
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --systems $(BY_MR_SYSTEMS) --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --select-subset 150
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg

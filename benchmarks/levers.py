@@ -174,6 +174,9 @@ LEVERS: dict[str, Lever] = {
         "shortlist_copy_gate_icl1_task with an input bag (--input-bag): a learned vector per token, averaged over "
         "the task's input and added to the hidden state at every position", training=ICL1_TASK_BAG_GATE,
         prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_shot6", Lever(
+        "shortlist_copy_gate_icl1_task behind seed 6's drawn example (--shot-seed 6), the one the base does best "
+        "behind on select (benchmarks.shots)", training={**ICL1_TASK_GATE, "shot_seed": 6}, prompt="icl_1")),
     **with_fp_twin("copy_gate_icl1_task", Lever(
         "shortlist_copy_gate_icl1_task without the shortlist: the plugin scores the whole vocabulary, exact softmax "
         "(the default trainer)", training=FULL_ICL1_TASK_GATE, prompt="icl_1")),
@@ -321,10 +324,14 @@ def main(argv=None) -> None:
     todo = {stem: (n if n in REFERENCES else LEVERS[n].prompt,
                    lever_params(n, LEVERS[n].decoding if n in LEVERS else {}, args.max_tokens))
             for n, stem in stems.items() if not (gen_dir / f"{stem}.jsonl").is_file()}
+    # The quality benchmark's in-context examples (seed 0), so its icl files are reused as they
+    # are; a lever trained behind another draw (``shot_seed``) is prompted with that draw's.
+    seed_of = {stems[n]: (LEVERS[n].training.get("shot_seed") or 0) if n in LEVERS else 0 for n in stems}
     if todo:
         llm = engine(str(base_path), {n: trained[n][0] for n in names}, base_config, args)
-        # The quality benchmark's in-context examples, so its icl files are reused as they are.
-        generate_jobs(llm, todo, prompts, icl_shots(protocol), gen_dir, args.chunk, "select levers")
+        for seed in sorted({seed_of[stem] for stem in todo}):
+            generate_jobs(llm, {stem: job for stem, job in todo.items() if seed_of[stem] == seed}, prompts,
+                          icl_shots(protocol, seed), gen_dir, args.chunk, "select levers")
         del llm
     rows = {}
     for n, stem in stems.items():

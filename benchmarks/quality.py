@@ -172,11 +172,12 @@ class Shots:
     nearest: object  # training.data.NearestShot over the fit split
 
 
-def icl_shots(protocol: Protocol) -> Shots:
-    """3 fit examples, seeded, the same in every run; and the nearest-example finder over fit."""
+def icl_shots(protocol: Protocol, seed: int = 0) -> Shots:
+    """3 fit examples, drawn with ``seed`` (0 in every table: the same in every run; another is
+    ``RunSpec.shot_seed``'s, ``benchmarks.shots``); and the nearest-example finder over fit."""
     from vllm_plugin.training.data import MAX_SHOTS, NearestShot, in_context_shots
 
-    return Shots(in_context_shots(protocol.fit, MAX_SHOTS), NearestShot(protocol.fit))
+    return Shots(in_context_shots(protocol.fit, MAX_SHOTS, seed), NearestShot(protocol.fit))
 
 
 def icl_prompt(prompt: str, shots) -> str:
@@ -203,8 +204,9 @@ def system_input(system: str, prompt: str, shots: Shots, tokenizer) -> str:
     return icl_prompt(prompt, shots.drawn[:k])
 
 
-def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm") -> dict:
-    """{plugin name: RunSpec} of every plugin the systems decode with (``out`` and ``train`` unset)."""
+def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", shot_seed: int = 0) -> dict:
+    """{plugin name: RunSpec} of every plugin the systems decode with (``out`` and ``train`` unset);
+    those trained behind drawn examples, behind ``shot_seed``'s draw (``RunSpec.shot_seed``)."""
     from vllm_plugin.training.pipeline import RunSpec
 
     common = dict(dataset=dataset, base=base, split=split)
@@ -240,10 +242,12 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm") -> 
         "small": RunSpec(**common, arch="gru", alone=True),
     }
     specs.update({gated: replace(specs[trained], gate=True) for gated, trained in SAME_TRAINING.items()})
+    if shot_seed:
+        specs = {n: replace(s, shot_seed=shot_seed) if s.shots and not s.nearest_shot else s for n, s in specs.items()}
     return specs
 
 
-def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm"):
+def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm", shot_seed: int = 0):
     """Train (or reuse) each named plugin on the protocol's split; {name: checkpoint folder}.
 
     Raises:
@@ -253,7 +257,7 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
     from vllm_plugin.training.train import TrainConfig
     from vllm_plugin.checkpoint import read_config
 
-    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source)
+    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source, shot_seed)
     checkpoints = {}
     for name in sorted(names, key=lambda n: n in SAME_TRAINING):  # what they start from first
         spec = specs[name]
@@ -678,6 +682,9 @@ def parse_args(argv):
                              f"test references)")
     parser.add_argument("--chunk", type=int, default=256,
                         help="inputs per engine call (every system and setting of a chunk is generated together)")
+    parser.add_argument("--shot-seed", type=int, default=0,
+                        help="the seeded draw of fit examples that icl_<k> systems and the plugins trained behind "
+                             "them prompt with (default 0, every table's; benchmarks.shots chooses one on select)")
     parser.add_argument("--top20-source", default="vllm", choices=["vllm", "full_topk"],
                         help="where the top-20 plugin's log-probs come from: a vLLM prompt_logprobs pass, "
                              "or the top-20 view of the full-logit cache (same numbers, no second pass)")
@@ -735,7 +742,7 @@ def check_inputs(args):
 def train_systems(args, protocol: Protocol, base_path: str, root: Path):
     """Train (or reuse) what the systems need; (checkpoints, mixture weight, trained names)."""
     needed = sorted({plugin_of(s) for s in args.systems} - {None})
-    checkpoints = train_all(protocol, base_path, needed, root, args.epochs, print, args.top20_source)
+    checkpoints = train_all(protocol, base_path, needed, root, args.epochs, print, args.top20_source, args.shot_seed)
     mix_weight = 0.5
     if "weighted_mix" in args.systems:
         w_file = root / "mixture_weight.json"
@@ -778,11 +785,12 @@ def engine(model_path: str, checkpoints: dict, base_config, args):
 def main(argv=None) -> None:
     args = parse_args(argv)
     protocol, base_path, base_config, base_name = check_inputs(args)
-    root = Path(args.runs) / f"{protocol.name}-{base_name}"
+    # Another draw of in-context examples is another set of plugins and generations: a root of its own.
+    root = Path(args.runs) / (f"{protocol.name}-{base_name}" + (f"-shot{args.shot_seed}" if args.shot_seed else ""))
     tag = f"max{args.max_tokens}-{args.dtype}"
     select_dir = root / "generations" / f"select{args.select_subset or '-all'}" / tag
     test_dir = root / "generations" / (f"test{args.subset}" if args.subset else "test-all") / tag
-    shots = icl_shots(protocol)
+    shots = icl_shots(protocol, args.shot_seed)
     select_prompts, select_refs = grouped_test(protocol.select, args.select_subset)
     choice_file = select_dir / "decoding_choice.json"
     if args.score_partial:
@@ -891,6 +899,7 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
         print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
     return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
             "protocol": description, "split_sizes": split_sizes(protocol), "n_test_inputs": n, "subset": args.subset,
+            "shot_seed": args.shot_seed,
             "decoding": {"greedy": not any("beam_width" in g for g in choice["chosen"].values()),
                          "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
                          "dtype": args.dtype,

@@ -424,6 +424,35 @@ def test_levers_are_measured_on_select_only(tiny, tmp_path):
     assert short["select_ce"] < short["base_select_ce"]
 
 
+def test_shots_benchmark_chooses_the_example_on_select(tiny, tmp_path, monkeypatch):
+    """``benchmarks.shots`` decodes select behind each seed's drawn example (seed 0's is the
+    levers' ``icl_1``, reused from its file) and names the seed of the best select BLEU chosen."""
+    from benchmarks.protocols import load_protocol
+    from benchmarks.quality import icl_shots
+
+    data = tmp_path / "data"
+    (data / "e2e").mkdir(parents=True)
+    write_e2e(data / "e2e" / "devel.csv", synthetic_rows(24))
+    env = {**os.environ, "VLLM_PLUGIN_DATA": str(data)}
+    args = ["--base", str(tiny.base_dir), "--base-name", "tiny", "--seeds", "3", "--select-subset", "6",
+            "--max-tokens", "6", "--eager", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path / "res")]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.shots", *args], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "res" / "shots_e2e_tiny.json").read_text())
+    assert list(result["rows"]) == ["0", "1", "2"] and result["select_inputs"] == 6
+    bleu = {int(k): r["select"]["bleu"] for k, r in result["rows"].items()}
+    assert bleu[result["chosen"]] == max(bleu.values())
+    gen = tmp_path / "runs" / "e2e-tiny" / "generations" / "select6" / "max6-float32"
+    assert sorted(p.name for p in gen.glob("*.jsonl")) == ["icl_1@rp1-fp0.jsonl", "icl_1_shot1@rp1-fp0.jsonl",
+                                                          "icl_1_shot2@rp1-fp0.jsonl"]
+    monkeypatch.setenv("VLLM_PLUGIN_DATA", str(data))
+    protocol = load_protocol("e2e", None)
+    for seed, row in result["rows"].items():
+        example = icl_shots(protocol, int(seed)).drawn[0]
+        assert (row["example"]["input"], row["example"]["prompt"]) == (example.group, example.prompt)
+
+
 def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, monkeypatch):
     import pytest
 

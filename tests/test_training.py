@@ -626,7 +626,8 @@ def test_a_run_with_the_nearest_shot_puts_each_inputs_own_example_first(tiny, e2
 def test_a_run_with_shots_trains_against_the_prompted_base(tiny, e2e_file, tmp_path):
     """``RunSpec(shots=k)``: fit and select prompts follow the fit split's first k drawn
     examples (those the quality benchmark's icl_k systems prompt with), the checkpoint's
-    prompt template says so, and a resumed run must keep the same number."""
+    prompt template says so, and a resumed run must keep the same number. ``shot_seed`` draws
+    them with another seed (the split stays), and a resumed run must keep it too."""
     from vllm_plugin.training.data import PROMPT_TEMPLATES, in_context_shots, with_shots
 
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), shots=1,
@@ -646,6 +647,18 @@ def test_a_run_with_shots_trains_against_the_prompted_base(tiny, e2e_file, tmp_p
     spec.shots = 4
     with pytest.raises(ValueError, match=r"--shots is a number of in-context examples, 0 to 3; got 4"):
         run(spec, progress=False, log=lambda *_: None)
+    spec.shots, spec.shot_seed = 1, 3
+    with pytest.raises(ValueError, match=r"shot_seed: None then, 3 now"):
+        run(spec, progress=False, log=lambda *_: None)
+    spec.out = str(tmp_path / "seed3")
+    run(spec, progress=False, log=lambda *_: None)
+    other = in_context_shots(fit, 1, seed=3)[0]
+    assert other != shot
+    config = load_plugin(tmp_path / "seed3" / "checkpoint").config
+    assert config.prompt_template == with_shots(PROMPT_TEMPLATES["e2e"], [other]) and config.training["shot_seed"] == 3
+    for bad in ({"shots": 0}, {"nearest_shot": True}):
+        with pytest.raises(ValueError, match="--shot-seed chooses the drawn in-context examples: it needs --shots"):
+            run(replace(spec, **bad), progress=False, log=lambda *_: None)
 
 
 def test_copy_task_only_reads_the_task_not_the_examples(tiny, e2e_file, tmp_path):

@@ -94,6 +94,9 @@ class RunSpec:
     # > 0: every prompt (fit and select) follows this many in-context examples drawn from the fit
     # split (data.in_context_shots): a plugin for a base that will be prompted with them.
     shots: int = 0
+    # Which seeded draw of fit examples those are (data.in_context_shots; None: train.seed), so
+    # that the example can be chosen on select (benchmarks/shots.py) without moving the split.
+    shot_seed: int | None = None
     # With shots=1: the example is, per input, the fit example whose input is most like it
     # (data.NearestShot) instead of one drawn for all; send prompts built the same way.
     nearest_shot: bool = False
@@ -158,6 +161,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     if spec.base_candidates and spec.top_k and spec.source != "full" and spec.base_candidates > spec.top_k:
         raise ValueError(f"--base-candidates {spec.base_candidates} is more than the {spec.top_k} top log-probs "
                          f"the source gives (--top-k)")
+    if spec.shot_seed is not None and (not spec.shots or spec.nearest_shot):
+        raise ValueError("--shot-seed chooses the drawn in-context examples: it needs --shots (and not --nearest-shot)")
     if spec.nearest_shot and spec.shots != 1:
         raise ValueError(f"--nearest-shot chooses one in-context example per input: it needs --shots 1, got {spec.shots}")
     if spec.nearest_apart and not spec.nearest_shot:
@@ -242,11 +247,11 @@ def base_vocab_size(base_path: str) -> int:
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
                "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
                "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example", "base_candidates",
-               "scheduled_sampling")
+               "scheduled_sampling", "shot_seed")
 RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
                    "copy_task_only": False, "read_task_only": False, "copy_example": False, "base_candidates": 0,
-                   "scheduled_sampling": 0.0}
+                   "scheduled_sampling": 0.0, "shot_seed": None}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -351,7 +356,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if examples is None:
         examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
-    shots = in_context_shots(fit_ex, spec.shots, seed=spec.train.seed)  # drawn before any name swap
+    shot_seed = spec.train.seed if spec.shot_seed is None else spec.shot_seed
+    shots = in_context_shots(fit_ex, spec.shots, seed=shot_seed)  # drawn before any name swap
     nearest = NearestShot(fit_ex) if spec.nearest_shot else None
     nearest_fit = NearestShot(fit_ex, spec.nearest_apart) if spec.nearest_apart else nearest
     if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
@@ -375,6 +381,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                 "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
                 "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
                 "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,
+                "shot_seed": spec.shot_seed,
                 "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
                 "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
                 "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,

@@ -98,6 +98,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="train against the base prompted with this many in-context examples from the fit split "
                         "(0 to 3; the checkpoint's prompt_template then starts with them: send prompts that way; "
                         "default: the recipe's)")
+    p.add_argument("--shot-seed", type=int,
+                   help="with --shots: which seeded draw of fit examples to prompt with (default: --seed); "
+                        "benchmarks/shots.py chooses one on the select split")
     p.add_argument("--nearest-shot", action="store_true",
                    help="with --shots 1: the in-context example is, per input, the fit example whose input is most "
                         "like it (shared attributes or triples) instead of one drawn for all; the checkpoint's "
@@ -134,7 +137,7 @@ def _spec(args):
         d_model=args.d_model, n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens,
         out=args.out, alone=args.alone, split=args.split, name_swap=args.name_swap,
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
-        copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot, nearest_apart=args.nearest_apart,
+        copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot, shot_seed=args.shot_seed, nearest_apart=args.nearest_apart,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,
