@@ -290,13 +290,13 @@ def write_report(result: dict, out_base: Path, sliced_by: str | None = None) -> 
     out_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def select_parser(description: str) -> argparse.ArgumentParser:
+    """The options of a benchmark that decodes the select sample (this one, ``benchmarks.shots``)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
     parser.add_argument("--split", choices=PROTOCOL_SPLITS)
     parser.add_argument("--base", default="smollm2-135m")
     parser.add_argument("--base-name")
-    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
     parser.add_argument("--select-subset", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, help="output token limit (default per dataset, as the quality benchmark)")
     parser.add_argument("--eager", action="store_true")
@@ -304,6 +304,19 @@ def main(argv=None) -> None:
     parser.add_argument("--chunk", type=int, default=256)
     parser.add_argument("--runs", default="runs/quality")
     parser.add_argument("--results", default=str(RESULTS))
+    return parser
+
+
+def select_generations(args, protocol, base_name: str) -> tuple[Path, Path]:
+    """(the protocol's runs folder, the select sample's generation folder), as the quality
+    benchmark names them, so each reuses the other's files."""
+    root = Path(args.runs) / f"{protocol.name}-{base_name}"
+    return root, root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
+
+
+def main(argv=None) -> None:
+    parser = select_parser(__doc__)
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.levers.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEVERS]
@@ -311,11 +324,10 @@ def main(argv=None) -> None:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
     args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
     protocol, base_path, base_config, base_name = check_inputs(args)
-    root = Path(args.runs) / f"{protocol.name}-{base_name}"
+    root, gen_dir = select_generations(args, protocol, base_name)
     prompts, references = grouped_test(protocol.select, args.select_subset)
     slices = select_slices(protocol)
     trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name].training) for name in names}
-    gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
     # The prompt style is in the stem only when it is not the default, so earlier files stay valid.
     stems = {**{r: f"{r}@{setting_label(NO_PENALTY)}" for r in REFERENCES if r == "zero_shot" or any(
                  LEVERS[n].prompt == r for n in names)},

@@ -14,14 +14,13 @@ Writes ``benchmarks/results/shots_<protocol>_<base>.json`` and ``.md``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from benchmarks.levers import NO_PENALTY, lever_params
-from benchmarks.protocols import DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, grouped_test, select_slices, slice_names
-from benchmarks.quality import (DTYPE, RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
-                                score_sliced, scores_file, setting_label)
+from benchmarks.levers import NO_PENALTY, lever_params, select_generations, select_parser
+from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_names
+from benchmarks.quality import (check_inputs, engine, generate_jobs, icl_shots, read_generations, score_sliced,
+                                scores_file, setting_label)
 
 
 def stem(seed: int) -> str:
@@ -30,28 +29,16 @@ def stem(seed: int) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="e2e", choices=["e2e", "webnlg"])
-    parser.add_argument("--split", choices=PROTOCOL_SPLITS)
-    parser.add_argument("--base", default="smollm2-135m")
-    parser.add_argument("--base-name")
+    parser = select_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=8, help="try the examples of seeds 0 to SEEDS - 1")
-    parser.add_argument("--select-subset", type=int, default=300)
-    parser.add_argument("--max-tokens", type=int, help="output token limit (default per dataset, as the quality benchmark)")
-    parser.add_argument("--eager", action="store_true")
-    parser.add_argument("--dtype", default=DTYPE)
-    parser.add_argument("--chunk", type=int, default=256)
-    parser.add_argument("--runs", default="runs/quality")
-    parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
     args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
     protocol, base_path, base_config, base_name = check_inputs(args)
-    root = Path(args.runs) / f"{protocol.name}-{base_name}"
+    _, gen_dir = select_generations(args, protocol, base_name)
     prompts, references = grouped_test(protocol.select, args.select_subset)
     slices = select_slices(protocol)
-    gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
     shots = {seed: icl_shots(protocol, seed) for seed in range(args.seeds)}
     todo = [seed for seed in shots if not (gen_dir / f"{stem(seed)}.jsonl").is_file()]
     if todo:
