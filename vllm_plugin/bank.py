@@ -462,8 +462,9 @@ class PluginBank:
         """For slots of plugins with a ``copy_after`` marker whose prompt these tokens complete:
         mark in ``copy_mask`` the prompt's tokens from the marker's last occurrence on (and in
         ``example_mask`` those before it that the task lacks), give a plugin with an input bag
-        that of those tokens, and set ``offset`` there for a plugin that reads the task only. Once per sequence, when the whole prompt is known (a
-        marker can only be found then; a prompt without one is read whole)."""
+        that of those tokens, and set ``offset`` there for a plugin that reads the task only.
+        Once per sequence, when the whole prompt is known (a marker can only be found then; a
+        prompt without one is read whole)."""
         if self.copy_mask is None:
             return
         plen = self.prompt_len[slots]
