@@ -26,7 +26,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from benchmarks.protocols import DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, grouped_test, select_slices, slice_key, slice_names
+from benchmarks.protocols import (DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, grouped_test, held_out_slices, select_slices,
+                                  slice_key, slice_names)
 from benchmarks.quality import (DTYPE, RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
                                 score_sliced, scores_file, setting_label, start_from)
 
@@ -177,6 +178,16 @@ LEVERS: dict[str, Lever] = {
     **with_fp_twin("shortlist_copy_gate_icl1_task_shot6", Lever(
         "shortlist_copy_gate_icl1_task behind seed 6's drawn example (--shot-seed 6), the one the base does best "
         "behind on select (benchmarks.shots)", training={**ICL1_TASK_GATE, "shot_seed": 6}, prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_value_swap", Lever(
+        "shortlist_copy_gate_icl1_task with half the fit inputs' attribute values swapped for others of the same "
+        "field, in input and references (--value-swap 0.5)", training={**ICL1_TASK_GATE, "value_swap": 0.5},
+        prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_value_swap1", Lever(
+        "shortlist_copy_gate_icl1_task_value_swap with every fit input's stated values swapped (--value-swap 1)",
+        training={**ICL1_TASK_GATE, "value_swap": 1.0}, prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_value_name_swap", Lever(
+        "shortlist_copy_gate_icl1_task_value_swap with invented venue names in half the fit inputs too "
+        "(--name-swap 0.5)", training={**ICL1_TASK_GATE, "value_swap": 0.5, "name_swap": 0.5}, prompt="icl_1")),
     **with_fp_twin("copy_gate_icl1_task", Lever(
         "shortlist_copy_gate_icl1_task without the shortlist: the plugin scores the whole vocabulary, exact softmax "
         "(the default trainer)", training=FULL_ICL1_TASK_GATE, prompt="icl_1")),
@@ -267,13 +278,16 @@ def run_summary(metrics: dict) -> dict:
             "seconds_per_epoch": sum(h["seconds"] for h in history) / len(history) if history else None}
 
 
+VIEWS = {"real": "", "values": " with their attribute values redrawn (values_view)"}
+
+
 def write_report(result: dict, out_base: Path, sliced_by: str | None = None) -> None:
     """The JSON and a Markdown table; ``sliced_by``: the meta field select scores are sliced by
     (``protocols.slice_key``), if any."""
     out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     slices = slice_names(result["rows"]["zero_shot"]["select"])
     lines = [f"**{result['protocol_name']}**, base `{result['base_model']}`: levers on {result['select_inputs']} "
-             f"select inputs (greedy, stop at a newline). BLEU / ROUGE-L" + (
+             f"select inputs{VIEWS[result.get('select_view', 'real')]} (greedy, stop at a newline). BLEU / ROUGE-L" + (
                  f"; then on select inputs whose {sliced_by} the fit split saw / did not see" if slices else "")
              + "; select cross-entropy (nats/token, exact) of the lever's plugin.", "",
              "| lever | what | BLEU / ROUGE-L" + "".join(f" | {k}" for k in slices) + " | select CE | epochs (best) | s/epoch |",
@@ -314,9 +328,29 @@ def select_generations(args, protocol, base_name: str) -> tuple[Path, Path]:
     return root, root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
 
 
+def values_view(protocol, prompts: list[str]) -> tuple[list[str], list[list[str]], dict[str, set[str]]]:
+    """The select sample ``prompts`` with their attribute values redrawn (E2E): every select input
+    rewritten by ``data.swap_values`` (each value its references state word for word becomes another
+    that field takes in fit or select, drawn uniformly), references alike. Select as it would read if
+    its inputs named values as evenly as the fitting data's own values allow, not as ``devel`` happens
+    to (84 % coffee shops): a view of select built without test. (prompts, references, venue slices)."""
+    from vllm_plugin.training.data import swap_values
+
+    if protocol.dataset != "e2e":
+        raise SystemExit("--select-view values rewrites E2E attribute values: it is for --dataset e2e")
+    keep = set(prompts)
+    swapped = swap_values(protocol.select, 1.0, values_from=protocol.fit + protocol.select)
+    view = [s for e, s in zip(protocol.select, swapped) if e.prompt in keep]
+    prompts, references = grouped_test(view, None)
+    return prompts, references, held_out_slices(view, {dict(e.meta).get("venue") for e in protocol.fit})
+
+
 def main(argv=None) -> None:
     parser = select_parser(__doc__)
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of: {', '.join(LEVERS)}")
+    parser.add_argument("--select-view", default="real", choices=["real", "values"],
+                        help="values: decode and score the select sample with its attribute values redrawn "
+                             "(values_view); results and generations apart from the real sample's")
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.levers.split(",") if n.strip()]
     unknown = [n for n in names if n not in LEVERS]
@@ -327,6 +361,10 @@ def main(argv=None) -> None:
     root, gen_dir = select_generations(args, protocol, base_name)
     prompts, references = grouped_test(protocol.select, args.select_subset)
     slices = select_slices(protocol)
+    view = "" if args.select_view == "real" else f"_{args.select_view}"
+    if view:
+        prompts, references, slices = values_view(protocol, prompts)
+        gen_dir = gen_dir.parent.with_name(gen_dir.parent.name + view) / gen_dir.name
     trained = {name: train_lever(protocol, str(base_path), root, LEVERS[name].training) for name in names}
     # The prompt style is in the stem only when it is not the default, so earlier files stay valid.
     stems = {**{r: f"{r}@{setting_label(NO_PENALTY)}" for r in REFERENCES if r == "zero_shot" or any(
@@ -356,10 +394,10 @@ def main(argv=None) -> None:
                                                              **run_summary(trained[n][1])},
                    "select": score_sliced(outputs, prompts, references, slices, ("bleu", "rouge_l"),
                                           cache=scores_file(path))}
-    out = Path(args.results) / f"levers_{protocol.name}_{base_name}"
+    out = Path(args.results) / f"levers_{protocol.name}_{base_name}{view}"
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
-              "protocol": protocol.description, "select_inputs": len(prompts), "max_tokens": args.max_tokens,
-              "dtype": args.dtype, "rows": rows}
+              "protocol": protocol.description, "select_view": args.select_view, "select_inputs": len(prompts),
+              "max_tokens": args.max_tokens, "dtype": args.dtype, "rows": rows}
     if out.with_suffix(".json").is_file():  # a run of some levers adds their rows to the table
         previous = json.loads(out.with_suffix(".json").read_text())
         previous.setdefault("max_tokens", args.max_tokens)  # tables from before these were recorded:

@@ -69,7 +69,9 @@ plugin_shortlist_copy_task_read_gate_icl1_nearest, those reading the task's segm
 plugin_shortlist_copy_task_example_icl1_nearest and plugin_shortlist_copy_task_example_gate_icl1_nearest
 (and ``_icl1`` twins behind the drawn example), those with example scores (``--copy-example``);
 plugin_shortlist_copy_task_gate_d768_icl1 (plugin_shortlist_copy_task_gate_icl1 at the paper's plugin
-width, ``--d-model 768``) and its closed-API twin plugin_shortlist_copy_task_top20_gate_d768_icl1.
+width, ``--d-model 768``) and its closed-API twin plugin_shortlist_copy_task_top20_gate_d768_icl1;
+plugin_shortlist_copy_task_values_icl1 and plugin_shortlist_copy_task_values_gate_icl1, the task-only
+copy plugin trained with half the fit inputs' attribute values swapped (``--value-swap 0.5``).
 """
 from __future__ import annotations
 
@@ -117,7 +119,9 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_example_icl1": "shortlist_copy_task_example_icl1",
          "plugin_shortlist_copy_task_example_gate_icl1": "shortlist_copy_task_example_icl1_gated",
          "plugin_shortlist_copy_task_gate_d768_icl1": "shortlist_copy_task_icl1_d768_gated",
-         "plugin_shortlist_copy_task_top20_gate_d768_icl1": "shortlist_copy_task_top20_icl1_d768_gated"}
+         "plugin_shortlist_copy_task_top20_gate_d768_icl1": "shortlist_copy_task_top20_icl1_d768_gated",
+         "plugin_shortlist_copy_task_values_icl1": "shortlist_copy_task_values_icl1",
+         "plugin_shortlist_copy_task_values_gate_icl1": "shortlist_copy_task_values_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -129,7 +133,8 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_read_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1_nearest",
                     "plugin_shortlist_copy_task_example_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1",
                     "plugin_shortlist_copy_task_example_gate_icl1", "plugin_shortlist_copy_task_gate_d768_icl1",
-                    "plugin_shortlist_copy_task_top20_gate_d768_icl1"]
+                    "plugin_shortlist_copy_task_top20_gate_d768_icl1", "plugin_shortlist_copy_task_values_icl1",
+                    "plugin_shortlist_copy_task_values_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
@@ -141,7 +146,8 @@ SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gat
                  "shortlist_copy_task_example_icl1_nearest_gated": "shortlist_copy_task_example_icl1_nearest",
                  "shortlist_copy_task_example_icl1_gated": "shortlist_copy_task_example_icl1",
                  "shortlist_copy_task_icl1_d768_gated": "shortlist_copy_task_icl1_d768",
-                 "shortlist_copy_task_top20_icl1_d768_gated": "shortlist_copy_task_top20_icl1_d768"}
+                 "shortlist_copy_task_top20_icl1_d768_gated": "shortlist_copy_task_top20_icl1_d768",
+                 "shortlist_copy_task_values_icl1_gated": "shortlist_copy_task_values_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -237,6 +243,8 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
         "shortlist_copy_task_top20_icl1_d768": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                        shortlist_min_count=1, shots=1, d_model=768,
                                                        source=top20_source, top_k=20),
+        "shortlist_copy_task_values_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                   shortlist_min_count=1, shots=1, value_swap=0.5),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),

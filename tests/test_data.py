@@ -160,3 +160,28 @@ def test_swap_names_invents_venues_consistently(tmp_path):
     assert swapped[0].group == swapped[1].group and "Café Rouge" not in swapped[0].target  # near[...] too
     assert dict(swapped[0].meta)["venue"] == dict(swapped[1].meta)["venue"]
     assert 0 < sum(a != b for a, b in zip(examples, swap_names(examples, 0.5, seed=1))) < 6
+
+
+def test_swap_values_rewrites_stated_values_within_their_field(tmp_path):
+    from vllm_plugin.training.data import swap_values
+
+    rows = [("name[Aromi], eatType[pub], food[Chinese]", "Aromi is a pub serving Chinese food."),
+            ("name[Aromi], eatType[pub], food[Chinese]", "Chinese food at the PUB Aromi."),
+            ("name[Cotto], eatType[coffee shop], food[Italian]", "Cotto is a coffee shop with Italian dishes."),
+            ("name[Zizzi], eatType[restaurant], food[Japanese]", "Zizzi, a Japanese place."),  # no eatType said
+            ("name[Bibimbap], priceRange[high], customer rating[high]", "Bibimbap: high prices, high rating."),
+            ("name[Strada], area[riverside]", "Strada is by the river.")]
+    examples = load_e2e(write_e2e(tmp_path / "e.csv", rows))
+    swapped = swap_values(examples, 1.0, seed=2)
+    assert swapped == swap_values(examples, 1.0, seed=2) and swap_values(examples, 0.0) == examples
+    fields = [dict(parse_mr(e.group)) for e in swapped]
+    # Each value moves to another one its field takes in the examples; names and meta stay.
+    assert fields[0]["eatType"] in {"coffee shop", "restaurant"} and fields[0]["food"] in {"Italian", "Japanese"}
+    assert swapped[0].group == swapped[1].group and fields[0]["name"] == "Aromi"
+    assert swapped[0].target == f"Aromi is a {fields[0]['eatType']} serving {fields[0]['food']} food."
+    assert swapped[1].target == f"{fields[0]['food']} food at the {fields[0]['eatType']} Aromi."
+    assert [e.meta for e in swapped] == [e.meta for e in examples]
+    assert all(e.prompt == format_prompt("e2e", e.group) for e in swapped)
+    # A value the references do not state, or that two fields share, is kept; so is a lone value.
+    assert fields[3]["eatType"] == "restaurant" and fields[3]["food"] != "Japanese"
+    assert swapped[4] == examples[4] and swapped[5] == examples[5]

@@ -424,6 +424,30 @@ def test_levers_are_measured_on_select_only(tiny, tmp_path):
     assert short["select_ce"] < short["base_select_ce"]
 
 
+def test_select_values_view_redraws_values_and_keeps_venues(tmp_path, monkeypatch):
+    """``levers --select-view values``: the same select inputs (venues, slices), their stated values
+    redrawn among those fit and select hold, references rewritten alike; nothing from test."""
+    from benchmarks.levers import values_view
+    from benchmarks.protocols import grouped_test, load_protocol, select_slices
+    from vllm_plugin.training.data import parse_mr
+
+    data = tmp_path / "data"
+    (data / "e2e").mkdir(parents=True)
+    write_e2e(data / "e2e" / "devel.csv", synthetic_rows(24))
+    monkeypatch.setenv("VLLM_PLUGIN_DATA", str(data))
+    protocol = load_protocol("e2e", "venue")
+    prompts, references = grouped_test(protocol.select, 6)
+    view, view_refs, slices = values_view(protocol, prompts)
+    assert view == values_view(protocol, prompts)[0] and len(view) == len(view_refs) <= len(prompts)
+    assert {k: len(v) for k, v in slices.items()} == {k: len(v & set(prompts)) for k, v in select_slices(protocol).items()}
+    names = {e.prompt: dict(parse_mr(e.group))["name"] for e in protocol.select}
+    assert sorted(p.split("name -- ")[1].split("\n")[0] for p in view) == sorted(names[p] for p in prompts)
+    assert set(view).isdisjoint(prompts)  # every input names food (and area): each is rewritten
+    for prompt, refs in zip(view, view_refs):
+        food = prompt.split("food -- ")[1].split("\n")[0]
+        assert all(f"serves {food} food" in r for r in refs)
+
+
 def test_shots_benchmark_chooses_the_example_on_select(tiny, tmp_path, monkeypatch):
     """``benchmarks.shots`` decodes select behind each seed's drawn example (seed 0's is the
     levers' ``icl_1``, reused from its file) and names the seed of the best select BLEU chosen."""

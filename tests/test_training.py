@@ -321,6 +321,11 @@ def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_pa
     with pytest.raises(ValueError, match="--name-swap is for E2E"):
         run(RunSpec(dataset="webnlg", data=str(e2e_file), base=str(tiny.base_dir), name_swap=0.5,
                     out=str(tmp_path / "w")), progress=False)
+    with pytest.raises(ValueError, match="--value-swap is for E2E"):
+        run(RunSpec(dataset="webnlg", data=str(e2e_file), base=str(tiny.base_dir), value_swap=0.5,
+                    out=str(tmp_path / "w")), progress=False)
+    with pytest.raises(ValueError, match=r"--value-swap is a share of the fit inputs, in \[0, 1\]; got 2"):
+        run(replace(spec, value_swap=2.0), progress=False)
 
 
 def test_sampled_softmax_training_lowers_the_exact_heldout_loss(tiny, e2e_file, tmp_path):

@@ -18,7 +18,7 @@ from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_t
 from .config import SOURCES, TrainConfig
 from .recipes import RECIPES, recipe
 from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, NearestShot, in_context_shots, load_examples,
-                   split_examples, swap_names, template_prefix, with_shots)
+                   split_examples, swap_names, swap_values, template_prefix, with_shots)
 from .fetch import data_root
 from .train import PairSet, task_shortlist, train
 
@@ -70,6 +70,7 @@ class RunSpec:
     split: str = "input"  # training.data.split_examples: input (the paper's) or venue (E2E)
     alone: bool = False  # train the small model on its own (the paper's "small model alone" baseline)
     name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
+    value_swap: float = 0.0  # E2E: share of fit inputs whose attribute values are swapped (data.swap_values)
     gate: bool = False  # after training, fit a per-position strength on the select split (train.fit_gate)
     copy: bool = False  # the plugin learns copy scores for the prompt's tokens (PluginLM.add_copy_score)
     # Copy scores read the task's own input only: the prompt from the last occurrence of the
@@ -121,6 +122,10 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--name-swap is for E2E (it rewrites name[...] and near[...] values), not {spec.dataset!r}")
     if not 0.0 <= spec.name_swap <= 1.0:
         raise ValueError(f"--name-swap is a share of the fit inputs, in [0, 1]; got {spec.name_swap}")
+    if spec.value_swap and spec.dataset != "e2e":
+        raise ValueError(f"--value-swap is for E2E (it rewrites attribute values), not {spec.dataset!r}")
+    if not 0.0 <= spec.value_swap <= 1.0:
+        raise ValueError(f"--value-swap is a share of the fit inputs, in [0, 1]; got {spec.value_swap}")
     if not 0.0 <= spec.dropout < 1.0:
         raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
     if not 0 <= spec.shots <= MAX_SHOTS:
@@ -167,9 +172,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--nearest-shot chooses one in-context example per input: it needs --shots 1, got {spec.shots}")
     if spec.nearest_apart and not spec.nearest_shot:
         raise ValueError("--nearest-apart is for --nearest-shot")
-    if spec.nearest_shot and spec.name_swap:
-        raise ValueError("--nearest-shot and --name-swap: the examples are chosen among the fit inputs before any "
-                         "names are invented; use one of them")
+    if spec.nearest_shot and (spec.name_swap or spec.value_swap):
+        raise ValueError("--nearest-shot and --name-swap / --value-swap: the examples are chosen among the fit inputs "
+                         "before any values are rewritten; use one of them")
     if spec.copy_task_only and not spec.shots:
         raise ValueError("--copy-task-only keeps copy scores off the in-context examples: it needs --shots "
                          "(without examples the task's input is the whole prompt; use --copy alone)")
@@ -244,11 +249,11 @@ def base_vocab_size(base_path: str) -> int:
     return AutoConfig.from_pretrained(base_path).get_text_config().vocab_size
 
 
-RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "seed", "alone", "negatives",
-               "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
+RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "value_swap", "seed", "alone",
+               "negatives", "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
                "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example", "base_candidates",
                "scheduled_sampling", "shot_seed")
-RESUME_DEFAULTS = {"name_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
+RESUME_DEFAULTS = {"name_swap": 0.0, "value_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
                    "copy_task_only": False, "read_task_only": False, "copy_example": False, "base_candidates": 0,
                    "scheduled_sampling": 0.0, "shot_seed": None}
@@ -362,6 +367,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     nearest_fit = NearestShot(fit_ex, spec.nearest_apart) if spec.nearest_apart else nearest
     if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
         fit_ex = swap_names(fit_ex, spec.name_swap, seed=spec.train.seed)
+    if spec.value_swap:
+        fit_ex = swap_values(fit_ex, spec.value_swap, seed=spec.train.seed)
     if nearest:  # trained against the base as it will be prompted
         fit_ex = [replace(e, prompt=with_shots(e.prompt, [nearest_fit(e)])) for e in fit_ex]
         select_ex = [replace(e, prompt=with_shots(e.prompt, [nearest(e)])) for e in select_ex]
@@ -377,7 +384,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     shortlist = task_shortlist(fit_ts, spec.shortlist_min_count) if spec.shortlist_min_count else None
     training = {"dataset": spec.dataset, "data": str(data_file), "source": spec.source,
                 "top_k": None if spec.source == "full" else spec.top_k, "fit_fraction": spec.fit_fraction,
-                "split": spec.split, "name_swap": spec.name_swap,
+                "split": spec.split, "name_swap": spec.name_swap, "value_swap": spec.value_swap,
                 "seed": spec.train.seed, "alone": spec.alone, "negatives": spec.train.negatives,
                 "candidate_k": spec.train.candidate_k, "group_by_prompt": spec.train.group_by_prompt,
                 "shortlist_min_count": spec.shortlist_min_count, "dropout": spec.dropout, "shots": spec.shots,

@@ -111,6 +111,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name-swap", type=float, default=0.0,
                    help="E2E: share of fit inputs whose venue names are replaced by invented ones, so the "
                         "plugin leaves names to the base (0: none)")
+    p.add_argument("--value-swap", type=float, default=0.0,
+                   help="E2E: share of fit inputs whose attribute values (eatType, food, area, rating, price, near) "
+                        "are swapped for others of the same field, so the plugin follows the input's values, not "
+                        "the fit split's most frequent ones (0: none)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<arch>-<source>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
 
@@ -135,7 +139,7 @@ def _spec(args):
         **_recipe_fields(args), dataset=args.dataset, data=args.data, base=args.base, source=args.source,
         top_k=args.top_k, endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch,
         d_model=args.d_model, n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens,
-        out=args.out, alone=args.alone, split=args.split, name_swap=args.name_swap,
+        out=args.out, alone=args.alone, split=args.split, name_swap=args.name_swap, value_swap=args.value_swap,
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
         copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot,
         shot_seed=args.shot_seed, nearest_apart=args.nearest_apart,
