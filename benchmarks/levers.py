@@ -182,6 +182,9 @@ LEVERS: dict[str, Lever] = {
         "shortlist_copy_gate_icl1_task with half the fit inputs' attribute values swapped for others of the same "
         "field, in input and references (--value-swap 0.5)", training={**ICL1_TASK_GATE, "value_swap": 0.5},
         prompt="icl_1")),
+    **with_fp_twin("shortlist_copy_gate_icl1_task_value_swap_gatev", Lever(
+        "shortlist_copy_gate_icl1_task_value_swap with its gate fitted on select with the values redrawn "
+        "(--gate-values)", training={**ICL1_TASK_GATE, "value_swap": 0.5, "gate_values": True}, prompt="icl_1")),
     **with_fp_twin("shortlist_copy_gate_icl1_task_value_swap1", Lever(
         "shortlist_copy_gate_icl1_task_value_swap with every fit input's stated values swapped (--value-swap 1)",
         training={**ICL1_TASK_GATE, "value_swap": 1.0}, prompt="icl_1")),
@@ -235,7 +238,7 @@ def decoding_key(extra: dict) -> str:
 # RunSpec fields that act only after training (a gate fitted on the trained plugin): a lever that
 # adds them starts from the training of the lever without them (the default's, for gate) instead
 # of repeating it.
-AFTER_TRAINING = {"gate"}
+AFTER_TRAINING = {"gate", "gate_values"}
 
 
 def train_lever(protocol, base_path: str, root: Path, overrides: dict) -> tuple[str, dict]:

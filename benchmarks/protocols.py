@@ -177,6 +177,20 @@ def split_sizes(protocol: Protocol) -> dict:
     return out
 
 
+def value_counts(examples) -> dict[str, dict[str, int]]:
+    """{field: {value: distinct E2E MRs naming it}, most named first}, every field but the venue's name."""
+    from collections import Counter
+
+    from vllm_plugin.training.data import parse_mr
+
+    counts: dict[str, Counter] = {}
+    for group in sorted({e.group for e in examples}):
+        for k, v in parse_mr(group):
+            if k != "name":
+                counts.setdefault(k, Counter())[v] += 1
+    return {k: dict(c.most_common()) for k, c in sorted(counts.items())}
+
+
 def main(argv=None) -> None:
     """Print each E2E protocol's split sizes as JSON (``--out``: also save them there)."""
     import argparse
@@ -193,6 +207,8 @@ def main(argv=None) -> None:
     sizes["test"] = {"inputs": len({e.group for e in test}),
                      "inputs_sharing_an_origin_with_devel": len({e.group for e in test
                                                                  if dict(e.meta)["origin"] in devel_origins})}
+    # What the MRs name, not how they are split: training.data.swap_values is for this difference.
+    sizes["values"] = {"devel": value_counts(protocol.train_examples), "test": value_counts(test)}
     text = json.dumps(sizes, indent=2) + "\n"
     print(text, end="")
     if args.out:

@@ -71,7 +71,10 @@ plugin_shortlist_copy_task_example_icl1_nearest and plugin_shortlist_copy_task_e
 plugin_shortlist_copy_task_gate_d768_icl1 (plugin_shortlist_copy_task_gate_icl1 at the paper's plugin
 width, ``--d-model 768``) and its closed-API twin plugin_shortlist_copy_task_top20_gate_d768_icl1;
 plugin_shortlist_copy_task_values_icl1 and plugin_shortlist_copy_task_values_gate_icl1, the task-only
-copy plugin trained with half the fit inputs' attribute values swapped (``--value-swap 0.5``).
+copy plugin trained with half the fit inputs' attribute values swapped (``--value-swap 0.5``),
+plugin_shortlist_copy_task_values_gatev_icl1, that plugin with its gate fitted on select with the
+values redrawn (``--gate-values``), and plugin_shortlist_copy_task_values_top20_gate_icl1, its
+closed-API twin.
 """
 from __future__ import annotations
 
@@ -121,7 +124,9 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_gate_d768_icl1": "shortlist_copy_task_icl1_d768_gated",
          "plugin_shortlist_copy_task_top20_gate_d768_icl1": "shortlist_copy_task_top20_icl1_d768_gated",
          "plugin_shortlist_copy_task_values_icl1": "shortlist_copy_task_values_icl1",
-         "plugin_shortlist_copy_task_values_gate_icl1": "shortlist_copy_task_values_icl1_gated"}
+         "plugin_shortlist_copy_task_values_gate_icl1": "shortlist_copy_task_values_icl1_gated",
+         "plugin_shortlist_copy_task_values_gatev_icl1": "shortlist_copy_task_values_icl1_gated_values",
+         "plugin_shortlist_copy_task_values_top20_gate_icl1": "shortlist_copy_task_values_top20_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -134,7 +139,8 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_example_gate_icl1_nearest", "plugin_shortlist_copy_task_example_icl1",
                     "plugin_shortlist_copy_task_example_gate_icl1", "plugin_shortlist_copy_task_gate_d768_icl1",
                     "plugin_shortlist_copy_task_top20_gate_d768_icl1", "plugin_shortlist_copy_task_values_icl1",
-                    "plugin_shortlist_copy_task_values_gate_icl1"]
+                    "plugin_shortlist_copy_task_values_gate_icl1", "plugin_shortlist_copy_task_values_gatev_icl1",
+                    "plugin_shortlist_copy_task_values_top20_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
@@ -147,7 +153,9 @@ SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gat
                  "shortlist_copy_task_example_icl1_gated": "shortlist_copy_task_example_icl1",
                  "shortlist_copy_task_icl1_d768_gated": "shortlist_copy_task_icl1_d768",
                  "shortlist_copy_task_top20_icl1_d768_gated": "shortlist_copy_task_top20_icl1_d768",
-                 "shortlist_copy_task_values_icl1_gated": "shortlist_copy_task_values_icl1"}
+                 "shortlist_copy_task_values_icl1_gated": "shortlist_copy_task_values_icl1",
+                 "shortlist_copy_task_values_icl1_gated_values": "shortlist_copy_task_values_icl1",
+                 "shortlist_copy_task_values_top20_icl1_gated": "shortlist_copy_task_values_top20_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -245,11 +253,15 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
                                                        source=top20_source, top_k=20),
         "shortlist_copy_task_values_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                    shortlist_min_count=1, shots=1, value_swap=0.5),
+        "shortlist_copy_task_values_top20_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                         shortlist_min_count=1, shots=1, value_swap=0.5,
+                                                         source=top20_source, top_k=20),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
     }
     specs.update({gated: replace(specs[trained], gate=True) for gated, trained in SAME_TRAINING.items()})
+    specs["shortlist_copy_task_values_icl1_gated_values"].gate_values = True
     if shot_seed:
         specs = {n: replace(s, shot_seed=shot_seed) if s.shots and not s.nearest_shot else s for n, s in specs.items()}
     return specs
@@ -547,7 +559,8 @@ TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_co
               "plugin_shortlist_copy_top20_gate": "plugin_shortlist_copy_gate",
               "plugin_shortlist_copy_task_top20_icl1": "plugin_shortlist_copy_task_icl1",
               "plugin_shortlist_copy_task_top20_gate_icl1": "plugin_shortlist_copy_task_gate_icl1",
-              "plugin_shortlist_copy_task_top20_gate_d768_icl1": "plugin_shortlist_copy_task_gate_d768_icl1"}
+              "plugin_shortlist_copy_task_top20_gate_d768_icl1": "plugin_shortlist_copy_task_gate_d768_icl1",
+              "plugin_shortlist_copy_task_values_top20_gate_icl1": "plugin_shortlist_copy_task_values_gate_icl1"}
 TOP20_ROWS = tuple(TOP20_TWIN)
 
 

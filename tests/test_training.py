@@ -376,6 +376,14 @@ def test_gate_is_fitted_on_select_after_training(tiny, e2e_file, tmp_path):
     assert gate["select_loss_gated"] < gate["select_loss_ungated"]
     plugin = load_plugin(tmp_path / "run" / "checkpoint")
     assert plugin.config.gate and plugin.gate.weight.abs().sum() > 0
+    # --gate-values: the same training, the gate fitted on select with its values redrawn.
+    values = run(replace(spec, out=str(tmp_path / "values"), gate_values=True), progress=False, log=lambda *_: None)
+    assert values["best_select_loss"] == pytest.approx(metrics["best_select_loss"], rel=1e-5)
+    assert (gate["select_view"], values["gate"]["select_view"]) == ("real", "values")
+    assert values["gate"]["select_loss_ungated"] != pytest.approx(gate["select_loss_ungated"], rel=1e-3)
+    assert values["gate"]["select_loss_gated"] < values["gate"]["select_loss_ungated"]
+    with pytest.raises(ValueError, match="--gate-values .* needs --gate"):
+        run(replace(spec, out=str(tmp_path / "bad"), gate=False, gate_values=True), progress=False)
 
 
 def test_gate_keeps_its_best_epoch(tiny, e2e_file):

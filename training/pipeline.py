@@ -72,6 +72,9 @@ class RunSpec:
     name_swap: float = 0.0  # E2E: share of fit inputs whose venue names are invented (data.swap_names)
     value_swap: float = 0.0  # E2E: share of fit inputs whose attribute values are swapped (data.swap_values)
     gate: bool = False  # after training, fit a per-position strength on the select split (train.fit_gate)
+    # E2E: fit that gate on select with its values redrawn (data.swap_values), not on select as it
+    # is, so it learns where to defer to the base when an input's values are not the fit split's.
+    gate_values: bool = False
     copy: bool = False  # the plugin learns copy scores for the prompt's tokens (PluginLM.add_copy_score)
     # Copy scores read the task's own input only: the prompt from the last occurrence of the
     # template's text before {input} (PluginConfig.copy_after), not the in-context examples.
@@ -126,6 +129,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--value-swap is for E2E (it rewrites attribute values), not {spec.dataset!r}")
     if not 0.0 <= spec.value_swap <= 1.0:
         raise ValueError(f"--value-swap is a share of the fit inputs, in [0, 1]; got {spec.value_swap}")
+    if spec.gate_values and (not spec.gate or spec.dataset != "e2e" or spec.nearest_shot):
+        raise ValueError("--gate-values fits the gate on E2E select inputs with their values redrawn: it needs "
+                         "--gate and --dataset e2e (and not --nearest-shot)")
     if not 0.0 <= spec.dropout < 1.0:
         raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
     if not 0 <= spec.shots <= MAX_SHOTS:
@@ -361,6 +367,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if examples is None:
         examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
+    # What the gate is fitted on: select, or select with its values redrawn (devel's values only).
+    gate_ex = swap_values(select_ex, 1.0, values_from=fit_ex + select_ex) if spec.gate_values else select_ex
     shot_seed = spec.train.seed if spec.shot_seed is None else spec.shot_seed
     shots = in_context_shots(fit_ex, spec.shots, seed=shot_seed)  # drawn before any name swap
     nearest = NearestShot(fit_ex) if spec.nearest_shot else None
@@ -373,11 +381,13 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         fit_ex = [replace(e, prompt=with_shots(e.prompt, [nearest_fit(e)])) for e in fit_ex]
         select_ex = [replace(e, prompt=with_shots(e.prompt, [nearest(e)])) for e in select_ex]
     elif shots:
-        fit_ex, select_ex = ([replace(e, prompt=with_shots(e.prompt, shots)) for e in part] for part in (fit_ex, select_ex))
+        fit_ex, select_ex, gate_ex = ([replace(e, prompt=with_shots(e.prompt, shots)) for e in part]
+                                      for part in (fit_ex, select_ex, gate_ex))
     log(f"{spec.dataset}: {len(examples)} examples over {len({e.group for e in examples})} inputs "
         f"-> fit {len(fit_ex)} / select {len(select_ex)}")
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
     select_ts = tokenize_examples(select_ex, tokenizer, spec.max_target_tokens)
+    gate_ts = tokenize_examples(gate_ex, tokenizer, spec.max_target_tokens) if spec.gate_values else select_ts
 
     copy_after = (task_marker(tokenizer, spec.dataset, fit_ts.prompts + select_ts.prompts, spec.shots + 1)
                   if spec.copy_task_only else [])  # checked before the long base pass
@@ -401,10 +411,12 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         check_resume(spec, previous, fingerprint, training)
     load_base = LazyBase(base_path)
     t0 = time.time()
-    fit_bl = select_bl = None
+    fit_bl = select_bl = gate_bl = None
     if not spec.alone:
         fit_bl = base_logits_for(fit_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
         select_bl = base_logits_for(select_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
+        gate_bl = (base_logits_for(gate_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
+                   if spec.gate_values else select_bl)
     base_logits_s = time.time() - t0
     load_base = None  # free the base before training
 
@@ -436,8 +448,11 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                     spec.out_dir(), progress=progress, log=log)
     if spec.gate and not spec.alone:  # None: no epoch beat the base, so no plugin to gate
         t_gate = time.time()
-        metrics["gate"] = (gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(select_read, select_bl), log)
+        gate_read = gate_ts.read_from(lambda p: read_start(config, p)) if spec.gate_values else select_read
+        metrics["gate"] = (gate_checkpoint(spec.out_dir() / "checkpoint", PairSet(gate_read, gate_bl), log)
                            if metrics.get("best_epoch") else None)
+        if metrics["gate"] is not None:
+            metrics["gate"]["select_view"] = "values" if spec.gate_values else "real"
         metrics["gate_s"] = time.time() - t_gate
     metrics.update(
         checkpoint=str(spec.out_dir() / "checkpoint"), base_logits_s=base_logits_s,

@@ -63,6 +63,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gate", action=argparse.BooleanOptionalAction,
                    help="after training, fit a per-position strength on the select split (CombLM-style; "
                         "default: the recipe's)")
+    p.add_argument("--gate-values", action="store_true",
+                   help="E2E, with --gate: fit it on the select inputs with their attribute values redrawn "
+                        "(as --value-swap rewrites fit inputs), so it defers to the base where an input's values "
+                        "are not the fit split's")
     p.add_argument("--copy", action=argparse.BooleanOptionalAction,
                    help="learn copy scores: a per-position bonus on the prompt's tokens, so the plugin leaves "
                         "names and values it never saw to the base (default: the recipe's)")
@@ -140,6 +144,7 @@ def _spec(args):
         top_k=args.top_k, endpoint=args.endpoint, endpoint_model=args.endpoint_model, arch=args.arch,
         d_model=args.d_model, n_layers=args.layers, dropout=args.dropout, max_target_tokens=args.max_target_tokens,
         out=args.out, alone=args.alone, split=args.split, name_swap=args.name_swap, value_swap=args.value_swap,
+        gate_values=args.gate_values,
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
         copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot,
         shot_seed=args.shot_seed, nearest_apart=args.nearest_apart,
