@@ -219,9 +219,10 @@ def swap_values(examples: list[Example], share: float, seed: int = 0,
     for e in examples:
         references.setdefault(e.group, []).append(e.target)
     values: dict[str, set[str]] = {}
-    for group in {e.group for e in values_from or examples}:
+    for group in {e.group for e in (examples if values_from is None else values_from)}:
         for k, v in parse_mr(group):
-            values.setdefault(k, set()).add(v)
+            if v:
+                values.setdefault(k, set()).add(v)
     rng = random.Random(seed)
     mappings = {}
     for group in sorted(references):
@@ -247,9 +248,9 @@ def _mentions(text: str, value: str) -> bool:
 
 
 def _rewrite_values(examples: list[Example], mappings: dict[str, dict[str, str]]) -> list[Example]:
-    """``examples`` with each input in ``mappings`` (MR -> old value -> new) rewritten: its MR field
-    by field (no other field's value can be touched), its prompt, its references (every whole-word
-    mention, any case, in one pass, so a new value is never rewritten again) and its venue."""
+    """``examples`` with each input in ``mappings`` (MR -> old value -> new) rewritten: its MR (every
+    field holding an old value), its prompt, its references (every whole-word mention, any case, in
+    one pass, so a new value is never rewritten again) and its venue. Two inputs may become one."""
     out = []
     for e in examples:
         mapping = mappings.get(e.group)

@@ -129,9 +129,9 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
         raise ValueError(f"--value-swap is for E2E (it rewrites attribute values), not {spec.dataset!r}")
     if not 0.0 <= spec.value_swap <= 1.0:
         raise ValueError(f"--value-swap is a share of the fit inputs, in [0, 1]; got {spec.value_swap}")
-    if spec.gate_values and (not spec.gate or spec.dataset != "e2e" or spec.nearest_shot):
+    if spec.gate_values and (not spec.gate or spec.dataset != "e2e" or spec.nearest_shot or spec.alone):
         raise ValueError("--gate-values fits the gate on E2E select inputs with their values redrawn: it needs "
-                         "--gate and --dataset e2e (and not --nearest-shot)")
+                         "--gate and --dataset e2e (and not --nearest-shot or --alone)")
     if not 0.0 <= spec.dropout < 1.0:
         raise ValueError(f"--dropout is a probability in [0, 1); got {spec.dropout}")
     if not 0 <= spec.shots <= MAX_SHOTS:
@@ -367,8 +367,10 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if examples is None:
         examples = load_examples(spec.dataset, data_file)
     fit_ex, select_ex = split_examples(examples, spec.split, spec.fit_fraction, seed=spec.train.seed)
-    # What the gate is fitted on: select, or select with its values redrawn (devel's values only).
-    gate_ex = swap_values(select_ex, 1.0, values_from=fit_ex + select_ex) if spec.gate_values else select_ex
+    # What the gate is fitted on: select, or select with its values redrawn (devel's values only),
+    # by another draw than the one levers' --select-view values scores on.
+    gate_ex = (swap_values(select_ex, 1.0, seed=spec.train.seed + 1, values_from=fit_ex + select_ex)
+               if spec.gate_values else select_ex)
     shot_seed = spec.train.seed if spec.shot_seed is None else spec.shot_seed
     shots = in_context_shots(fit_ex, spec.shots, seed=shot_seed)  # drawn before any name swap
     nearest = NearestShot(fit_ex) if spec.nearest_shot else None
@@ -376,6 +378,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     if spec.name_swap:  # the fit split only: select stays the real data that choices are made on
         fit_ex = swap_names(fit_ex, spec.name_swap, seed=spec.train.seed)
     if spec.value_swap:
+        # Among the values of the fit split as rewritten so far: invented names too with --name-swap.
         fit_ex = swap_values(fit_ex, spec.value_swap, seed=spec.train.seed)
     if nearest:  # trained against the base as it will be prompted
         fit_ex = [replace(e, prompt=with_shots(e.prompt, [nearest_fit(e)])) for e in fit_ex]
