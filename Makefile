@@ -56,6 +56,10 @@ WIDE_SYSTEMS = zero_shot,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plug
 # 2-core CPU without AVX-512, with the base's log-prob pass.
 ORIGIN_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_task_gate_icl1
 BY_MR_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1
+# E2E, the chosen recipe with half the fit inputs' values swapped (--value-swap 0.5), its gate fitted on
+# redrawn values and its top-20 twin, beside the chosen recipe and the strongest prompts (benchmarks/results/values):
+# about 45 minutes here.
+VALUES_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_values_gate_icl1,plugin_shortlist_copy_task_values_gatev_icl1,plugin_shortlist_copy_task_values_top20_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
 paper: install
@@ -69,6 +73,7 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.shots --dataset e2e --split venue --seeds 8
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --shot-seed 6 --systems zero_shot,icl_1,plugin_shortlist_copy_task_gate_icl1 --top20-source full_topk --results benchmarks/results/shot6
 	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-smollm2-135m-shot6/generations/select300/max64-float32 runs/quality/e2e-smollm2-135m-shot6/generations/test-all/max64-float32 --systems zero_shot,icl_1,plugin_shortlist_copy_task_gate_icl1 --results benchmarks/results/shot6
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --systems $(VALUES_SYSTEMS) --top20-source full_topk --results benchmarks/results/values
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --split input --systems $(BY_MR_SYSTEMS) --top20-source full_topk
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --systems $(WEBNLG_SYSTEMS) --select-subset 150
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg
