@@ -261,7 +261,8 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
         "small": RunSpec(**common, arch="gru", alone=True),
     }
     specs.update({gated: replace(specs[trained], gate=True) for gated, trained in SAME_TRAINING.items()})
-    specs["shortlist_copy_task_values_icl1_gated_values"].gate_values = True
+    specs["shortlist_copy_task_values_icl1_gated_values"] = replace(specs["shortlist_copy_task_values_icl1_gated"],
+                                                                     gate_values=True)
     if shot_seed:
         specs = {n: replace(s, shot_seed=shot_seed) if s.shots and not s.nearest_shot else s for n, s in specs.items()}
     return specs

@@ -208,10 +208,9 @@ def swap_values(examples: list[Example], share: float, seed: int = 0,
                 values_from: list[Example] | None = None) -> list[Example]:
     """E2E examples where a seeded ``share`` of the inputs have their attribute values (``SWAP_FIELDS``)
     replaced, each by another value that field takes in ``values_from`` (default: ``examples``),
-    drawn uniformly, in the prompt
-    and in every reference. A value is swapped only where every reference of its input states it
-    word for word (whole words, any case) and no other field of the input shares it, so the rewritten
-    references stay true to the rewritten input. A plugin fitted on them cannot learn the fit split's
+    drawn uniformly, in the prompt and in every reference. A value is swapped only where every
+    reference of its input states it word for word (whole words, any case) and no other field of the
+    input shares it, so the rewritten references stay true to the rewritten input. A plugin fitted on them cannot learn the fit split's
     value frequencies (E2E ``devel`` names a coffee shop in 84 % of its inputs, Chinese or English
     food in 99 % of those with food) as what to write; it must follow the input's values, as it must
     on inputs that name others (``test`` names a pub in 49 %)."""
