@@ -26,8 +26,8 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from benchmarks.protocols import (DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, grouped_test, held_out_slices, select_slices,
-                                  slice_key, slice_names)
+from benchmarks.protocols import (DEFAULT_MAX_TOKENS, PROTOCOL_SPLITS, Protocol, grouped_test, held_out_slices,
+                                  select_slices, slice_key, slice_names)
 from benchmarks.quality import (DTYPE, RESULTS, check_inputs, engine, generate_jobs, icl_shots, read_generations,
                                 score_sliced, scores_file, setting_label, start_from)
 
@@ -324,11 +324,31 @@ def select_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def select_generations(args, protocol, base_name: str) -> tuple[Path, Path]:
-    """(the protocol's runs folder, the select sample's generation folder), as the quality
-    benchmark names them, so each reuses the other's files."""
+class SelectSample(NamedTuple):
+    """The select sample the quality benchmark decodes, with its base and where its files go:
+    ``root`` is the protocol's runs folder and ``gen_dir`` the sample's generation folder, named as
+    the quality benchmark names them, so each reuses the other's files."""
+    protocol: Protocol
+    base_path: Path
+    base_config: dict
+    base_name: str
+    root: Path
+    gen_dir: Path
+    prompts: list[str]
+    references: list[list[str]]
+    slices: dict
+
+
+def select_sample(args) -> SelectSample:
+    """Check ``args`` (``select_parser``'s; fills in ``args.max_tokens``) and open the select sample.
+    Raises SystemExit naming the missing data or base, as ``quality.check_inputs``."""
+    args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
+    protocol, base_path, base_config, base_name = check_inputs(args)
     root = Path(args.runs) / f"{protocol.name}-{base_name}"
-    return root, root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
+    gen_dir = root / "generations" / f"select{args.select_subset or '-all'}" / f"max{args.max_tokens}-{args.dtype}"
+    prompts, references = grouped_test(protocol.select, args.select_subset)
+    return SelectSample(protocol, base_path, base_config, base_name, root, gen_dir, prompts, references,
+                        select_slices(protocol))
 
 
 def values_view(protocol, prompts: list[str]) -> tuple[list[str], list[list[str]], dict[str, set[str]]]:
@@ -359,11 +379,7 @@ def main(argv=None) -> None:
     unknown = [n for n in names if n not in LEVERS]
     if unknown:
         parser.error(f"unknown lever(s) {unknown}; known: {', '.join(LEVERS)}")
-    args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
-    protocol, base_path, base_config, base_name = check_inputs(args)
-    root, gen_dir = select_generations(args, protocol, base_name)
-    prompts, references = grouped_test(protocol.select, args.select_subset)
-    slices = select_slices(protocol)
+    protocol, base_path, base_config, base_name, root, gen_dir, prompts, references, slices = select_sample(args)
     view = "" if args.select_view == "real" else f"_{args.select_view}"
     if view:
         prompts, references, slices = values_view(protocol, prompts)

@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.levers import NO_PENALTY, lever_params, select_generations, select_parser
-from benchmarks.protocols import DEFAULT_MAX_TOKENS, grouped_test, select_slices, slice_names
-from benchmarks.quality import (check_inputs, engine, generate_jobs, icl_shots, read_generations, score_sliced,
-                                scores_file, setting_label)
+from benchmarks.levers import NO_PENALTY, lever_params, select_parser, select_sample
+from benchmarks.protocols import slice_names
+from benchmarks.quality import (engine, generate_jobs, icl_shots, read_generations, score_sliced, scores_file,
+                                setting_label)
 
 
 def stem(seed: int) -> str:
@@ -34,11 +34,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error(f"--seeds must be at least 1, got {args.seeds}")
-    args.max_tokens = args.max_tokens or DEFAULT_MAX_TOKENS[args.dataset]
-    protocol, base_path, base_config, base_name = check_inputs(args)
-    _, gen_dir = select_generations(args, protocol, base_name)
-    prompts, references = grouped_test(protocol.select, args.select_subset)
-    slices = select_slices(protocol)
+    protocol, base_path, base_config, base_name, _, gen_dir, prompts, references, slices = select_sample(args)
     shots = {seed: icl_shots(protocol, seed) for seed in range(args.seeds)}
     todo = [seed for seed in shots if not (gen_dir / f"{stem(seed)}.jsonl").is_file()]
     if todo:
