@@ -60,6 +60,9 @@ BY_MR_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_ic
 # redrawn values and its top-20 twin, beside the chosen recipe and the strongest prompts (benchmarks/results/values):
 # about 45 minutes here.
 VALUES_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_values_gate_icl1,plugin_shortlist_copy_task_values_gatev_icl1,plugin_shortlist_copy_task_values_top20_gate_icl1
+# Qwen2.5-Coder-0.5B, the value-swap recipe and its top-20 twin beside the prompts (benchmarks/results/values_qwen):
+# about 95 minutes here on a fresh machine, about 40 of them the base's log-prob pass on the one-example prompts.
+QWEN_VALUES_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_task_values_gate_icl1,plugin_shortlist_copy_task_values_top20_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
 paper: install
@@ -79,3 +82,4 @@ paper: install
 	$(VENV)/bin/python -m benchmarks.strength --dataset webnlg
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --split target --systems $(WEBNLG_TARGET_SYSTEMS) --lora-epochs 1 --subset 200 --select-subset 100
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --systems $(QWEN_SYSTEMS)
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --systems $(QWEN_VALUES_SYSTEMS) --results benchmarks/results/values_qwen
