@@ -287,7 +287,7 @@ VIEWS = {"real": "", "values": " with their attribute values redrawn (values_vie
 def write_report(result: dict, out_base: Path, sliced_by: str | None = None) -> None:
     """The JSON and a Markdown table; ``sliced_by``: the meta field select scores are sliced by
     (``protocols.slice_key``), if any."""
-    out_base.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out_base.with_name(out_base.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     slices = slice_names(result["rows"]["zero_shot"]["select"])
     lines = [f"**{result['protocol_name']}**, base `{result['base_model']}`: levers on {result['select_inputs']} "
              f"select inputs{VIEWS[result.get('select_view', 'real')]} (greedy, stop at a newline). BLEU / ROUGE-L" + (
@@ -304,7 +304,7 @@ def write_report(result: dict, out_base: Path, sliced_by: str | None = None) -> 
                   f"{t['epochs_run']} ({t['best_epoch']})" if t else "",
                   f"{t['seconds_per_epoch']:.0f}" if t.get("seconds_per_epoch") else ""]
         lines.append(f"| {name} | {row['what']} | " + " | ".join(cells) + " |")
-    out_base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out_base.with_name(out_base.name + ".md").write_text("\n".join(lines) + "\n")
 
 
 def select_parser(description: str) -> argparse.ArgumentParser:
@@ -417,8 +417,8 @@ def main(argv=None) -> None:
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_view": args.select_view, "select_inputs": len(prompts),
               "max_tokens": args.max_tokens, "dtype": args.dtype, "rows": rows}
-    if out.with_suffix(".json").is_file():  # a run of some levers adds their rows to the table
-        previous = json.loads(out.with_suffix(".json").read_text())
+    if out.with_name(out.name + ".json").is_file():  # a run of some levers adds their rows to the table
+        previous = json.loads(out.with_name(out.name + ".json").read_text())
         previous.setdefault("max_tokens", args.max_tokens)  # tables from before these were recorded:
         previous.setdefault("dtype", DTYPE)  # the defaults of then
         same = ("protocol", "select_inputs", "max_tokens", "dtype")
@@ -428,7 +428,7 @@ def main(argv=None) -> None:
             result["rows"] = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
                                          else len(order)))
     write_report(result, out, slice_key(protocol))
-    print(out.with_suffix(".md").read_text())
+    print(out.with_name(out.name + ".md").read_text())
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def main(argv=None) -> None:
               "protocol": protocol.description, "select_inputs": len(prompts), "max_tokens": args.max_tokens,
               "dtype": args.dtype, "decoding": NO_PENALTY, "chosen": int(chosen), "rows": rows}
     out = Path(args.results) / f"shots_{protocol.name}_{base_name}"
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    out.with_name(out.name + ".json").write_text(json.dumps(result, indent=2) + "\n")
     names = slice_names(rows["0"]["select"])
     lines = [f"**{protocol.name}**, base `{base_name}`: the base behind one drawn example per seed, on "
              f"{len(prompts)} select inputs (greedy, no penalty). BLEU / ROUGE-L" + "".join(f"; {k}" for k in names)
@@ -68,8 +68,8 @@ def main(argv=None) -> None:
         lines.append(f"| {seed} | {row['example']['input']} | {s['bleu']:.2f} / "
                      f"{s['rouge_l']:.3f}" + "".join(f" | {s[k]['bleu']:.2f} / {s[k]['rouge_l']:.3f}" for k in names)
                      + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
+    out.with_name(out.name + ".md").write_text("\n".join(lines) + "\n")
+    print(out.with_name(out.name + ".md").read_text())
 
 
 if __name__ == "__main__":
