@@ -417,8 +417,9 @@ def main(argv=None) -> None:
     result = {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
               "protocol": protocol.description, "select_view": args.select_view, "select_inputs": len(prompts),
               "max_tokens": args.max_tokens, "dtype": args.dtype, "rows": rows}
-    if out.with_name(out.name + ".json").is_file():  # a run of some levers adds their rows to the table
-        previous = json.loads(out.with_name(out.name + ".json").read_text())
+    report = out.with_name(out.name + ".json")  # not with_suffix: base names hold dots (qwen2.5-...)
+    if report.is_file():  # a run of some levers adds their rows to the table
+        previous = json.loads(report.read_text())
         previous.setdefault("max_tokens", args.max_tokens)  # tables from before these were recorded:
         previous.setdefault("dtype", DTYPE)  # the defaults of then
         same = ("protocol", "select_inputs", "max_tokens", "dtype")

@@ -210,10 +210,10 @@ def swap_values(examples: list[Example], share: float, seed: int = 0,
     replaced, each by another value that field takes in ``values_from`` (default: ``examples``),
     drawn uniformly, in the prompt and in every reference. A value is swapped only where every
     reference of its input states it word for word (whole words, any case) and no other field of the
-    input shares it, so the rewritten references stay true to the rewritten input. A plugin fitted on them cannot learn the fit split's
-    value frequencies (E2E ``devel`` names a coffee shop in 84 % of its inputs, Chinese or English
-    food in 99 % of those with food) as what to write; it must follow the input's values, as it must
-    on inputs that name others (``test`` names a pub in 49 %)."""
+    input shares it, so the rewritten references stay true to the rewritten input. A plugin fitted on
+    them cannot learn the fit split's value frequencies (E2E ``devel`` names a coffee shop in 84 % of
+    its inputs, Chinese or English food in 99 % of those with food) as what to write; it must follow
+    the input's values, as it must on inputs that name others (``test`` names a pub in 49 %)."""
     references: dict[str, list[str]] = {}
     for e in examples:
         references.setdefault(e.group, []).append(e.target)
