@@ -63,6 +63,10 @@ VALUES_SYSTEMS = zero_shot,icl_1,icl_1_nearest,plugin_shortlist_copy_task_gate_i
 # Qwen2.5-Coder-0.5B, the value-swap recipe and its top-20 twin beside the prompts (benchmarks/results/values_qwen):
 # about 95 minutes here on a fresh machine, about 40 of them the base's log-prob pass on the one-example prompts.
 QWEN_VALUES_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_task_values_gate_icl1,plugin_shortlist_copy_task_values_top20_gate_icl1
+# Qwen2.5-Coder-0.5B, the closed-API view with the task's tokens lifted out of the flat tail: how far the base ranks
+# each select reference token (benchmarks/results/top20_reach_e2e_*.json, which chooses the offset on select), then the
+# chosen recipe, its top-20 twin and its lifted-tail twin beside zero-shot (benchmarks/results/lift_qwen).
+QWEN_LIFT_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_lift_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
 paper: install
@@ -83,3 +87,6 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset webnlg --split target --systems $(WEBNLG_TARGET_SYSTEMS) --lora-epochs 1 --subset 200 --select-subset 100
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --systems $(QWEN_SYSTEMS)
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --systems $(QWEN_VALUES_SYSTEMS) --results benchmarks/results/values_qwen
+	$(VENV)/bin/python -m benchmarks.top20_reach --base smollm2-135m
+	$(VENV)/bin/python -m benchmarks.top20_reach --base qwen2.5-coder-0.5b
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --copy-tail-offset -2 --systems $(QWEN_LIFT_SYSTEMS) --results benchmarks/results/lift_qwen

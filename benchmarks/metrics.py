@@ -97,6 +97,39 @@ def cider_d(hyps: list[list[str]], refs: list[list[list[str]]], n: int = 4, sigm
     return sum(scores) / len(scores)
 
 
+def _reference_streams(references: list[list[str]]) -> list[list[str]]:
+    """sacrebleu's reference streams from one reference set per output: an output with fewer
+    references than the most repeats its first."""
+    width = max(map(len, references))
+    return [[rs[i] if i < len(rs) else rs[0] for rs in references] for i in range(width)]
+
+
+def bleu_gain_share_interval(hypotheses: dict[str, list[str]], references: list[list[str]], part: str, full: str,
+                             zero: str, resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap interval of the share of ``full``'s BLEU gain over ``zero`` that
+    ``part`` keeps, (BLEU(part) - BLEU(zero)) / (BLEU(full) - BLEU(zero)), the three systems'
+    outputs (``hypotheses[name]``, one per input of ``references``) resampled by input with
+    replacement, the same draw for all three (a paired bootstrap, Koehn 2004). Each resample's
+    corpus BLEU sums per-input n-gram statistics, as sacrebleu's own paired bootstrap does
+    (``sacrebleu.significance``), so it is exactly ``sacrebleu.corpus_bleu`` of that resample.
+    A resample where ``full`` does not beat ``zero`` has no share: counted in ``undefined``, left
+    out of the interval. Returns {"low", "high", "level", "resamples", "undefined", "seed"}."""
+    import numpy as np
+    from sacrebleu.metrics import BLEU
+
+    metric, streams = BLEU(), _reference_streams(references)
+    stats = {n: np.asarray(metric._extract_corpus_statistics(hypotheses[n], streams)) for n in (part, full, zero)}
+    draws = np.random.default_rng(seed).integers(0, len(references), size=(resamples, len(references)))
+    shares = []
+    for rows in draws:
+        bleu = {n: metric._compute_score_from_stats(s[rows].sum(0)).score for n, s in stats.items()}
+        if bleu[full] > bleu[zero]:
+            shares.append((bleu[part] - bleu[zero]) / (bleu[full] - bleu[zero]))
+    low, high = (np.quantile(shares, [(1 - level) / 2, (1 + level) / 2]).tolist() if shares else (None, None))
+    return {"low": low, "high": high, "level": level, "resamples": resamples, "undefined": resamples - len(shares),
+            "seed": seed}
+
+
 def score(hypotheses: list[str], references: list[list[str]], only: tuple[str, ...] | None = None) -> dict:
     """All five metrics for outputs against their reference sets; ``only=("bleu", "rouge_l")``
     computes just those two (what choosing on select reads: METEOR dominates the time)."""
@@ -107,9 +140,7 @@ def score(hypotheses: list[str], references: list[list[str]], only: tuple[str, .
 
     if len(hypotheses) != len(references) or not hypotheses:
         raise ValueError("need one non-empty reference set per output")
-    width = max(map(len, references))
-    ref_streams = [[rs[i] if i < len(rs) else rs[0] for rs in references] for i in range(width)]
-    bleu = sacrebleu.corpus_bleu(hypotheses, ref_streams).score
+    bleu = sacrebleu.corpus_bleu(hypotheses, _reference_streams(references)).score
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     rouge = sum(max(scorer.score(r, h)["rougeL"].fmeasure for r in rs)
                 for h, rs in zip(hypotheses, references)) / len(hypotheses)

@@ -74,7 +74,10 @@ plugin_shortlist_copy_task_values_icl1 and plugin_shortlist_copy_task_values_gat
 copy plugin trained with half the fit inputs' attribute values swapped (``--value-swap 0.5``),
 plugin_shortlist_copy_task_values_gatev_icl1, that plugin with its gate fitted on select with the
 values redrawn (``--gate-values``), and plugin_shortlist_copy_task_values_top20_gate_icl1, its
-closed-API twin.
+closed-API twin; plugin_shortlist_copy_task_top20_lift_icl1 and
+plugin_shortlist_copy_task_top20_lift_gate_icl1, the chosen recipe's closed-API twins with the
+task's tokens lifted out of the top-20 view's flat tail (``--copy-tail-offset``, the offset
+``benchmarks.top20_reach`` chooses on select for the base).
 """
 from __future__ import annotations
 
@@ -126,7 +129,9 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_values_icl1": "shortlist_copy_task_values_icl1",
          "plugin_shortlist_copy_task_values_gate_icl1": "shortlist_copy_task_values_icl1_gated",
          "plugin_shortlist_copy_task_values_gatev_icl1": "shortlist_copy_task_values_icl1_gated_values",
-         "plugin_shortlist_copy_task_values_top20_gate_icl1": "shortlist_copy_task_values_top20_icl1_gated"}
+         "plugin_shortlist_copy_task_values_top20_gate_icl1": "shortlist_copy_task_values_top20_icl1_gated",
+         "plugin_shortlist_copy_task_top20_lift_icl1": "shortlist_copy_task_top20_lift_icl1",
+         "plugin_shortlist_copy_task_top20_lift_gate_icl1": "shortlist_copy_task_top20_lift_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -140,7 +145,8 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_example_gate_icl1", "plugin_shortlist_copy_task_gate_d768_icl1",
                     "plugin_shortlist_copy_task_top20_gate_d768_icl1", "plugin_shortlist_copy_task_values_icl1",
                     "plugin_shortlist_copy_task_values_gate_icl1", "plugin_shortlist_copy_task_values_gatev_icl1",
-                    "plugin_shortlist_copy_task_values_top20_gate_icl1"]
+                    "plugin_shortlist_copy_task_values_top20_gate_icl1", "plugin_shortlist_copy_task_top20_lift_icl1",
+                    "plugin_shortlist_copy_task_top20_lift_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
@@ -155,7 +161,8 @@ SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gat
                  "shortlist_copy_task_top20_icl1_d768_gated": "shortlist_copy_task_top20_icl1_d768",
                  "shortlist_copy_task_values_icl1_gated": "shortlist_copy_task_values_icl1",
                  "shortlist_copy_task_values_icl1_gated_values": "shortlist_copy_task_values_icl1",
-                 "shortlist_copy_task_values_top20_icl1_gated": "shortlist_copy_task_values_top20_icl1"}
+                 "shortlist_copy_task_values_top20_icl1_gated": "shortlist_copy_task_values_top20_icl1",
+                 "shortlist_copy_task_top20_lift_icl1_gated": "shortlist_copy_task_top20_lift_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -218,9 +225,11 @@ def system_input(system: str, prompt: str, shots: Shots, tokenizer) -> str:
     return icl_prompt(prompt, shots.drawn[:k])
 
 
-def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", shot_seed: int = 0) -> dict:
+def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", shot_seed: int = 0,
+                 tail_offset: float | None = None) -> dict:
     """{plugin name: RunSpec} of every plugin the systems decode with (``out`` and ``train`` unset);
-    those trained behind drawn examples, behind ``shot_seed``'s draw (``RunSpec.shot_seed``)."""
+    those trained behind drawn examples, behind ``shot_seed``'s draw (``RunSpec.shot_seed``); the
+    lifted-tail twins with ``tail_offset`` (``RunSpec.copy_tail_offset``; None: not available)."""
     from vllm_plugin.training.pipeline import RunSpec
 
     common = dict(dataset=dataset, base=base, split=split)
@@ -256,6 +265,9 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
         "shortlist_copy_task_values_top20_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                          shortlist_min_count=1, shots=1, value_swap=0.5,
                                                          source=top20_source, top_k=20),
+        "shortlist_copy_task_top20_lift_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                       shortlist_min_count=1, shots=1, source=top20_source, top_k=20,
+                                                       copy_tail_offset=tail_offset),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
@@ -268,7 +280,8 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
     return specs
 
 
-def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm", shot_seed: int = 0):
+def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm", shot_seed: int = 0,
+              tail_offset: float | None = None):
     """Train (or reuse) each named plugin on the protocol's split; {name: checkpoint folder}.
 
     Raises:
@@ -278,7 +291,7 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
     from vllm_plugin.training.train import TrainConfig
     from vllm_plugin.checkpoint import read_config
 
-    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source, shot_seed)
+    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source, shot_seed, tail_offset)
     checkpoints = {}
     for name in sorted(names, key=lambda n: n in SAME_TRAINING):  # what they start from first
         spec = specs[name]
@@ -561,7 +574,9 @@ TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_co
               "plugin_shortlist_copy_task_top20_icl1": "plugin_shortlist_copy_task_icl1",
               "plugin_shortlist_copy_task_top20_gate_icl1": "plugin_shortlist_copy_task_gate_icl1",
               "plugin_shortlist_copy_task_top20_gate_d768_icl1": "plugin_shortlist_copy_task_gate_d768_icl1",
-              "plugin_shortlist_copy_task_values_top20_gate_icl1": "plugin_shortlist_copy_task_values_gate_icl1"}
+              "plugin_shortlist_copy_task_values_top20_gate_icl1": "plugin_shortlist_copy_task_values_gate_icl1",
+              "plugin_shortlist_copy_task_top20_lift_icl1": "plugin_shortlist_copy_task_icl1",
+              "plugin_shortlist_copy_task_top20_lift_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
 TOP20_ROWS = tuple(TOP20_TWIN)
 
 
@@ -710,6 +725,10 @@ def parse_args(argv):
     parser.add_argument("--top20-source", default="vllm", choices=["vllm", "full_topk"],
                         help="where the top-20 plugin's log-probs come from: a vLLM prompt_logprobs pass, "
                              "or the top-20 view of the full-logit cache (same numbers, no second pass)")
+    parser.add_argument("--copy-tail-offset", type=float, metavar="NATS",
+                        help="the *_top20_lift_* systems' lift of the task's tokens out of the top-20 view's flat "
+                             "tail, nats from the 20th log-prob (benchmarks.top20_reach's chosen_offset for the base: "
+                             "chosen on select); needed for those systems only")
     parser.add_argument("--eager", action="store_true",
                         help="skip vLLM's torch.compile (starts in seconds; decodes slower)")
     parser.add_argument("--dtype", default=DTYPE,
@@ -758,13 +777,19 @@ def check_inputs(args):
         raise SystemExit(f"base model {args.base!r} cannot be loaded: {e}") from e
     if wants_chat and not chat:
         raise SystemExit(f"base model {args.base!r} has no chat template: drop zero_shot_chat from --systems")
+    lifted = [s for s in getattr(args, "systems", ()) if "_top20_lift_" in s]
+    offset = getattr(args, "copy_tail_offset", None)
+    if lifted and (offset is None or not -50 <= offset <= 0):
+        raise SystemExit(f"{', '.join(lifted)}: pass --copy-tail-offset, nats in [-50, 0] (benchmarks.top20_reach "
+                         f"--base {args.base} chooses it on select), got {offset}")
     return protocol, base_path, base_config, args.base_name or base_name(args.base)
 
 
 def train_systems(args, protocol: Protocol, base_path: str, root: Path):
     """Train (or reuse) what the systems need; (checkpoints, mixture weight, trained names)."""
     needed = sorted({plugin_of(s) for s in args.systems} - {None})
-    checkpoints = train_all(protocol, base_path, needed, root, args.epochs, print, args.top20_source, args.shot_seed)
+    checkpoints = train_all(protocol, base_path, needed, root, args.epochs, print, args.top20_source, args.shot_seed,
+                            args.copy_tail_offset)
     mix_weight = 0.5
     if "weighted_mix" in args.systems:
         w_file = root / "mixture_weight.json"
@@ -912,13 +937,20 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
     description = protocol.description
     if args.subset and args.subset < len({e.prompt for e in test}):
         description += f"; scored here on a fixed random subset of {args.subset} test inputs (seed 0)"
-    systems = {}
+    systems, outputs = {}, {}
     for name in args.systems:
         rows = [generated[name][p] for p in prompts]
-        systems[name] = score_sliced([r["output"] for r in rows], prompts, references, slices,
-                                     cache=scores_file(files[name]))
+        outputs[name] = [r["output"] for r in rows]
+        systems[name] = score_sliced(outputs[name], prompts, references, slices, cache=scores_file(files[name]))
         systems[name]["mean_output_tokens"] = sum(len(r["token_ids"]) for r in rows) / n
         print(name, {k: round(v, 3) for k, v in systems[name].items() if not isinstance(v, dict)})
+    targets = against_targets(systems)
+    if targets.get("top20_share_by_row"):  # how far the shares could move on other test inputs like these
+        from benchmarks.metrics import bleu_gain_share_interval
+
+        targets["top20_share_interval"] = {top: bleu_gain_share_interval(outputs, references, top, TOP20_TWIN[top],
+                                                                         "zero_shot")
+                                           for top in targets["top20_share_by_row"]}
     return {"dataset": args.dataset, "protocol_name": protocol.name, "base_model": base_name,
             "protocol": description, "split_sizes": split_sizes(protocol), "n_test_inputs": n, "subset": args.subset,
             "shot_seed": args.shot_seed,
@@ -926,7 +958,7 @@ def score_test_stage(args, protocol: Protocol, base_name, test, prompts, referen
                          "max_tokens": args.max_tokens, "stop": ["\\n"], "engine": "vLLM",
                          "dtype": args.dtype,
                          "chosen_on": f"{choice['select_inputs']} select inputs (BLEU, then ROUGE-L)", **choice},
-            **chosen_plugins(choice), "systems": systems, "targets": against_targets(systems)}
+            **chosen_plugins(choice), "systems": systems, "targets": targets}
 
 
 def score_partial(args, protocol: Protocol, base_name, test_dir: Path, choice: dict) -> None:

@@ -392,6 +392,37 @@ def test_top_k_plugin_decodes_against_the_base_top_k(tiny, engine):
     assert differs >= 2  # the top-k view changes the decoding, so the equalities test it
 
 
+def test_copy_tail_offset_lifts_the_task_out_of_the_flat_tail(tiny, engine):
+    """Plugin l, trained from top-k log-probs with ``copy_tail_offset``, sees the base's top-k view
+    with its task's tokens outside the top k at the k-th log-prob plus the offset, not in the flat
+    tail: served exactly as the reference decodes it, on the shortlisted path, on the
+    vocabulary-wide one (an expert penalty) and at another k per request; the same plugin with
+    the flat tail alone decodes some prompt differently."""
+    import copy
+
+    from .conftest import COPY_MARKER, TINY_TOP_K
+
+    example = f"name -- Zizzi\narea -- riverside\n\n{COPY_MARKER}\nZizzi is a pub by the riverside.\n\n"
+    prompts = [tiny.encode(t) for t in (example + PROMPTS[2], PROMPTS[2], PROMPTS[4],
+                                        example + "name -- Cotto\nfood -- Indian\n\n" + COPY_MARKER + "\n")]
+    plugin = tiny.plugins["l"]
+    flat = copy.deepcopy(plugin)
+    flat.config.copy_tail_offset = None
+    differs = 0
+    for extra, k, expert in (({}, TINY_TOP_K, 1.0), ({"plugin_expert_repetition_penalty": 1.3}, TINY_TOP_K, 1.3),
+                             ({"plugin_base_top_k": 3}, 3, 1.0)):
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, extra_args={"plugin": "l", **extra})
+        outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [params] * len(prompts),
+                               use_tqdm=False)
+        for ids, out in zip(prompts, outs):
+            want = reference_generate(tiny.base, [ids], plugin, max_new_tokens=12, top_k=k,
+                                      expert_repetition_penalty=expert)[0]
+            assert list(out.outputs[0].token_ids) == want, (extra, ids)
+            differs += want != reference_generate(tiny.base, [ids], flat, max_new_tokens=12, top_k=k,
+                                                  expert_repetition_penalty=expert)[0]
+    assert differs >= 1
+
+
 def test_requests_arriving_at_different_times(tiny, engine):
     """New rows join a batch that is already decoding; their prompts prefill while others step."""
     core = engine.llm_engine

@@ -341,6 +341,33 @@ def test_targets_are_computed_from_the_scores():
     assert with_lora["share_of_lora_bleu_gain"] == {"plugin_recurrent": pytest.approx(0.8)}
 
 
+def test_top20_share_interval_is_a_seeded_paired_bootstrap_of_corpus_bleu():
+    """The interval of a top-20 row's share of its twin's gain resamples the test inputs, the same
+    draw for the three systems: its BLEU is sacrebleu's corpus BLEU of each resample, so it holds
+    the share on the inputs as drawn; it is the same for the same seed, and a share that no
+    resample can move (the part system is the full one) has a zero-width interval."""
+    import random
+
+    import sacrebleu
+
+    from benchmarks.metrics import _reference_streams, bleu_gain_share_interval
+
+    rng = random.Random(0)
+    words = "the pub near the river serves cheap english food with a high rating in the city centre".split()
+    references = [[" ".join(rng.sample(words, 8)) for _ in range(rng.randint(1, 3))] for _ in range(40)]
+    full = [rs[0] for rs in references]
+    zero = [" ".join(rng.sample(words, 6)) for _ in references]
+    part = [f if i % 2 else z for i, (f, z) in enumerate(zip(full, zero))]
+    hyps = {"part": part, "full": full, "zero": zero}
+    bleu = {n: sacrebleu.corpus_bleu(h, _reference_streams(references)).score for n, h in hyps.items()}
+    share = (bleu["part"] - bleu["zero"]) / (bleu["full"] - bleu["zero"])
+    interval = bleu_gain_share_interval(hyps, references, "part", "full", "zero", resamples=200)
+    assert interval["low"] < share < interval["high"] and interval["undefined"] == 0
+    assert interval == bleu_gain_share_interval(hyps, references, "part", "full", "zero", resamples=200)
+    same = bleu_gain_share_interval(hyps, references, "full", "full", "zero", resamples=50)
+    assert same["low"] == pytest.approx(1.0) and same["high"] == pytest.approx(1.0)
+
+
 def test_scores_are_kept_per_generation_file_until_it_changes(tmp_path, monkeypatch):
     """A generation file is scored once: the cache answers while outputs, references and slices
     are unchanged, and any change of them scores again."""
@@ -499,6 +526,10 @@ def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, mon
     refused(["--results", str(tmp_path / "a-file" / "res"), "--base", str(tiny.base_dir)], "not writable")
     (tmp_path / "empty-base").mkdir()
     refused(["--results", str(tmp_path / "res"), "--base", str(tmp_path / "empty-base")], "cannot be loaded")
+    lift = ["--results", str(tmp_path / "res"), "--base", str(tiny.base_dir), "--systems",
+            "zero_shot,plugin_shortlist_copy_task_top20_lift_gate_icl1"]
+    refused(lift, "plugin_shortlist_copy_task_top20_lift_gate_icl1: pass --copy-tail-offset")
+    refused([*lift, "--copy-tail-offset", "0.5"], r"nats in \[-50, 0\].*got 0.5")
 
 
 def test_webnlg_protocol_holds_out_whole_categories():

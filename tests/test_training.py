@@ -88,6 +88,40 @@ def test_topk_tail_treatment_is_normalised():
     torch.testing.assert_close(full[0, targets[0]], top.values[0, 0])  # a listed target keeps its value
 
 
+def test_lifted_tail_puts_the_prompts_tokens_below_the_kth_and_stays_normalised(tiny, e2e_file):
+    """``copy_tail_offset``'s view: a lifted token outside the top k sits ``offset`` nats below the
+    k-th log-prob (at most half the mass left among the lifted ones), the top k keep their values,
+    the other tail tokens share what is left, and the rows still sum to 1; with nothing lifted it
+    is the flat tail. A top-k cache ``with_lift`` lifts exactly each row's prompt tokens."""
+    from vllm_plugin.experts import top_k_with_flat_tail
+
+    torch.manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(3, 50), -1)
+    top, ids = lp.topk(5)
+    lifted = torch.zeros(3, 50, dtype=torch.bool)
+    lifted[0, lp[0].argsort()[:4]] = True  # the four least likely tokens
+    lifted[1, ids[1, 0]] = True  # a top-k token: stays as listed
+    view = top_k_with_flat_tail(ids, top, 50, lifted, -1.5)
+    torch.testing.assert_close(view.exp().sum(-1), torch.ones(3))
+    torch.testing.assert_close(view.gather(1, ids), top)
+    kth = top[0, -1]
+    left = 1 - top[0].exp().sum()
+    lift = torch.minimum(kth - 1.5, torch.log(0.5 * left / 4))
+    torch.testing.assert_close(view[0, lifted[0]], lift.expand(4))
+    torch.testing.assert_close(top_k_with_flat_tail(ids[1:], top[1:], 50, lifted[1:], -1.5),
+                               top_k_with_flat_tail(ids[1:], top[1:], 50))
+    with pytest.raises(BaseLogitsError, match="only a top-k cache"):
+        extract_full(tiny.base, tokenize_examples(load_e2e(e2e_file)[:2], tiny.tokenizer), progress=False).with_lift(
+            tokenize_examples(load_e2e(e2e_file)[:2], tiny.tokenizer), [], -1.0)
+    ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
+    bl = bl_mod.topk_view(extract_full(tiny.base, ts, progress=False), ts, 5, progress=False).with_lift(ts, [], 0.0)
+    row = len(ts.targets[0])  # the second example's first target token
+    dense = bl.log_probs(torch.tensor([row]))[0]
+    prompt = set(ts.prompts[ts.example_prompt[1]]) - set(bl.topk_ids[row].tolist())
+    tail = dense.min()
+    assert {int(t) for t in (dense > tail + 1e-4).nonzero()[:, 0]} == prompt | set(bl.topk_ids[row].tolist())
+
+
 def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path, monkeypatch):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, patience=5))
@@ -154,14 +188,17 @@ def test_evaluate_base_alone_is_mean_nll(tiny, e2e_file):
     assert evaluate(None, data) == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["full", "topk"])
+@pytest.mark.parametrize("kind", ["full", "topk", "topk_lift"])
 def test_base_log_probs_at_some_columns_equal_the_full_rows(tiny, e2e_file, kind):
     """``log_probs_at`` and ``target_log_probs`` read only the columns they need, and give exactly
-    the numbers of the whole-vocabulary rows (the top-k view for a top-k cache)."""
+    the numbers of the whole-vocabulary rows (the top-k view for a top-k cache, with or without
+    the prompt's tokens lifted out of its flat tail)."""
     ts = tokenize_examples(load_e2e(e2e_file)[:8], tiny.tokenizer)
     bl = extract_full(tiny.base, ts, progress=False)
-    if kind == "topk":
+    if kind.startswith("topk"):
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
+    if kind == "topk_lift":
+        bl = bl.with_lift(ts, [], -2.0)
     rows = torch.arange(len(bl))
     candidates = bl.candidates(7)
     assert candidates.shape == (len(bl), 7 if kind == "full" else 5)
@@ -304,6 +341,9 @@ def test_pending_copy_scores_leave_what_the_target_said_before(tiny, e2e_file):
             PluginConfig(vocab_size=tiny.vocab_size, base_candidates=bad)
     with pytest.raises(ValueError, match="base_candidates=8 is more than the 5 top log-probs the plugin was trained"):
         PluginConfig(vocab_size=tiny.vocab_size, base_candidates=8, training={"source": "vllm", "top_k": 5})
+    for bad, copy in ((0.5, True), (float("nan"), True), (-60, True), (True, True), ("-1", True), (-1.0, False)):
+        with pytest.raises(ValueError, match="copy_tail_offset=.* must be a number of nats between -50 and 0"):
+            PluginConfig(vocab_size=tiny.vocab_size, copy=copy, copy_tail_offset=bad)
 
 
 def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_path):
@@ -312,7 +352,9 @@ def test_resume_refuses_a_run_trained_with_other_settings(tiny, e2e_file, tmp_pa
     run(spec, progress=False, log=lambda *_: None)
     for bad, message in [({"base_candidates": 21}, "--base-candidates is a number of the base's top tokens, 0 to 20"),
                          ({"base_candidates": 4, "alone": True}, "not with --alone"),
-                         ({"base_candidates": 8, "source": "full_topk", "top_k": 5}, "more than the 5 top log-probs")]:
+                         ({"base_candidates": 8, "source": "full_topk", "top_k": 5}, "more than the 5 top log-probs"),
+                         ({"copy_tail_offset": -1.0, "copy": True}, "needs --copy and a top-k --source"),
+                         ({"copy_tail_offset": 1.0, "copy": True, "source": "full_topk"}, "nats in \\[-50, 0\\]")]:
         with pytest.raises(ValueError, match=message):
             run(replace(spec, out=str(tmp_path / "bad"), **bad), progress=False, log=lambda *_: None)
     spec.train.negatives = 16
@@ -363,6 +405,28 @@ def test_shared_prompts_give_the_plain_forward_numbers(tiny, e2e_file):
     assert sorted(order) == list(range(16)) and order != data.grouped_order(4)
     prompt = [ts.example_prompt[e] for e in order]
     assert all(prompt.index(p) + prompt.count(p) - 1 == len(prompt) - 1 - prompt[::-1].index(p) for p in prompt)
+
+
+def test_a_top_k_run_with_copy_tail_offset_trains_and_selects_on_the_lifted_view(tiny, e2e_file, tmp_path):
+    """``RunSpec(copy_tail_offset=...)`` with a top-k source: the plugin trains against the top-k
+    view with each prompt's tokens lifted out of the flat tail (``BaseLogits.with_lift``), its
+    select loss and the base's are those of that view, and its checkpoint carries the offset,
+    which the processor and the reference decoder read."""
+    from vllm_plugin.training.pipeline import LazyBase, base_logits_for, tokenized_splits
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), copy=True,
+                   source="full_topk", top_k=5, shortlist_min_count=1, copy_tail_offset=-1.0,
+                   train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    plugin = load_plugin(tmp_path / "run" / "checkpoint")
+    assert plugin.config.copy_tail_offset == -1.0 and plugin.config.training["copy_tail_offset"] == -1.0
+    splits = tokenized_splits(spec, log=lambda *_: None)
+    select = base_logits_for(splits.select_ts, spec, splits.base_path, splits.fingerprint, LazyBase(splits.base_path),
+                             progress=False)
+    lifted = PairSet(splits.select_ts, select.with_lift(splits.select_ts, [], -1.0))
+    assert evaluate(None, lifted) == pytest.approx(metrics["base_select_loss"], rel=1e-5)
+    assert evaluate(None, PairSet(splits.select_ts, select)) != pytest.approx(metrics["base_select_loss"], rel=1e-3)
+    assert evaluate(plugin, lifted) == pytest.approx(metrics["best_select_loss"], rel=1e-4)
 
 
 def test_gate_is_fitted_on_select_after_training(tiny, e2e_file, tmp_path):
@@ -562,7 +626,8 @@ def full_vocabulary_loss(plugin, data, idx):
                          + [("full", True, True, True, False, 0), ("alone", True, False, True, False, 0)]  # pending-copy scores
                          + [("full", True, True, True, True, 0), ("alone", True, False, False, True, 0)]  # example scores
                          + [("full", True, True, False, False, 4), ("topk", True, True, False, False, 5),
-                            ("full", False, False, False, False, 20)])  # candidate scores on the base's top tokens
+                            ("full", False, False, False, False, 20)]  # candidate scores on the base's top tokens
+                         + [("topk_lift", True, True, False, False, 0)])  # copied tokens lifted out of the flat tail
 def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate,
                                                                        pending, example, candidates):
     """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
@@ -582,8 +647,10 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
         ts.prompts = [shot + p for p in ts.prompts]
         marker = tiny.tokenizer(PROMPT_TEMPLATES["e2e"].split("{input}")[0].strip(), add_special_tokens=False).input_ids
     bl = None if kind == "alone" else extract_full(tiny.base, ts, progress=False)
-    if kind == "topk":
+    if kind.startswith("topk"):
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
+    if kind == "topk_lift":
+        bl = bl.with_lift(ts, marker, -1.0)
     data = PairSet(ts, bl)
     plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending, copy_after=marker,
                          copy_example=example, base_candidates=candidates, shortlist_size=tiny.vocab_size // 3)

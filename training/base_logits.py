@@ -111,6 +111,11 @@ class BaseLogits:
     topk_ids: torch.Tensor | None = None  # topk: [N, k]
     topk_logprobs: torch.Tensor | None = None
     target_logprobs: torch.Tensor | None = None  # topk: [N], exact log-prob of the target token
+    # topk, ``with_lift``: the tokens each row's prompt holds, lifted out of the flat tail
+    # (``experts.top_k_with_flat_tail``): [P, m] ids per prompt (-1 pads), the prompt of each row [N]
+    lift_ids: torch.Tensor | None = None
+    lift_prompt: torch.Tensor | None = None
+    lift_offset: float = 0.0
     # full, once ``candidates`` ran: [N, k] top-k ids, [N] log-normaliser and [N] entropy (in a
     # sidecar beside the cache); a top-k cache's entropy once ``entropy`` ran
     candidate_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -191,8 +196,6 @@ class BaseLogits:
         [n]), without touching the rest of the vocabulary: the full source computes only those
         columns of the head (the first call runs ``candidates``, for the normaliser); a top-k cache
         reads its top-k log-probs and the flat tail elsewhere. Differentiable in nothing."""
-        from vllm_plugin.experts import flat_tail
-
         cols, repeat = torch.unique(cols, return_inverse=True)  # a token asked for twice: one column, read twice
         if self.kind == "full":
             if self.log_normaliser is None:
@@ -200,13 +203,16 @@ class BaseLogits:
             logits = self._capped(F.linear(self.hidden[rows].float(), self.head_weight[cols],
                                            None if self.head_bias is None else self.head_bias[cols]))
             return (logits - self.log_normaliser[rows, None])[:, repeat]
-        top, ids = self.topk_logprobs[rows].float(), self.topk_ids[rows].long()
-        out = flat_tail(top, self.vocab_size).expand(len(rows), len(cols)).clone()
+        top, ids, lifted, lift, tail = self._view(rows)
+        out = tail.expand(len(rows), len(cols)).clone()
         column = torch.full((self.vocab_size,), -1, dtype=torch.long)
         column[cols] = torch.arange(len(cols))
-        where = column[ids]  # [n, k]: each top-k token's column, -1 if not asked for
-        hit = where >= 0
-        out[torch.arange(len(rows))[:, None].expand_as(ids)[hit], where[hit]] = top[hit]
+        for tokens, value in ((lifted, lift), (ids, top)):  # top-k last: a lifted token is never among them
+            if tokens is None:
+                continue
+            where = torch.where(tokens >= 0, column[tokens.clamp(min=0)], -1)  # [n, *]: each one's column, or -1
+            hit = where >= 0
+            out[torch.arange(len(rows))[:, None].expand_as(tokens)[hit], where[hit]] = value.expand_as(tokens)[hit]
         return out[:, repeat]
 
     def target_log_probs(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
@@ -220,16 +226,60 @@ class BaseLogits:
             if self.head_bias is not None:
                 logits = logits + self.head_bias[targets]
             return self._capped(logits) - self.log_normaliser[rows]
-        from vllm_plugin.experts import flat_tail
-
-        top, match = self.topk_logprobs[rows].float(), self.topk_ids[rows].long() == targets[:, None]
-        return torch.where(match.any(-1), top.masked_fill(~match, float("-inf")).amax(-1),
-                           flat_tail(top, self.vocab_size)[:, 0])
+        top, ids, lifted, lift, tail = self._view(rows)
+        match = ids == targets[:, None]
+        if lifted is not None:
+            tail = torch.where((lifted == targets[:, None]).any(-1, keepdim=True), lift, tail)
+        return torch.where(match.any(-1), top.masked_fill(~match, float("-inf")).amax(-1), tail[:, 0])
 
     def _topk_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         from vllm_plugin.experts import top_k_with_flat_tail
 
-        return top_k_with_flat_tail(self.topk_ids[rows].long(), self.topk_logprobs[rows], self.vocab_size)
+        top, ids, lifted, _, _ = self._view(rows)
+        mask = None
+        if lifted is not None:
+            mask = torch.zeros(len(rows), self.vocab_size + 1, dtype=torch.bool)
+            mask.scatter_(1, torch.where(lifted >= 0, lifted, self.vocab_size), True)  # -1 pads: a spare column
+            mask = mask[:, :-1]
+        return top_k_with_flat_tail(ids, top, self.vocab_size, mask, self.lift_offset)
+
+    def _view(self, rows: torch.Tensor):
+        """A top-k cache's view at ``rows`` [n], in parts: top-k log-probs and ids [n, k]; the
+        lifted tokens outside them [n, m] (-1 pads; None without ``with_lift``); a lifted
+        token's log-prob and every other tail token's, [n, 1] each (``experts.lifted_tail``)."""
+        from vllm_plugin.experts import flat_tail, lifted_tail
+
+        top, ids = self.topk_logprobs[rows].float(), self.topk_ids[rows].long()
+        if self.lift_ids is None:
+            return top, ids, None, None, flat_tail(top, self.vocab_size)
+        lifted = self.lift_ids[self.lift_prompt[rows]]
+        lifted = lifted.masked_fill((lifted[:, :, None] == ids[:, None, :]).any(-1), -1)
+        lift, tail = lifted_tail(top, (lifted >= 0).sum(-1, keepdim=True), self.vocab_size, self.lift_offset)
+        return top, ids, lifted, lift, tail
+
+    def with_lift(self, ts: TokenizedSet, after: list[int], offset: float) -> "BaseLogits":
+        """This top-k cache with each row's prompt tokens (from the last ``after`` marker on, the
+        tokens a plugin's copy scores lift: ``model.copy_start``) lifted out of the flat tail to
+        ``offset`` nats from the k-th log-prob (``PluginConfig.copy_tail_offset``), as the
+        processor's view lifts them. ``ts``: the examples this cache's rows are the targets of.
+
+        Raises:
+            BaseLogitsError: a full cache (its view is exact; nothing to lift), or ``ts`` does not
+                match the cache's rows.
+        """
+        from dataclasses import replace
+
+        from vllm_plugin.model import copy_start
+
+        if self.kind != "topk":
+            raise BaseLogitsError("only a top-k cache has a flat tail to lift tokens out of")
+        if ts.num_target_tokens != len(self):
+            raise BaseLogitsError(f"{ts.num_target_tokens} target tokens for a cache of {len(self)} rows")
+        tokens = [sorted(set(p[copy_start(p, after):])) for p in ts.prompts]
+        width = max(map(len, tokens), default=0)
+        ids = torch.tensor([t + [-1] * (width - len(t)) for t in tokens], dtype=torch.long).reshape(len(tokens), width)
+        prompt = torch.tensor([ts.example_prompt[e] for e, t in enumerate(ts.targets) for _ in t], dtype=torch.long)
+        return replace(self, lift_ids=ids, lift_prompt=prompt, lift_offset=float(offset))
 
     # ----- storage -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:

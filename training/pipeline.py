@@ -14,7 +14,7 @@ from vllm_plugin.model import MAX_CANDIDATES, PluginConfig, build_plugin, count_
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
-                          extract_topk_vllm, tokenize_examples, topk_view)
+                          TokenizedSet, extract_topk_vllm, tokenize_examples, topk_view)
 from .config import SOURCES, TrainConfig
 from .recipes import RECIPES, recipe
 from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, NearestShot, in_context_shots, load_examples,
@@ -92,6 +92,9 @@ class RunSpec:
     input_bag: bool = False
     # > 0: candidate scores on the base's top tokens (PluginConfig.base_candidates), up to 20.
     base_candidates: int = 0
+    # A top-k source: the prompt's copied tokens sit this many nats below the k-th log-prob in the
+    # base's view, not in its flat tail (PluginConfig.copy_tail_offset); None: the flat tail.
+    copy_tail_offset: float | None = None
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
@@ -172,6 +175,10 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     if spec.base_candidates and spec.top_k and spec.source != "full" and spec.base_candidates > spec.top_k:
         raise ValueError(f"--base-candidates {spec.base_candidates} is more than the {spec.top_k} top log-probs "
                          f"the source gives (--top-k)")
+    if spec.copy_tail_offset is not None and (not spec.copy or spec.source == "full" or spec.alone
+                                              or not -50 <= spec.copy_tail_offset <= 0):
+        raise ValueError(f"--copy-tail-offset {spec.copy_tail_offset} lifts copied tokens out of a top-k view's "
+                         f"flat tail: it needs --copy and a top-k --source (not 'full'), and nats in [-50, 0]")
     if spec.shot_seed is not None and (not spec.shots or spec.nearest_shot):
         raise ValueError("--shot-seed chooses the drawn in-context examples: it needs --shots (and not --nearest-shot)")
     if spec.nearest_shot and spec.shots != 1:
@@ -258,11 +265,11 @@ def base_vocab_size(base_path: str) -> int:
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "value_swap", "seed", "alone",
                "negatives", "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
                "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example", "base_candidates",
-               "scheduled_sampling", "shot_seed")
+               "scheduled_sampling", "shot_seed", "copy_tail_offset")
 RESUME_DEFAULTS = {"name_swap": 0.0, "value_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
                    "copy_task_only": False, "read_task_only": False, "copy_example": False, "base_candidates": 0,
-                   "scheduled_sampling": 0.0, "shot_seed": None}
+                   "scheduled_sampling": 0.0, "shot_seed": None, "copy_tail_offset": None}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -349,18 +356,34 @@ def check_resume(spec: RunSpec, previous: PluginConfig, fingerprint: str, traini
                          f"--out, or pass --no-resume to start over there (its checkpoint is then replaced)")
 
 
-def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = False,
-        examples: list | None = None) -> dict:
-    """Train one plugin; returns metrics with timings and the checkpoint path.
+@dataclass
+class Splits:
+    """A run's data as the base and the plugin read it (``tokenized_splits``)."""
 
-    ``refresh_cache`` recomputes the base log-probs even when cached (benchmarks time it).
-    ``examples`` replaces reading ``spec.data`` (e.g. a category-filtered WebNLG).
+    data_file: Path
+    base_path: str
+    tokenizer: object
+    fingerprint: str
+    fit_ex: list
+    select_ex: list
+    shots: list
+    nearest: object  # NearestShot, or None
+    fit_ts: TokenizedSet
+    select_ts: TokenizedSet
+    gate_ts: TokenizedSet  # select_ts unless spec.gate_values
+
+
+def tokenized_splits(spec: RunSpec, examples: list | None = None, log=print) -> Splits:
+    """The fit, select and gate splits of ``spec`` as the base reads them (prompts behind their
+    in-context examples, fit values swapped as asked), tokenised: the rows of their base-logit
+    caches. ``examples`` replaces reading ``spec.data``.
+
+    Raises:
+        DataError, FileNotFoundError: as ``check_spec``.
     """
-    import torch
     from transformers import AutoTokenizer
 
     data_file = check_spec(spec, need_data=examples is None)
-    t_start = time.time()
     base_path = resolve_base(spec.base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
@@ -391,6 +414,24 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     fit_ts = tokenize_examples(fit_ex, tokenizer, spec.max_target_tokens)
     select_ts = tokenize_examples(select_ex, tokenizer, spec.max_target_tokens)
     gate_ts = tokenize_examples(gate_ex, tokenizer, spec.max_target_tokens) if spec.gate_values else select_ts
+    return Splits(data_file, base_path, tokenizer, fingerprint, fit_ex, select_ex, shots, nearest,
+                  fit_ts, select_ts, gate_ts)
+
+
+def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = False,
+        examples: list | None = None) -> dict:
+    """Train one plugin; returns metrics with timings and the checkpoint path.
+
+    ``refresh_cache`` recomputes the base log-probs even when cached (benchmarks time it).
+    ``examples`` replaces reading ``spec.data`` (e.g. a category-filtered WebNLG).
+    """
+    import torch
+
+    t_start = time.time()
+    splits = tokenized_splits(spec, examples, log)
+    data_file, base_path, fingerprint = splits.data_file, splits.base_path, splits.fingerprint
+    tokenizer, shots, nearest = splits.tokenizer, splits.shots, splits.nearest
+    fit_ts, select_ts, gate_ts = splits.fit_ts, splits.select_ts, splits.gate_ts
 
     copy_after = (task_marker(tokenizer, spec.dataset, fit_ts.prompts + select_ts.prompts, spec.shots + 1)
                   if spec.copy_task_only else [])  # checked before the long base pass
@@ -405,7 +446,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                 "nearest_shot": spec.nearest_shot, "nearest_apart": spec.nearest_apart,
                 "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
                 "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,
-                "scheduled_sampling": spec.train.scheduled_sampling,
+                "scheduled_sampling": spec.train.scheduled_sampling, "copy_tail_offset": spec.copy_tail_offset,
                 # Which tokens, not only how often: other data would give another shortlist.
                 "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]}
     resume_model = spec.out_dir() / "resume" / "model"
@@ -420,6 +461,10 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         select_bl = base_logits_for(select_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
         gate_bl = (base_logits_for(gate_ts, spec, base_path, fingerprint, load_base, progress, refresh_cache)
                    if spec.gate_values else select_bl)
+        if spec.copy_tail_offset is not None:  # the base as the processor will show it to this plugin
+            fit_bl, select_bl, gate_bl = (bl.with_lift(ts, copy_after, spec.copy_tail_offset) for bl, ts in
+                                          ((fit_bl, fit_ts), (select_bl, select_ts), (gate_bl, gate_ts)))
+            gate_bl = gate_bl if spec.gate_values else select_bl
     base_logits_s = time.time() - t0
     load_base = None  # free the base before training
 
@@ -428,7 +473,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
         copy_example=spec.copy_example, copy_pending=spec.copy_pending, input_bag=spec.input_bag,
-        base_candidates=spec.base_candidates,
+        base_candidates=spec.base_candidates, copy_tail_offset=spec.copy_tail_offset,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),

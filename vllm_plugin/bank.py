@@ -45,7 +45,7 @@ class _Group:
     shortlisted: bool  # product rows of a shortlisted plugin, no expert penalty: added at the shortlist's cost
     in_order: bool  # the rows are the logits' first n, in order: changed in place, not gathered
     normalise: bool  # some row needs the plugin's true log-probs (a repetition penalty follows)
-    top_k: tuple  # ((k, rows_t [m], bias [m, V] | None), ...): rows decoding against the base's top-k view
+    top_k: tuple  # ((k, rows_t [m], idx_t [m], bias [m, V] | None), ...): rows decoding against the base's top-k view
     expert_penalty: tuple | None  # (rows_t [m], idx_t [m], slots_t [m], penalty [m]): the paper's penalty
     modes: tuple  # ((mode, rows_t [m], idx_t [m], weight [m, 1], bias [m, V] | None), ...): baseline rows
 
@@ -217,7 +217,8 @@ class PluginBank:
         for k in np.unique(top_k[top_k > 0]):  # usually none; one value per top-k plugin
             part = top_k == k
             # Admission bounds k by the vocabulary; clamped again so no value can raise here.
-            views.append((min(int(k), vocab_size), self._t(r[part]), self._bias_rows(s[part], vocab_size)))
+            views.append((min(int(k), vocab_size), self._t(r[part]), self._t(np.nonzero(part)[0]),
+                          self._bias_rows(s[part], vocab_size)))
         expert = None
         if (self.expert_penalty[s] != 1.0).any():
             part = np.nonzero(self.expert_penalty[s] != 1.0)[0]
@@ -353,9 +354,15 @@ class PluginBank:
         return mask, pending, self.example_mask[group.slots_t] if self.examples[group.plugin] else None
 
     def _restrict_to_top_k(self, group: _Group, logits: torch.Tensor) -> None:
-        """Rows of a plugin trained from top-k log-probs decode against that view of the base."""
-        for k, rows_t, bias in group.top_k:
-            logits.index_copy_(0, rows_t, base_top_k(logits[rows_t], k, bias).to(logits.dtype))
+        """Rows of a plugin trained from top-k log-probs decode against that view of the base (with
+        the tokens its copy scores lift out of the flat tail, ``PluginConfig.copy_tail_offset``)."""
+        if not group.top_k:
+            return
+        offset = self.models[group.plugin].config.copy_tail_offset
+        lifted = None if offset is None else self._copied(group)[0]
+        for k, rows_t, idx_t, bias in group.top_k:
+            view = base_top_k(logits[rows_t], k, bias, None if lifted is None else lifted[idx_t], offset or 0.0)
+            logits.index_copy_(0, rows_t, view.to(logits.dtype))
 
     def _penalise_experts(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor) -> None:
         """The paper's repetition penalty, on each expert's logits before they combine: tokens

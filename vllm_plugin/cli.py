@@ -119,6 +119,10 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="E2E: share of fit inputs whose attribute values (eatType, food, area, rating, price, near) "
                         "are swapped for others of the same field, so the plugin follows the input's values, not "
                         "the fit split's most frequent ones (0: none)")
+    p.add_argument("--copy-tail-offset", type=float, metavar="NATS",
+                   help="with --copy and a top-k --source: in the base's top-k view, the prompt's tokens the copy "
+                        "scores lift sit this many nats (<= 0) below the k-th log-prob instead of in the flat "
+                        "tail, in training and at serving (default: the flat tail)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<arch>-<source>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
 
@@ -147,7 +151,7 @@ def _spec(args):
         gate_values=args.gate_values,
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
         copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot,
-        shot_seed=args.shot_seed, nearest_apart=args.nearest_apart,
+        shot_seed=args.shot_seed, nearest_apart=args.nearest_apart, copy_tail_offset=args.copy_tail_offset,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,

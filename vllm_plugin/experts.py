@@ -38,7 +38,8 @@ class Mode(IntEnum):
         return self.name.lower()
 
 
-def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = None,
+               lifted: torch.Tensor | None = None, lift_offset: float = 0.0) -> torch.Tensor:
     """The base as a closed API shows it: its top-``k`` log-probs, the remaining probability
     spread evenly over every other token. A plugin trained from top-k log-probs
     (``training.base_logits``, the same approximation) decodes against this, not the full base:
@@ -50,22 +51,33 @@ def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = No
     of the flat tail: those at -inf (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a
     structured-output grammar) and those with a nonzero ``bias`` ([n, V], the request's
     ``logit_bias``). So the view never lifts a token above what vLLM gave it, and a request keeps
-    its constraints. Unconstrained logits give exactly the plain top-k view.
+    its constraints. Unconstrained logits give exactly the plain top-k view. ``lifted`` [n, V]
+    bool and ``lift_offset``: the prompt's tokens lifted out of the flat tail
+    (``top_k_with_flat_tail``).
     """
     log_probs = torch.log_softmax(base_logits.float(), -1)
     top, ids = log_probs.topk(k, dim=-1)
-    view = top_k_with_flat_tail(ids, top, base_logits.shape[-1])
+    view = top_k_with_flat_tail(ids, top, base_logits.shape[-1], lifted, lift_offset)
     touched = torch.isneginf(base_logits)
     if bias is not None:
         touched |= bias != 0
     return torch.where(touched, log_probs, view)
 
 
-def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int, lifted: torch.Tensor | None = None,
+                         lift_offset: float = 0.0) -> torch.Tensor:
     """[n, V] log-probs from [n, k] top log-probs ``top`` at token ids ``ids``: the mass they
     leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
-    both build the base's top-k view here, so they cannot drift apart."""
-    return flat_tail(top, vocab_size).expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
+    both build the base's top-k view here, so they cannot drift apart.
+
+    ``lifted`` [n, V] bool: tokens known to be likelier than the rest of the tail (the task's
+    input tokens, which a reference copies: ``PluginConfig.copy_tail_offset``). Those outside the
+    top k sit at ``lifted_tail``'s value instead, and the others share what mass is left."""
+    if lifted is None:
+        return flat_tail(top, vocab_size).expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
+    lifted = lifted.scatter(-1, ids, False)
+    lift, tail = lifted_tail(top, lifted.sum(-1, keepdim=True), vocab_size, lift_offset)
+    return torch.where(lifted, lift, tail).scatter(-1, ids, top)
 
 
 def flat_tail(top: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -73,6 +85,19 @@ def flat_tail(top: torch.Tensor, vocab_size: int) -> torch.Tensor:
     [..., k] leave, spread evenly over the other ``vocab_size - k`` tokens."""
     tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (vocab_size - top.shape[-1])
     return tail.log()
+
+
+def lifted_tail(top: torch.Tensor, n_lifted: torch.Tensor, vocab_size: int, offset: float):
+    """([..., 1], [..., 1]) log-probs of a lifted token outside the top k and of every other tail
+    token, given the top-k log-probs ``top`` [..., k] and how many tokens are lifted ``n_lifted``
+    [..., 1]: a lifted token sits ``offset`` nats (<= 0) from the k-th log-prob, at most half
+    the mass left over shared among the lifted ones, and the other tail tokens share the rest
+    evenly, so the view stays a distribution. ``n_lifted`` = 0 gives ``flat_tail``."""
+    left = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+    n = n_lifted.to(top.dtype)
+    lift = torch.minimum(top.amin(-1, keepdim=True) + offset, (0.5 * left / n.clamp(min=1)).log())
+    tail = ((left - n * lift.exp()) / (vocab_size - top.shape[-1] - n)).log()
+    return lift, tail
 
 
 _LOG_P_FLOOR = -80.0

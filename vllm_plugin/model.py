@@ -88,6 +88,12 @@ class PluginConfig:
     # gives every other token one shared logit, so that a token the plugin never saw is left to
     # the base, and training and the head cost K + 1 columns instead of the vocabulary.
     shortlist_size: int = 0
+    # The closed-API view with the prompt in mind: in the base's top-k view (a plugin trained from
+    # top-k log-probs), the tokens its copy scores lift that are not among the k sit this many nats
+    # (<= 0) from the k-th log-prob instead of in the flat tail (``experts.lifted_tail``). A reference
+    # copies names the base ranks just below its top k (``benchmarks/top20_reach.py``), which the flat
+    # tail puts ~10 nats lower. None: the plain flat tail. Needs copy=True.
+    copy_tail_offset: float | None = None
     # What the plugin was trained against; checked when it is loaded onto a base.
     tokenizer_fingerprint: str = ""
     base_model: str = ""
@@ -120,6 +126,11 @@ class PluginConfig:
                              "and the gru plugin")
         if self.copy_pending and not self.copy:
             raise ValueError("copy_pending is for a plugin with copy scores (copy=True)")
+        if self.copy_tail_offset is not None and (
+                not self.copy or isinstance(self.copy_tail_offset, bool)
+                or not isinstance(self.copy_tail_offset, (int, float)) or not -50 <= self.copy_tail_offset <= 0):
+            raise ValueError(f"copy_tail_offset={self.copy_tail_offset!r} must be a number of nats between -50 and 0, "
+                             f"for a plugin with copy scores (copy=True), or None")
         if (type(self.base_candidates) is not int or not 0 <= self.base_candidates <= MAX_CANDIDATES
                 or self.base_candidates > self.vocab_size):
             raise ValueError(f"base_candidates={self.base_candidates!r} must be an integer between 0 (none) and "

@@ -371,7 +371,9 @@ def describe(name: str, model, path) -> str:
     """One log line's worth about a loaded plugin: name, architecture, size, base view, folder."""
     c = model.config
     k = int(c.training.get("top_k") or 0)
-    view = f"top-{k} (the base's top-{k} log-probs + a flat tail)" if k else "full"
+    lift = ("" if c.copy_tail_offset is None
+            else f", the copied tokens {-c.copy_tail_offset:g} nats below the {k}th out of the tail")
+    view = f"top-{k} (the base's top-{k} log-probs + a flat tail{lift})" if k else "full"
     parameters = sum(p.numel() for p in model.parameters())
     gate = ((", strength gated per position" if c.gate else "") + (", copy scores on prompt tokens" if c.copy else "")
             + (f" from the last {len(c.copy_after)}-token marker on" if c.copy_after else "")
