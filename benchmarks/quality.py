@@ -306,6 +306,9 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
         elif read_config(checkpoint).training.get("split", "input") != protocol.split:
             raise SystemExit(f"{spec.out} was trained on another split than {protocol.split!r}: "
                              f"move it away (or pass another --runs) to retrain")
+        elif read_config(checkpoint).copy_tail_offset != spec.copy_tail_offset:
+            raise SystemExit(f"{spec.out} was trained with another --copy-tail-offset than {spec.copy_tail_offset}: "
+                             f"move it away (or pass another --runs) to retrain")
         checkpoints[name] = str(checkpoint)
     return checkpoints
 

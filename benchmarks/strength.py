@@ -95,8 +95,11 @@ def main(argv=None) -> None:
         result["sets"][set_name] = {"description": description, "examples": len(examples),
                                     "target_tokens": ts.num_target_tokens}
         for name, ckpt in plugins.items():
-            top_k = read_config(ckpt).training.get("top_k")
-            ce = cross_entropies(data, load_plugin(ckpt), weights, top_k)
+            config = read_config(ckpt)
+            if config.copy_tail_offset is not None:  # experts.combine's top-k view has a flat tail only
+                raise SystemExit(f"{ckpt}: its top-k view lifts copied tokens out of the flat tail "
+                                 f"(copy_tail_offset); this benchmark scores the plain view")
+            ce = cross_entropies(data, load_plugin(ckpt), weights, config.training.get("top_k"))
             result["cross_entropy"][name][set_name] = dict(zip(map(str, weights), ce))
             result["best_weight"][name][set_name] = weights[min(range(len(ce)), key=ce.__getitem__)]
             print(set_name, name, {w: round(c, 3) for w, c in zip(weights, ce)})

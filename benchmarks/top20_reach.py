@@ -38,10 +38,11 @@ RECIPE = "shortlist_copy_task_icl1"  # the chosen recipe's data: behind icl_1's 
 
 
 def task_tokens(prompt: list[int], marker: list[int]) -> set[int]:
-    """The token ids of ``prompt`` from the last occurrence of ``marker`` on: the task's input."""
-    m = len(marker)
-    starts = [i for i in range(len(prompt) - m + 1) if prompt[i:i + m] == marker]
-    return set(prompt[starts[-1] + m:])
+    """The token ids a plugin's copy scores lift for ``prompt``: from the last occurrence of
+    ``marker`` on, the marker included (``model.copy_start``, as the processor and training)."""
+    from vllm_plugin.model import copy_start
+
+    return set(prompt[copy_start(prompt, marker):])
 
 
 def classify(splits, marker, eos: int):
@@ -65,19 +66,15 @@ def classify(splits, marker, eos: int):
 
 
 def copy_aware_view(lp: torch.Tensor, task: torch.Tensor, k: int, offset: float) -> torch.Tensor:
-    """[n, V] the top-k view with the task's tokens outside the top k at the k-th log-prob plus
-    ``offset`` (nats, <= 0) instead of the flat tail, the rest of the tail sharing what is left:
-    what a closed API's top-k and the prompt tell about the base, nothing more (``offset`` aside)."""
+    """[n, V] the top-k view with the task's tokens (``task`` [n, m] ids, -1 pads) outside the top
+    k lifted out of the flat tail at ``offset`` (``experts.top_k_with_flat_tail``: the view a plugin
+    with ``copy_tail_offset`` trains and decodes against)."""
+    from vllm_plugin.experts import top_k_with_flat_tail
+
     top, ids = lp.topk(k)
-    mask = torch.zeros_like(lp, dtype=torch.bool)
-    rows, cols = (task >= 0).nonzero(as_tuple=True)
-    mask[rows, task[rows, cols]] = True
-    mask.scatter_(1, ids, False)
-    lifted = top[:, -1:] + offset  # [n, 1]
-    n_lifted = mask.sum(-1, keepdim=True)
-    left = (1.0 - top.exp().sum(-1, keepdim=True) - n_lifted * lifted.exp()).clamp(min=1e-6)
-    tail = (left / (lp.shape[-1] - k - n_lifted).clamp(min=1)).log()
-    return torch.where(mask, lifted, tail.expand_as(lp)).scatter(1, ids, top)
+    mask = torch.zeros(len(lp), lp.shape[-1] + 1, dtype=torch.bool)
+    mask.scatter_(1, torch.where(task >= 0, task, lp.shape[-1]), True)  # -1 pads: a spare column
+    return top_k_with_flat_tail(ids, top, lp.shape[-1], mask[:, :-1], offset)
 
 
 OFFSETS = (0.0, -1.0, -2.0, -3.0, -4.0)
@@ -140,7 +137,7 @@ def main(argv=None) -> None:
     protocol = load_protocol("e2e")
     base_path = resolve_base(args.base)
     spec = plugin_specs(protocol.dataset, base_path, protocol.split)[RECIPE]
-    splits = tokenized_splits(spec, protocol.train_examples)
+    splits = tokenized_splits(spec, protocol.train_examples, make_out=False)
     ts = splits.select_ts
     bl = base_logits_for(ts, spec, splits.base_path, splits.fingerprint, LazyBase(splits.base_path))
     marker = task_marker(splits.tokenizer, protocol.dataset, ts.prompts, spec.shots + 1)

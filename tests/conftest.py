@@ -43,7 +43,7 @@ def _isolated_cache(tmp_path_factory):
 
 TINY_TOP_K = 5
 TINY_CANDIDATES = 4  # plugin q's candidate scores: the base's top 4
-TINY_TAIL_OFFSET = 0.0  # plugin l: its task tokens outside the top 5 sit at the 5th log-prob (the most it can lift them)
+TINY_TAIL_OFFSET = 0.0  # plugin l: its task tokens outside the top 5 sit at the 5th log-prob (the most lift)
 COPY_MARKER = "Sentence:"  # plugin m's copy scores read the prompt from its last occurrence on
 
 
@@ -120,8 +120,8 @@ def tiny(tmp_path_factory) -> Tiny:
 
 @pytest.fixture(scope="session")
 def engine(tiny):
-    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, e, r, q, l, given
-    as LLM(additional_config=...)."""
+    """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, e, r, q,
+    l, given as LLM(additional_config=...)."""
     from vllm import LLM
 
     from vllm_plugin.processor import PluginLogitsProcessor

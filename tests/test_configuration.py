@@ -55,14 +55,15 @@ def test_server_log_names_each_loaded_plugin(server, tiny):
         log[-3000:]
     for name, model in tiny.plugins.items():
         size = sum(p.numel() for p in model.parameters())
-        view = "top-5" if name == "k" else "full"
+        view = "top-5" if model.config.training.get("top_k") else "full"
         line = next((li for li in log.splitlines() if f"vllm_plugin: plugin '{name}': " in li), None)
         assert line is not None, name
         assert (f"{model.config.architecture}, " in line and f"base view {view}" in line
                 and f"{size / 1e3:.1f}K parameters" in line and str(tiny.plugin_dirs[name]) in line
                 and (f"a shortlist of {tiny.vocab_size // 4} tokens" in line) == (model.config.shortlist_size > 0)
                 and ("pending-copy scores" in line) == model.config.copy_pending
-                and ("input bag" in line) == model.config.input_bag), line
+                and ("input bag" in line) == model.config.input_bag
+                and ("nats below the 5th" in line) == (model.config.copy_tail_offset is not None)), line
 
 
 def test_vllms_own_plugin_variable_leaves_the_engine_untouched(tiny, tmp_path):

@@ -118,8 +118,9 @@ class RunSpec:
         return Path(self.out or f"runs/{self.dataset}-{self.arch}-{tag}")
 
 
-def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
-    """Fail before any long work: unknown source, missing data, unwritable output."""
+def check_spec(spec: RunSpec, need_data: bool = True, make_out: bool = True) -> Path:
+    """Fail before any long work: unknown source, missing data, unwritable output (``make_out``:
+    created if missing; else not checked)."""
     if spec.source not in SOURCES:
         raise ValueError(f"unknown base-logit source {spec.source!r}; expected one of {SOURCES}")
     if spec.source == "openai" and not spec.endpoint:
@@ -203,6 +204,8 @@ def check_spec(spec: RunSpec, need_data: bool = True) -> Path:
     data = Path(spec.data) if spec.data else default_data_file(spec.dataset)
     if need_data and not data.is_file():
         raise DataError(f"dataset file {data} does not exist")
+    if not make_out:
+        return data
     out = spec.out_dir()
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -373,17 +376,17 @@ class Splits:
     gate_ts: TokenizedSet  # select_ts unless spec.gate_values
 
 
-def tokenized_splits(spec: RunSpec, examples: list | None = None, log=print) -> Splits:
+def tokenized_splits(spec: RunSpec, examples: list | None = None, log=print, make_out: bool = True) -> Splits:
     """The fit, select and gate splits of ``spec`` as the base reads them (prompts behind their
     in-context examples, fit values swapped as asked), tokenised: the rows of their base-logit
-    caches. ``examples`` replaces reading ``spec.data``.
+    caches. ``examples`` replaces reading ``spec.data``; ``make_out``: as ``check_spec``.
 
     Raises:
         DataError, FileNotFoundError: as ``check_spec``.
     """
     from transformers import AutoTokenizer
 
-    data_file = check_spec(spec, need_data=examples is None)
+    data_file = check_spec(spec, need_data=examples is None, make_out=make_out)
     base_path = resolve_base(spec.base)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     fingerprint = tokenizer_fingerprint(tokenizer)

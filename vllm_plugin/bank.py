@@ -348,10 +348,14 @@ class PluginBank:
         ``copy_after`` marker); of those the ones the output has not generated, for pending-copy
         scores (the output counts, which a copy plugin's slots keep, ``counts_tokens``, say
         which); and the examples' tokens the task lacks, for example scores (None without them)."""
-        mask = (self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask)[group.slots_t]
+        mask = self._copy_set(group)
         pending = (None if self.models[group.plugin].pending_score is None
                    else mask & (self.output_counts[group.slots_t] == 0))
         return mask, pending, self.example_mask[group.slots_t] if self.examples[group.plugin] else None
+
+    def _copy_set(self, group: _Group) -> torch.Tensor:
+        """[n, V] bool: the tokens the rows' copy scores lift (``_copied``'s first)."""
+        return (self.in_prompt if self.copy_marker[group.plugin] is None else self.copy_mask)[group.slots_t]
 
     def _restrict_to_top_k(self, group: _Group, logits: torch.Tensor) -> None:
         """Rows of a plugin trained from top-k log-probs decode against that view of the base (with
@@ -359,7 +363,7 @@ class PluginBank:
         if not group.top_k:
             return
         offset = self.models[group.plugin].config.copy_tail_offset
-        lifted = None if offset is None else self._copied(group)[0]
+        lifted = None if offset is None else self._copy_set(group)
         for k, rows_t, idx_t, bias in group.top_k:
             view = base_top_k(logits[rows_t], k, bias, None if lifted is None else lifted[idx_t], offset or 0.0)
             logits.index_copy_(0, rows_t, view.to(logits.dtype))

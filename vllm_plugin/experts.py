@@ -70,9 +70,9 @@ def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int, 
     leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
     both build the base's top-k view here, so they cannot drift apart.
 
-    ``lifted`` [n, V] bool: tokens known to be likelier than the rest of the tail (the task's
-    input tokens, which a reference copies: ``PluginConfig.copy_tail_offset``). Those outside the
-    top k sit at ``lifted_tail``'s value instead, and the others share what mass is left."""
+    ``lifted`` [n, V] bool: tokens placed apart from the rest of the tail (the task's input
+    tokens, which a reference copies: ``PluginConfig.copy_tail_offset``). Those outside the top k
+    sit at ``lifted_tail``'s value instead, and the others share what mass is left."""
     if lifted is None:
         return flat_tail(top, vocab_size).expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
     lifted = lifted.scatter(-1, ids, False)
@@ -96,7 +96,7 @@ def lifted_tail(top: torch.Tensor, n_lifted: torch.Tensor, vocab_size: int, offs
     left = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
     n = n_lifted.to(top.dtype)
     lift = torch.minimum(top.amin(-1, keepdim=True) + offset, (0.5 * left / n.clamp(min=1)).log())
-    tail = ((left - n * lift.exp()) / (vocab_size - top.shape[-1] - n)).log()
+    tail = ((left - n * lift.exp()) / (vocab_size - top.shape[-1] - n).clamp(min=1)).log()
     return lift, tail
 
 

@@ -372,7 +372,7 @@ def describe(name: str, model, path) -> str:
     c = model.config
     k = int(c.training.get("top_k") or 0)
     lift = ("" if c.copy_tail_offset is None
-            else f", the copied tokens {-c.copy_tail_offset:g} nats below the {k}th out of the tail")
+            else f", the copied tokens {abs(c.copy_tail_offset):g} nats below the {k}th out of the tail")
     view = f"top-{k} (the base's top-{k} log-probs + a flat tail{lift})" if k else "full"
     parameters = sum(p.numel() for p in model.parameters())
     gate = ((", strength gated per position" if c.gate else "") + (", copy scores on prompt tokens" if c.copy else "")
