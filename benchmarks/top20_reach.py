@@ -37,27 +37,29 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = "shortlist_copy_task_icl1"  # the chosen recipe's data: behind icl_1's drawn example
 
 
-def task_tokens(prompt: list[int], marker: list[int]) -> set[int]:
-    """The token ids a plugin's copy scores lift for ``prompt``: from the last occurrence of
-    ``marker`` on, the marker included (``model.copy_start``, as the processor and training)."""
+def input_tokens(prompt: list[int], marker: list[int]) -> tuple[set[int], set[int]]:
+    """(the task's input tokens: ``prompt`` after the last ``marker``, what a reference copies;
+    the tokens a plugin's copy scores lift and the lifted view lifts: from that marker on, the
+    marker's own instruction words included, ``model.copy_start``)."""
     from vllm_plugin.model import copy_start
 
-    return set(prompt[copy_start(prompt, marker):])
+    start = copy_start(prompt, marker)
+    return set(prompt[start + len(marker):]), set(prompt[start:])
 
 
 def classify(splits, marker, eos: int):
     """Per flat target row of ``splits.select_ts``: whether the token is copied from the task's
     input (bool [N]), the row's slice index ([N] into the returned names; -1 for EOS rows, left
-    out), and each row's task tokens (int64 [N, m], padded with -1)."""
+    out), and the tokens each row's lifted view lifts (int64 [N, m], padded with -1)."""
     ts = splits.select_ts
     names = ["venue_seen", "venue_unseen"]
     fit_venues = {dict(e.meta).get("venue") for e in splits.fit_ex}
     copied, where, tasks = [], [], []
     for ex, prompt_index, target in zip(splits.select_ex, ts.example_prompt, ts.targets):
-        task = task_tokens(ts.prompts[prompt_index], marker)
+        copy_from, task = input_tokens(ts.prompts[prompt_index], marker)
         slice_index = int(dict(ex.meta).get("venue") not in fit_venues)
         for tok in target:
-            copied.append(tok in task)
+            copied.append(tok in copy_from)
             where.append(-1 if tok == eos else slice_index)
             tasks.append(sorted(task))
     width = max(map(len, tasks))
