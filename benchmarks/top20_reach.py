@@ -37,74 +37,52 @@ RESULTS = Path(__file__).resolve().parent / "results"
 RECIPE = "shortlist_copy_task_icl1"  # the chosen recipe's data: behind icl_1's drawn example
 
 
-def input_tokens(prompt: list[int], marker: list[int]) -> tuple[set[int], set[int]]:
-    """(the task's input tokens: ``prompt`` after the last ``marker``, what a reference copies;
-    the tokens a plugin's copy scores lift and the lifted view lifts: from that marker on, the
-    marker's own instruction words included, ``model.copy_start``)."""
+def task_input(prompt: list[int], marker: list[int]) -> set[int]:
+    """The task's input tokens: ``prompt`` after its last ``marker`` (``model.copy_start``), what a
+    reference copies."""
     from vllm_plugin.model import copy_start
 
-    start = copy_start(prompt, marker)
-    return set(prompt[start + len(marker):]), set(prompt[start:])
+    return set(prompt[copy_start(prompt, marker) + len(marker):])
 
 
 def classify(splits, marker, eos: int):
     """Per flat target row of ``splits.select_ts``: whether the token is copied from the task's
-    input (bool [N]), the row's slice index ([N] into the returned names; -1 for EOS rows, left
-    out), and the tokens each row's lifted view lifts (int64 [N, m], padded with -1)."""
+    input (bool [N]) and the row's slice index ([N] into the returned names; -1 for EOS rows, left
+    out)."""
     ts = splits.select_ts
     names = ["venue_seen", "venue_unseen"]
     fit_venues = {dict(e.meta).get("venue") for e in splits.fit_ex}
-    copied, where, tasks = [], [], []
+    copied, where = [], []
     for ex, prompt_index, target in zip(splits.select_ex, ts.example_prompt, ts.targets):
-        copy_from, task = input_tokens(ts.prompts[prompt_index], marker)
+        copy_from = task_input(ts.prompts[prompt_index], marker)
         slice_index = int(dict(ex.meta).get("venue") not in fit_venues)
         for tok in target:
             copied.append(tok in copy_from)
             where.append(-1 if tok == eos else slice_index)
-            tasks.append(sorted(task))
-    width = max(map(len, tasks))
-    padded = torch.tensor([t + [-1] * (width - len(t)) for t in tasks])
-    return torch.tensor(copied), torch.tensor(where), names, padded
-
-
-def copy_aware_view(lp: torch.Tensor, task: torch.Tensor, k: int, offset: float) -> torch.Tensor:
-    """[n, V] the top-k view with the task's tokens (``task`` [n, m] ids, -1 pads) outside the top
-    k lifted out of the flat tail at ``offset`` (``experts.top_k_with_flat_tail``: the view a plugin
-    with ``copy_tail_offset`` trains and decodes against)."""
-    from vllm_plugin.experts import top_k_with_flat_tail
-
-    top, ids = lp.topk(k)
-    mask = torch.zeros(len(lp), lp.shape[-1] + 1, dtype=torch.bool)
-    mask.scatter_(1, torch.where(task >= 0, task, lp.shape[-1]), True)  # -1 pads: a spare column
-    return top_k_with_flat_tail(ids, top, lp.shape[-1], mask[:, :-1], offset)
+    return torch.tensor(copied), torch.tensor(where), names
 
 
 OFFSETS = (0.0, -1.0, -2.0, -3.0, -4.0)
 
 
-def ranks_and_view(bl, targets: torch.Tensor, task: torch.Tensor, k: int, rows_per_batch: int = 256):
-    """[N] 1-based rank of each target under the base, its exact log-prob, its log-prob in the
-    top-k view with a flat tail (``experts.top_k_with_flat_tail``), the k-th log-prob of its row,
-    and [N, len(OFFSETS)] its log-prob in the copy-aware view at each offset."""
-    from vllm_plugin.experts import flat_tail
+def ranks_and_view(bl, ts, marker: list[int], k: int, rows_per_batch: int = 256):
+    """For each target of ``ts`` (the full cache ``bl``'s rows): [N] its 1-based rank under the
+    base, its exact log-prob, its log-prob in the top-k view with a flat tail, the k-th log-prob of
+    its row, and [N, len(OFFSETS)] its log-prob in the lifted view at each offset: the very views
+    a plugin trains against (``topk_view``, ``BaseLogits.with_lift``)."""
+    from vllm_plugin.training.base_logits import topk_view
 
-    n = len(targets)
-    rank, exact, view, kth = torch.empty(n, dtype=torch.long), torch.empty(n), torch.empty(n), torch.empty(n)
-    aware = torch.empty(n, len(OFFSETS))
+    targets = ts.flat_targets()
+    view = topk_view(bl, ts, k, progress=False)  # one pass over the vocabulary: top k and the exact target log-prob
+    rank = torch.empty(len(targets), dtype=torch.long)
     with torch.no_grad():
-        for start in range(0, n, rows_per_batch):
-            rows = torch.arange(start, min(start + rows_per_batch, n))
+        for start in range(0, len(targets), rows_per_batch):  # the second: ranks past k
+            rows = torch.arange(start, min(start + rows_per_batch, len(targets)))
             lp = bl.log_probs(rows)
-            t = lp.gather(1, targets[rows, None])
-            rank[rows] = (lp > t).sum(-1) + 1
-            exact[rows] = t[:, 0]
-            inside = rank[rows] <= k
-            top = lp.topk(k).values
-            kth[rows] = top[:, -1]
-            view[rows] = torch.where(inside, t[:, 0], flat_tail(top, lp.shape[-1])[:, 0])
-            for j, offset in enumerate(OFFSETS):
-                aware[rows, j] = copy_aware_view(lp, task[rows], k, offset).gather(1, targets[rows, None])[:, 0]
-    return rank, exact, view, kth, aware
+            rank[rows] = (lp > lp.gather(1, targets[rows, None])).sum(-1) + 1
+    rows = torch.arange(len(targets))
+    lifted = torch.stack([view.with_lift(ts, marker, o).target_log_probs(rows, targets) for o in OFFSETS], -1)
+    return rank, view.target_logprobs, view.target_log_probs(rows, targets), view.topk_logprobs[:, -1], lifted
 
 
 def summarise(rank, exact, view, kth, aware, k: int) -> dict:
@@ -143,8 +121,8 @@ def main(argv=None) -> None:
     ts = splits.select_ts
     bl = base_logits_for(ts, spec, splits.base_path, splits.fingerprint, LazyBase(splits.base_path))
     marker = task_marker(splits.tokenizer, protocol.dataset, ts.prompts, spec.shots + 1)
-    copied, where, names, task = classify(splits, marker, splits.tokenizer.eos_token_id)
-    rank, exact, view, kth, aware = ranks_and_view(bl, ts.flat_targets(), task, args.k)
+    copied, where, names = classify(splits, marker, splits.tokenizer.eos_token_id)
+    rank, exact, view, kth, aware = ranks_and_view(bl, ts, marker, args.k)
     every = where >= 0  # every target token but EOS, which no prompt holds
     classes = {"all": summarise(rank[every], exact[every], view[every], kth[every], aware[every], args.k)}
     for i, name in [(None, "all")] + list(enumerate(names)):
