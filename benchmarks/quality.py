@@ -77,7 +77,10 @@ values redrawn (``--gate-values``), and plugin_shortlist_copy_task_values_top20_
 closed-API twin; plugin_shortlist_copy_task_top20_lift_icl1 and
 plugin_shortlist_copy_task_top20_lift_gate_icl1, the chosen recipe's closed-API twins with the
 task's tokens lifted out of the top-20 view's flat tail (``--copy-tail-offset``, the offset
-``benchmarks.top20_reach`` chooses on select for the base).
+``benchmarks.top20_reach`` chooses on select for the base); plugin_shortlist_copy_task_top20_prior_icl1
+and plugin_shortlist_copy_task_top20_prior_gate_icl1, the twins whose top-20 view shares its tail by the
+fit targets' unigram frequencies (``--tail-prior``, the smoothing ``benchmarks.top20_reach`` chooses on
+select).
 """
 from __future__ import annotations
 
@@ -131,7 +134,9 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_values_gatev_icl1": "shortlist_copy_task_values_icl1_gated_values",
          "plugin_shortlist_copy_task_values_top20_gate_icl1": "shortlist_copy_task_values_top20_icl1_gated",
          "plugin_shortlist_copy_task_top20_lift_icl1": "shortlist_copy_task_top20_lift_icl1",
-         "plugin_shortlist_copy_task_top20_lift_gate_icl1": "shortlist_copy_task_top20_lift_icl1_gated"}
+         "plugin_shortlist_copy_task_top20_lift_gate_icl1": "shortlist_copy_task_top20_lift_icl1_gated",
+         "plugin_shortlist_copy_task_top20_prior_icl1": "shortlist_copy_task_top20_prior_icl1",
+         "plugin_shortlist_copy_task_top20_prior_gate_icl1": "shortlist_copy_task_top20_prior_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -146,7 +151,8 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_top20_gate_d768_icl1", "plugin_shortlist_copy_task_values_icl1",
                     "plugin_shortlist_copy_task_values_gate_icl1", "plugin_shortlist_copy_task_values_gatev_icl1",
                     "plugin_shortlist_copy_task_values_top20_gate_icl1", "plugin_shortlist_copy_task_top20_lift_icl1",
-                    "plugin_shortlist_copy_task_top20_lift_gate_icl1"]
+                    "plugin_shortlist_copy_task_top20_lift_gate_icl1", "plugin_shortlist_copy_task_top20_prior_icl1",
+                    "plugin_shortlist_copy_task_top20_prior_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
@@ -162,7 +168,8 @@ SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gat
                  "shortlist_copy_task_values_icl1_gated": "shortlist_copy_task_values_icl1",
                  "shortlist_copy_task_values_icl1_gated_values": "shortlist_copy_task_values_icl1",
                  "shortlist_copy_task_values_top20_icl1_gated": "shortlist_copy_task_values_top20_icl1",
-                 "shortlist_copy_task_top20_lift_icl1_gated": "shortlist_copy_task_top20_lift_icl1"}
+                 "shortlist_copy_task_top20_lift_icl1_gated": "shortlist_copy_task_top20_lift_icl1",
+                 "shortlist_copy_task_top20_prior_icl1_gated": "shortlist_copy_task_top20_prior_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -226,10 +233,11 @@ def system_input(system: str, prompt: str, shots: Shots, tokenizer) -> str:
 
 
 def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", shot_seed: int = 0,
-                 tail_offset: float | None = None) -> dict:
+                 tail_offset: float | None = None, tail_prior: float | None = None) -> dict:
     """{plugin name: RunSpec} of every plugin the systems decode with (``out`` and ``train`` unset);
     those trained behind drawn examples, behind ``shot_seed``'s draw (``RunSpec.shot_seed``); the
-    lifted-tail twins with ``tail_offset`` (``RunSpec.copy_tail_offset``; None: not available)."""
+    lifted-tail twins with ``tail_offset`` (``RunSpec.copy_tail_offset``), the prior-tail twins with
+    ``tail_prior`` (``RunSpec.tail_prior``; None: not available)."""
     from vllm_plugin.training.pipeline import RunSpec
 
     common = dict(dataset=dataset, base=base, split=split)
@@ -268,6 +276,9 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
         "shortlist_copy_task_top20_lift_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                        shortlist_min_count=1, shots=1, source=top20_source, top_k=20,
                                                        copy_tail_offset=tail_offset),
+        "shortlist_copy_task_top20_prior_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                        shortlist_min_count=1, shots=1, source=top20_source,
+                                                        top_k=20, tail_prior=tail_prior),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
@@ -281,7 +292,7 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
 
 
 def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top20_source="vllm", shot_seed: int = 0,
-              tail_offset: float | None = None):
+              tail_offset: float | None = None, tail_prior: float | None = None):
     """Train (or reuse) each named plugin on the protocol's split; {name: checkpoint folder}.
 
     Raises:
@@ -291,7 +302,7 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
     from vllm_plugin.training.train import TrainConfig
     from vllm_plugin.checkpoint import read_config
 
-    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source, shot_seed, tail_offset)
+    specs = plugin_specs(protocol.dataset, base, protocol.split, top20_source, shot_seed, tail_offset, tail_prior)
     checkpoints = {}
     for name in sorted(names, key=lambda n: n in SAME_TRAINING):  # what they start from first
         spec = specs[name]
@@ -308,6 +319,9 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
                              f"move it away (or pass another --runs) to retrain")
         elif read_config(checkpoint).copy_tail_offset != spec.copy_tail_offset:
             raise SystemExit(f"{spec.out} was trained with another --copy-tail-offset than {spec.copy_tail_offset}: "
+                             f"move it away (or pass another --runs) to retrain")
+        elif read_config(checkpoint).tail_prior != spec.tail_prior:
+            raise SystemExit(f"{spec.out} was trained with another --tail-prior than {spec.tail_prior}: "
                              f"move it away (or pass another --runs) to retrain")
         checkpoints[name] = str(checkpoint)
     return checkpoints
@@ -579,7 +593,9 @@ TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_co
               "plugin_shortlist_copy_task_top20_gate_d768_icl1": "plugin_shortlist_copy_task_gate_d768_icl1",
               "plugin_shortlist_copy_task_values_top20_gate_icl1": "plugin_shortlist_copy_task_values_gate_icl1",
               "plugin_shortlist_copy_task_top20_lift_icl1": "plugin_shortlist_copy_task_icl1",
-              "plugin_shortlist_copy_task_top20_lift_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
+              "plugin_shortlist_copy_task_top20_lift_gate_icl1": "plugin_shortlist_copy_task_gate_icl1",
+              "plugin_shortlist_copy_task_top20_prior_icl1": "plugin_shortlist_copy_task_icl1",
+              "plugin_shortlist_copy_task_top20_prior_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
 TOP20_ROWS = tuple(TOP20_TWIN)
 
 
@@ -732,6 +748,10 @@ def parse_args(argv):
                         help="the *_top20_lift_* systems' lift of the task's tokens out of the top-20 view's flat "
                              "tail, nats from the 20th log-prob (benchmarks.top20_reach's chosen_offset for the base: "
                              "chosen on select); needed for those systems only")
+    parser.add_argument("--tail-prior", type=float, metavar="SMOOTHING",
+                        help="the *_top20_prior_* systems' smoothing of the fit targets' unigram frequencies that "
+                             "their top-20 view's tail follows (benchmarks.top20_reach's chosen_tail_prior: chosen "
+                             "on select); needed for those systems only")
     parser.add_argument("--eager", action="store_true",
                         help="skip vLLM's torch.compile (starts in seconds; decodes slower)")
     parser.add_argument("--dtype", default=DTYPE,
@@ -785,6 +805,11 @@ def check_inputs(args):
     if lifted and (offset is None or not -50 <= offset <= 0):
         raise SystemExit(f"{', '.join(lifted)}: pass --copy-tail-offset, nats in [-50, 0] (benchmarks.top20_reach "
                          f"--base {args.base} chooses it on select), got {offset}")
+    priored = [s for s in getattr(args, "systems", ()) if "_top20_prior_" in s]
+    smoothing = getattr(args, "tail_prior", None)
+    if priored and (smoothing is None or not 0 < smoothing <= 1e6):
+        raise SystemExit(f"{', '.join(priored)}: pass --tail-prior, a positive smoothing count (benchmarks.top20_reach "
+                         f"--base {args.base} chooses it on select), got {smoothing}")
     return protocol, base_path, base_config, args.base_name or base_name(args.base)
 
 
@@ -792,7 +817,7 @@ def train_systems(args, protocol: Protocol, base_path: str, root: Path):
     """Train (or reuse) what the systems need; (checkpoints, mixture weight, trained names)."""
     needed = sorted({plugin_of(s) for s in args.systems} - {None})
     checkpoints = train_all(protocol, base_path, needed, root, args.epochs, print, args.top20_source, args.shot_seed,
-                            args.copy_tail_offset)
+                            args.copy_tail_offset, args.tail_prior)
     mix_weight = 0.5
     if "weighted_mix" in args.systems:
         w_file = root / "mixture_weight.json"

@@ -96,9 +96,9 @@ def main(argv=None) -> None:
                                     "target_tokens": ts.num_target_tokens}
         for name, ckpt in plugins.items():
             config = read_config(ckpt)
-            if config.copy_tail_offset is not None:  # experts.combine's top-k view has a flat tail only
-                raise SystemExit(f"{ckpt}: its top-k view lifts copied tokens out of the flat tail "
-                                 f"(copy_tail_offset); this benchmark scores the plain view")
+            if config.copy_tail_offset is not None or config.tail_prior is not None:  # combine's view: a flat tail
+                raise SystemExit(f"{ckpt}: its top-k view's tail is not flat (copy_tail_offset or tail_prior); "
+                                 f"this benchmark scores the plain view")
             ce = cross_entropies(data, load_plugin(ckpt), weights, config.training.get("top_k"))
             result["cross_entropy"][name][set_name] = dict(zip(map(str, weights), ce))
             result["best_weight"][name][set_name] = weights[min(range(len(ce)), key=ce.__getitem__)]

@@ -44,18 +44,21 @@ def _isolated_cache(tmp_path_factory):
 TINY_TOP_K = 5
 TINY_CANDIDATES = 4  # plugin q's candidate scores: the base's top 4
 TINY_TAIL_OFFSET = 0.0  # plugin l: its task tokens outside the top 5 sit at the 5th log-prob (the most lift)
+TINY_TAIL_PRIOR = 0.5  # plugin u: its top-5 view's tail follows a prior (a seeded one, peaked on a few tokens)
 COPY_MARKER = "Sentence:"  # plugin m's copy scores read the prompt from its last occurrence on
 
 
 class Tiny:
-    """The tiny base (as an HF folder and a loaded model) and thirteen saved plugins (k: trained,
+    """The tiny base (as an HF folder and a loaded model) and fourteen saved plugins (k: trained,
     as its config says, from the base's top-5 log-probs; g: gated; c: with copy scores; s: with
     copy scores and a shortlist of a quarter of the vocabulary; m: with copy scores on the
     prompt from the last ``COPY_MARKER`` on; p: as m, with pending-copy scores, a shortlist, a gate
     and an input bag: the chosen E2E design and more; e: m's copy scores with example scores, a shortlist and a gate;
     r: m's copy scores, a shortlist and a gate, the plugin reading the prompt from the marker on;
     q: candidate scores on the base's top 4; l: trained from the top 5 as k, with m's copy scores, a
-    shortlist, a gate, and its copied tokens lifted out of the flat tail, ``copy_tail_offset``)."""
+    shortlist, a gate, and its copied tokens lifted out of the flat tail, ``copy_tail_offset``; u:
+    trained from the top 5 as k, with copy scores, a shortlist, a gate, and its view's tail shared
+    by a prior, ``tail_prior``)."""
 
     def __init__(self, root: Path):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -92,7 +95,12 @@ class Tiny:
                              copy_after=self.tokenizer(COPY_MARKER, add_special_tokens=False).input_ids,
                              shortlist_size=self.vocab_size // 4, gate=True, copy_tail_offset=TINY_TAIL_OFFSET,
                              training={"source": "vllm", "top_k": TINY_TOP_K}),
+            "u": tiny_plugin(self.vocab_size, "gru", seed=14, fingerprint=self.fingerprint, copy=True,
+                             shortlist_size=self.vocab_size // 4, gate=True, tail_prior=TINY_TAIL_PRIOR,
+                             training={"source": "vllm", "top_k": TINY_TOP_K}),
         }
+        self.plugins["u"].set_tail_prior(torch.log_softmax(4.0 * torch.randn(self.vocab_size,
+                                                                            generator=torch.Generator().manual_seed(14)), 0))
         with torch.no_grad():  # r remembers (update gate near 1): what it reads before the task still shapes its state
             d = self.plugins["r"].config.d_model
             self.plugins["r"].rnn.bias_ih_l0[d:2 * d] = 4.0
@@ -121,7 +129,7 @@ def tiny(tmp_path_factory) -> Tiny:
 @pytest.fixture(scope="session")
 def engine(tiny):
     """One real vLLM engine (V1 runner, CPU, fp32) with the processor and plugins a, b, t, k, g, c, s, m, p, e, r, q,
-    l, given as LLM(additional_config=...)."""
+    l, u, given as LLM(additional_config=...)."""
     from vllm import LLM
 
     from vllm_plugin.processor import PluginLogitsProcessor

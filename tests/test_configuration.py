@@ -63,7 +63,8 @@ def test_server_log_names_each_loaded_plugin(server, tiny):
                 and (f"a shortlist of {tiny.vocab_size // 4} tokens" in line) == (model.config.shortlist_size > 0)
                 and ("pending-copy scores" in line) == model.config.copy_pending
                 and ("input bag" in line) == model.config.input_bag
-                and ("nats below the 5th" in line) == (model.config.copy_tail_offset is not None)), line
+                and ("nats below the 5th" in line) == (model.config.copy_tail_offset is not None)
+                and ("unigram frequencies" in line) == (model.config.tail_prior is not None)), line
 
 
 def test_vllms_own_plugin_variable_leaves_the_engine_untouched(tiny, tmp_path):

@@ -423,6 +423,34 @@ def test_copy_tail_offset_lifts_the_task_out_of_the_flat_tail(tiny, engine):
     assert differs >= 1
 
 
+def test_tail_prior_shares_the_top_k_views_tail(tiny, engine):
+    """Plugin u, trained from top-k log-probs with ``tail_prior``, sees the base's top-k view with
+    the tail shared by its prior, not evenly: served exactly as the reference decodes it, on the
+    shortlisted path, on the vocabulary-wide one (an expert penalty) and at another k per
+    request; the same plugin with a flat tail decodes some prompt differently."""
+    import copy
+
+    from .conftest import TINY_TOP_K
+
+    prompts = [tiny.encode(p) for p in PROMPTS[:5]]
+    plugin = tiny.plugins["u"]
+    flat = copy.deepcopy(plugin)
+    flat.tail_log_prior = None
+    differs = 0
+    for extra, k, expert in (({}, TINY_TOP_K, 1.0), ({"plugin_expert_repetition_penalty": 1.3}, TINY_TOP_K, 1.3),
+                             ({"plugin_base_top_k": 3}, 3, 1.0)):
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, extra_args={"plugin": "u", **extra})
+        outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [params] * len(prompts),
+                               use_tqdm=False)
+        for ids, out in zip(prompts, outs):
+            want = reference_generate(tiny.base, [ids], plugin, max_new_tokens=12, top_k=k,
+                                      expert_repetition_penalty=expert)[0]
+            assert list(out.outputs[0].token_ids) == want, (extra, ids)
+            differs += want != reference_generate(tiny.base, [ids], flat, max_new_tokens=12, top_k=k,
+                                                  expert_repetition_penalty=expert)[0]
+    assert differs >= 1
+
+
 def test_requests_arriving_at_different_times(tiny, engine):
     """New rows join a batch that is already decoding; their prompts prefill while others step."""
     core = engine.llm_engine

@@ -530,6 +530,10 @@ def test_quality_benchmark_refuses_bad_input_before_any_work(tiny, tmp_path, mon
             "zero_shot,plugin_shortlist_copy_task_top20_lift_gate_icl1"]
     refused(lift, "plugin_shortlist_copy_task_top20_lift_gate_icl1: pass --copy-tail-offset")
     refused([*lift, "--copy-tail-offset", "0.5"], r"nats in \[-50, 0\].*got 0.5")
+    prior = ["--results", str(tmp_path / "res"), "--base", str(tiny.base_dir), "--systems",
+             "zero_shot,plugin_shortlist_copy_task_top20_prior_gate_icl1"]
+    refused(prior, "plugin_shortlist_copy_task_top20_prior_gate_icl1: pass --tail-prior")
+    refused([*prior, "--tail-prior", "0"], "a positive smoothing count.*got 0.0")
 
 
 def test_webnlg_protocol_holds_out_whole_categories():

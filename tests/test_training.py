@@ -1,5 +1,6 @@
 """Base-logit extraction, its cache, and a short real training run on the tiny base."""
 import json
+import math
 import re
 from dataclasses import replace
 
@@ -122,6 +123,50 @@ def test_lifted_tail_puts_the_prompts_tokens_below_the_kth_and_stays_normalised(
     assert {int(t) for t in (dense > tail + 1e-4).nonzero()[:, 0]} == prompt | set(bl.topk_ids[row].tolist())
 
 
+def test_tail_prior_shares_the_mass_the_top_k_leave_by_the_fit_targets_unigram_frequencies(tiny, e2e_file):
+    """``tail_prior``'s view: every token outside the top k gets the mass they leave times its
+    prior share of the tail, capped at the k-th listed log-prob (the API says it is less likely),
+    and the row is renormalised for what the cap took: the top k keep their ratios, no tail token
+    passes the k-th, rows sum to 1; a uniform prior is the flat tail. ``unigram_log_prior``
+    counts the targets, add-``smoothing``; the view is refused for a full cache, beside a lift,
+    and with a prior of another size."""
+    from vllm_plugin.experts import top_k_with_flat_tail
+
+    torch.manual_seed(0)
+    lp = torch.log_softmax(3 * torch.randn(3, 50), -1)
+    top, ids = lp.topk(5)
+    prior = torch.log_softmax(2 * torch.randn(50), 0)
+    view = top_k_with_flat_tail(ids, top, 50, tail_prior=prior)
+    torch.testing.assert_close(view.logsumexp(-1), torch.zeros(3), atol=1e-5, rtol=0)
+    shift = view.gather(1, ids) - top  # the renormalisation: one constant per row
+    torch.testing.assert_close(shift, shift[:, :1].expand(3, 5))
+    tail = torch.ones(3, 50, dtype=torch.bool).scatter(1, ids, False)
+    kth = view.gather(1, ids).amin(-1, keepdim=True)
+    assert (view[tail] <= kth.expand(3, 50)[tail] + 1e-6).all()
+    left, rest = 1 - top.exp().sum(-1, keepdim=True), 1 - prior[ids].exp().sum(-1, keepdim=True)
+    shared = (left.log() - rest.log() + prior + shift[:, :1])  # the tail before the cap
+    uncapped = tail & (shared < kth)
+    assert (tail & ~uncapped).any() and uncapped.any()  # this prior is peaked enough for the cap to act
+    torch.testing.assert_close(view[uncapped], shared[uncapped])
+    torch.testing.assert_close(view[tail & ~uncapped], kth.expand(3, 50)[tail & ~uncapped])
+    torch.testing.assert_close(top_k_with_flat_tail(ids, top, 50, tail_prior=torch.full((50,), -math.log(50))),
+                               top_k_with_flat_tail(ids, top, 50))
+    with pytest.raises(ValueError, match="not both"):
+        top_k_with_flat_tail(ids, top, 50, torch.zeros(3, 50, dtype=torch.bool), -1.0, prior)
+    ts = tokenize_examples(load_e2e(e2e_file)[:4], tiny.tokenizer)
+    unigram = bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.5)
+    counts = torch.bincount(ts.flat_targets(), minlength=tiny.vocab_size).double()
+    torch.testing.assert_close(unigram.double().exp(), (counts + 0.5) / (counts.sum() + 0.5 * tiny.vocab_size))
+    full = extract_full(tiny.base, ts, progress=False)
+    with pytest.raises(BaseLogitsError, match="only a top-k cache without lifted tokens"):
+        full.with_tail_prior(unigram)
+    topk = bl_mod.topk_view(full, ts, 5, progress=False)
+    with pytest.raises(BaseLogitsError, match="only a top-k cache without lifted tokens"):
+        topk.with_lift(ts, [], -1.0).with_tail_prior(unigram)
+    with pytest.raises(BaseLogitsError, match="a tail prior of"):
+        topk.with_tail_prior(unigram[:-1])
+
+
 def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path, monkeypatch):
     spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"),
                    train=TrainConfig(epochs=3, batch_size=8, lr=1e-2, warmup_steps=2, patience=5))
@@ -188,17 +233,19 @@ def test_evaluate_base_alone_is_mean_nll(tiny, e2e_file):
     assert evaluate(None, data) == pytest.approx(expected, rel=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["full", "topk", "topk_lift"])
+@pytest.mark.parametrize("kind", ["full", "topk", "topk_lift", "topk_prior"])
 def test_base_log_probs_at_some_columns_equal_the_full_rows(tiny, e2e_file, kind):
     """``log_probs_at`` and ``target_log_probs`` read only the columns they need, and give exactly
     the numbers of the whole-vocabulary rows (the top-k view for a top-k cache, with or without
-    the prompt's tokens lifted out of its flat tail)."""
+    the prompt's tokens lifted out of its flat tail, or its tail shared by a prior)."""
     ts = tokenize_examples(load_e2e(e2e_file)[:8], tiny.tokenizer)
     bl = extract_full(tiny.base, ts, progress=False)
     if kind.startswith("topk"):
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     if kind == "topk_lift":
         bl = bl.with_lift(ts, [], -2.0)
+    if kind == "topk_prior":
+        bl = bl.with_tail_prior(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.1))
     rows = torch.arange(len(bl))
     candidates = bl.candidates(7)
     assert candidates.shape == (len(bl), 7 if kind == "full" else 5)
@@ -429,6 +476,33 @@ def test_a_top_k_run_with_copy_tail_offset_trains_and_selects_on_the_lifted_view
     assert evaluate(plugin, lifted) == pytest.approx(metrics["best_select_loss"], rel=1e-4)
 
 
+def test_a_top_k_run_with_a_tail_prior_trains_and_selects_on_that_view(tiny, e2e_file, tmp_path):
+    """``RunSpec(tail_prior=...)`` with a top-k source: the plugin trains against the top-k view
+    whose tail follows the fit targets' unigram frequencies (``BaseLogits.with_tail_prior``), its
+    select loss and the base's are those of that view, and its checkpoint carries the prior, which
+    the processor and the reference decoder read; a full source or a lift beside it is refused."""
+    from vllm_plugin.training.pipeline import LazyBase, base_logits_for, tokenized_splits
+
+    spec = RunSpec(data=str(e2e_file), base=str(tiny.base_dir), d_model=32, out=str(tmp_path / "run"), copy=True,
+                   source="full_topk", top_k=5, shortlist_min_count=1, tail_prior=0.1,
+                   train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup_steps=2))
+    metrics = run(spec, progress=False, log=lambda *_: None)
+    plugin = load_plugin(tmp_path / "run" / "checkpoint")
+    splits = tokenized_splits(spec, log=lambda *_: None)
+    prior = bl_mod.unigram_log_prior(splits.fit_ts, tiny.vocab_size, 0.1)
+    assert plugin.config.tail_prior == 0.1 and plugin.config.training["tail_prior"] == 0.1
+    torch.testing.assert_close(plugin.tail_log_prior, prior)
+    select = base_logits_for(splits.select_ts, spec, splits.base_path, splits.fingerprint, LazyBase(splits.base_path),
+                             progress=False)
+    priored = PairSet(splits.select_ts, select.with_tail_prior(prior))
+    assert evaluate(None, priored) == pytest.approx(metrics["base_select_loss"], rel=1e-5)
+    assert evaluate(None, PairSet(splits.select_ts, select)) != pytest.approx(metrics["base_select_loss"], rel=1e-3)
+    assert evaluate(plugin, priored) == pytest.approx(metrics["best_select_loss"], rel=1e-4)
+    for bad in (dict(source="full"), dict(copy_tail_offset=-1.0), dict(tail_prior=0.0)):
+        with pytest.raises(ValueError, match="--tail-prior .* shares a top-k view's tail"):
+            run(replace(spec, out=str(tmp_path / "bad"), **bad), progress=False, log=lambda *_: None)
+
+
 def test_gate_is_fitted_on_select_after_training(tiny, e2e_file, tmp_path):
     """``RunSpec(gate=True)``: the trained plugin gets a per-position strength fitted on the select
     split, everything else frozen; the loss it starts from is the ungated plugin's."""
@@ -627,7 +701,8 @@ def full_vocabulary_loss(plugin, data, idx):
                          + [("full", True, True, True, True, 0), ("alone", True, False, False, True, 0)]  # example scores
                          + [("full", True, True, False, False, 4), ("topk", True, True, False, False, 5),
                             ("full", False, False, False, False, 20)]  # candidate scores on the base's top tokens
-                         + [("topk_lift", True, True, False, False, 0)])  # copied tokens lifted out of the flat tail
+                         + [("topk_lift", True, True, False, False, 0)]  # copied tokens lifted out of the flat tail
+                         + [("topk_prior", True, True, False, False, 0)])  # the tail shared by a prior
 def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e_file, kind, copy_scores, gate,
                                                                        pending, example, candidates):
     """A shortlisted plugin (every token off its shortlist shares one logit) has the same loss
@@ -651,6 +726,8 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     if kind == "topk_lift":
         bl = bl.with_lift(ts, marker, -1.0)
+    if kind == "topk_prior":
+        bl = bl.with_tail_prior(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.1))
     data = PairSet(ts, bl)
     plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending, copy_after=marker,
                          copy_example=example, base_candidates=candidates, shortlist_size=tiny.vocab_size // 3)

@@ -116,6 +116,10 @@ class BaseLogits:
     lift_ids: torch.Tensor | None = None
     lift_prompt: torch.Tensor | None = None
     lift_offset: float = 0.0
+    # topk, ``with_tail_prior``: [V] log-probs the tail follows instead of spreading evenly, and
+    # [N] each row's log-normaliser after the cap (``experts.prior_tail_log_norm``)
+    tail_log_prior: torch.Tensor | None = None
+    tail_log_norm: torch.Tensor | None = None
     # full, once ``candidates`` ran: [N, k] top-k ids, [N] log-normaliser and [N] entropy (in a
     # sidecar beside the cache); a top-k cache's entropy once ``entropy`` ran
     candidate_ids: torch.Tensor | None = field(default=None, init=False, repr=False)
@@ -204,7 +208,7 @@ class BaseLogits:
                                            None if self.head_bias is None else self.head_bias[cols]))
             return (logits - self.log_normaliser[rows, None])[:, repeat]
         top, ids, lifted, lift, tail = self._view(rows)
-        out = tail.expand(len(rows), len(cols)).clone()
+        out = self._tail_at(tail, top, cols).expand(len(rows), len(cols)).clone()
         column = torch.full((self.vocab_size,), -1, dtype=torch.long)
         column[cols] = torch.arange(len(cols))
         for tokens, value in ((lifted, lift), (ids, top)):  # top-k last: a lifted token is never among them
@@ -230,11 +234,15 @@ class BaseLogits:
         match = ids == targets[:, None]
         if lifted is not None:
             tail = torch.where((lifted == targets[:, None]).any(-1, keepdim=True), lift, tail)
+        tail = self._tail_at(tail, top, targets[:, None])
         return torch.where(match.any(-1), top.masked_fill(~match, float("-inf")).amax(-1), tail[:, 0])
 
     def _topk_log_probs(self, rows: torch.Tensor) -> torch.Tensor:
         from vllm_plugin.experts import top_k_with_flat_tail
 
+        if self.tail_log_prior is not None:  # renormalised there, from the listed log-probs
+            return top_k_with_flat_tail(self.topk_ids[rows].long(), self.topk_logprobs[rows].float(), self.vocab_size,
+                                        tail_prior=self.tail_log_prior)
         top, ids, lifted, _, _ = self._view(rows)
         mask = None
         if lifted is not None:
@@ -246,16 +254,28 @@ class BaseLogits:
     def _view(self, rows: torch.Tensor):
         """A top-k cache's view at ``rows`` [n], in parts: top-k log-probs and ids [n, k]; the
         lifted tokens outside them [n, m] (-1 pads; None without ``with_lift``); a lifted
-        token's log-prob and every other tail token's, [n, 1] each (``experts.lifted_tail``)."""
-        from vllm_plugin.experts import flat_tail, lifted_tail
+        token's log-prob and every other tail token's, [n, 1] each (``experts.lifted_tail``; with
+        ``with_tail_prior``, what each tail token adds to its prior before the cap, ``_tail_at``)."""
+        from vllm_plugin.experts import flat_tail, lifted_tail, prior_tail
 
         top, ids = self.topk_logprobs[rows].float(), self.topk_ids[rows].long()
+        if self.tail_log_prior is not None:  # renormalised after the cap, as experts.top_k_with_flat_tail
+            norm = self.tail_log_norm[rows, None]
+            return top - norm, ids, None, None, prior_tail(top, ids, self.tail_log_prior) - norm
         if self.lift_ids is None:
             return top, ids, None, None, flat_tail(top, self.vocab_size)
         lifted = self.lift_ids[self.lift_prompt[rows]]
         lifted = lifted.masked_fill((lifted[:, :, None] == ids[:, None, :]).any(-1), -1)
         lift, tail = lifted_tail(top, (lifted >= 0).sum(-1, keepdim=True), self.vocab_size, self.lift_offset)
         return top, ids, lifted, lift, tail
+
+    def _tail_at(self, tail: torch.Tensor, top: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """The view's log-prob of tail ``tokens`` (int64, [m] or [n, 1]) given ``_view``'s ``tail``
+        and ``top`` [n, k]: ``tail`` itself, or with a tail prior the prior added and capped at the
+        k-th log-prob (``experts.top_k_with_flat_tail``)."""
+        if self.tail_log_prior is None:
+            return tail
+        return torch.minimum(tail + self.tail_log_prior[tokens], top.amin(-1, keepdim=True))
 
     def with_lift(self, ts: TokenizedSet, after: list[int], offset: float) -> "BaseLogits":
         """This top-k cache with each row's prompt tokens (from the last ``after`` marker on, the
@@ -280,6 +300,32 @@ class BaseLogits:
         ids = torch.tensor([t + [-1] * (width - len(t)) for t in tokens], dtype=torch.long).reshape(len(tokens), width)
         prompt = torch.tensor([ts.example_prompt[e] for e, t in enumerate(ts.targets) for _ in t], dtype=torch.long)
         return replace(self, lift_ids=ids, lift_prompt=prompt, lift_offset=float(offset))
+
+    def with_tail_prior(self, log_prior: torch.Tensor) -> "BaseLogits":
+        """This top-k cache with its tail shared in proportion to ``log_prior`` ([V] log-probs
+        summing to 1, ``unigram_log_prior``) instead of evenly, as the processor's view of a
+        plugin with ``PluginConfig.tail_prior`` shares it.
+
+        Raises:
+            BaseLogitsError: a full cache (its view is exact), one that lifts tokens (``with_lift``),
+                or a prior of another size.
+        """
+        from dataclasses import replace
+
+        if self.kind != "topk" or self.lift_ids is not None:
+            raise BaseLogitsError("only a top-k cache without lifted tokens has a flat tail to share by a prior")
+        from vllm_plugin.experts import prior_tail_log_norm
+
+        if log_prior.shape != (self.vocab_size,):
+            raise BaseLogitsError(f"a tail prior of {tuple(log_prior.shape)} for a vocabulary of {self.vocab_size}")
+        log_prior = log_prior.float()
+        norm = torch.empty(len(self))
+        with torch.no_grad():  # one pass over the vocabulary, in blocks: the view's [V] rows are made only here
+            for start in range(0, len(self), 256):
+                rows = slice(start, min(start + 256, len(self)))
+                norm[rows] = prior_tail_log_norm(self.topk_ids[rows].long(), self.topk_logprobs[rows].float(),
+                                                 log_prior)[:, 0]
+        return replace(self, tail_log_prior=log_prior, tail_log_norm=norm)
 
     # ----- storage -------------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -310,6 +356,15 @@ class BaseLogits:
 
 
 # ----- source: local transformers forward (full logits) ------------------------------------
+def unigram_log_prior(ts: TokenizedSet, vocab_size: int, smoothing: float) -> torch.Tensor:
+    """[V] log-probs: the unigram distribution of ``ts``'s target tokens, add-``smoothing``
+    (every token of the vocabulary counted ``smoothing`` more times): the tail prior of a plugin
+    with ``PluginConfig.tail_prior``, from its fit split's references."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    counts.index_add_(0, ts.flat_targets(), torch.ones(ts.num_target_tokens, dtype=torch.float64))
+    return ((counts + smoothing) / (counts.sum() + smoothing * vocab_size)).log().float()
+
+
 def _head_of(model):
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)

@@ -14,7 +14,8 @@ from vllm_plugin.model import MAX_CANDIDATES, PluginConfig, build_plugin, count_
 from vllm_plugin.paths import cache_root
 
 from .base_logits import (BaseLogits, cache_key, cached, extract_full, extract_topk_openai,
-                          TokenizedSet, extract_topk_vllm, tokenize_examples, topk_view)
+                          TokenizedSet, extract_topk_vllm, tokenize_examples, topk_view,
+                          unigram_log_prior)
 from .config import SOURCES, TrainConfig
 from .recipes import RECIPES, recipe
 from .data import (MAX_SHOTS, PROMPT_TEMPLATES, DataError, NearestShot, in_context_shots, load_examples,
@@ -95,6 +96,9 @@ class RunSpec:
     # A top-k source: the prompt's copied tokens sit this many nats below the k-th log-prob in the
     # base's view, not in its flat tail (PluginConfig.copy_tail_offset); None: the flat tail.
     copy_tail_offset: float | None = None
+    # A top-k source: the base's view shares the mass its top k leave by the fit targets' unigram
+    # frequencies, add-this smoothed (PluginConfig.tail_prior); None: evenly (the flat tail).
+    tail_prior: float | None = None
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
@@ -180,6 +184,11 @@ def check_spec(spec: RunSpec, need_data: bool = True, make_out: bool = True) -> 
                                               or not -50 <= spec.copy_tail_offset <= 0):
         raise ValueError(f"--copy-tail-offset {spec.copy_tail_offset} lifts copied tokens out of a top-k view's "
                          f"flat tail: it needs --copy and a top-k --source (not 'full'), and nats in [-50, 0]")
+    if spec.tail_prior is not None and (spec.source == "full" or spec.alone or spec.copy_tail_offset is not None
+                                        or not 0 < spec.tail_prior <= 1e6):
+        raise ValueError(f"--tail-prior {spec.tail_prior} shares a top-k view's tail by the fit targets' unigram "
+                         f"frequencies: it needs a top-k --source (not 'full'), a positive smoothing count, and not "
+                         f"--copy-tail-offset or --alone")
     if spec.shot_seed is not None and (not spec.shots or spec.nearest_shot):
         raise ValueError("--shot-seed chooses the drawn in-context examples: it needs --shots (and not --nearest-shot)")
     if spec.nearest_shot and spec.shots != 1:
@@ -268,11 +277,12 @@ def base_vocab_size(base_path: str) -> int:
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "value_swap", "seed", "alone",
                "negatives", "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
                "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example", "base_candidates",
-               "scheduled_sampling", "shot_seed", "copy_tail_offset")
+               "scheduled_sampling", "shot_seed", "copy_tail_offset", "tail_prior")
 RESUME_DEFAULTS = {"name_swap": 0.0, "value_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
                    "copy_task_only": False, "read_task_only": False, "copy_example": False, "base_candidates": 0,
-                   "scheduled_sampling": 0.0, "shot_seed": None, "copy_tail_offset": None}
+                   "scheduled_sampling": 0.0, "shot_seed": None, "copy_tail_offset": None,
+                   "tail_prior": None}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -450,6 +460,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                 "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
                 "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,
                 "scheduled_sampling": spec.train.scheduled_sampling, "copy_tail_offset": spec.copy_tail_offset,
+                "tail_prior": spec.tail_prior,
                 # Which tokens, not only how often: other data would give another shortlist.
                 "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]}
     resume_model = spec.out_dir() / "resume" / "model"
@@ -468,6 +479,10 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
             fit_bl, select_bl, gate_bl = (bl.with_lift(ts, copy_after, spec.copy_tail_offset) for bl, ts in
                                           ((fit_bl, fit_ts), (select_bl, select_ts), (gate_bl, gate_ts)))
             gate_bl = gate_bl if spec.gate_values else select_bl
+        if spec.tail_prior is not None:  # the tail as the processor will share it for this plugin
+            tail_prior = unigram_log_prior(fit_ts, fit_bl.vocab_size, spec.tail_prior)
+            fit_bl, select_bl = fit_bl.with_tail_prior(tail_prior), select_bl.with_tail_prior(tail_prior)
+            gate_bl = gate_bl.with_tail_prior(tail_prior) if spec.gate_values else select_bl
     base_logits_s = time.time() - t0
     load_base = None  # free the base before training
 
@@ -476,7 +491,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         vocab_size=vocab_size, architecture=spec.arch, d_model=spec.d_model, n_layers=spec.n_layers,
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
         copy_example=spec.copy_example, copy_pending=spec.copy_pending, input_bag=spec.input_bag,
-        base_candidates=spec.base_candidates, copy_tail_offset=spec.copy_tail_offset,
+        base_candidates=spec.base_candidates, copy_tail_offset=spec.copy_tail_offset, tail_prior=spec.tail_prior,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),
@@ -489,6 +504,8 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
     plugin = build_plugin(config)
     if shortlist is not None:
         plugin.set_shortlist(shortlist)
+    if spec.tail_prior is not None:
+        plugin.set_tail_prior(tail_prior)
     log(f"plugin: {spec.arch}, {count_parameters(plugin) / 1e6:.1f}M parameters"
         + (f", a shortlist of {len(shortlist)} of {vocab_size} tokens" if shortlist is not None else ""))
     t1 = time.time()

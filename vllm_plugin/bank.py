@@ -359,13 +359,16 @@ class PluginBank:
 
     def _restrict_to_top_k(self, group: _Group, logits: torch.Tensor) -> None:
         """Rows of a plugin trained from top-k log-probs decode against that view of the base (with
-        the tokens its copy scores lift out of the flat tail, ``PluginConfig.copy_tail_offset``)."""
+        the tokens its copy scores lift out of the flat tail, ``PluginConfig.copy_tail_offset``, or
+        its tail prior, ``PluginConfig.tail_prior``)."""
         if not group.top_k:
             return
-        offset = self.models[group.plugin].config.copy_tail_offset
+        model = self.models[group.plugin]
+        offset = model.config.copy_tail_offset
         lifted = None if offset is None else self._copy_set(group)
         for k, rows_t, idx_t, bias in group.top_k:
-            view = base_top_k(logits[rows_t], k, bias, None if lifted is None else lifted[idx_t], offset or 0.0)
+            view = base_top_k(logits[rows_t], k, bias, None if lifted is None else lifted[idx_t], offset or 0.0,
+                              model.tail_log_prior)
             logits.index_copy_(0, rows_t, view.to(logits.dtype))
 
     def _penalise_experts(self, group: _Group, logits: torch.Tensor, plugin_logits: torch.Tensor) -> None:

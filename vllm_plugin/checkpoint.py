@@ -142,6 +142,11 @@ def load_plugin(folder: str | Path, vocab_size: int | None = None,
             raise CheckpointError(
                 f"{weights}: 'index_of' is not a shortlist of {k} tokens (each of rows 0..{k - 1} once, row {k} "
                 f"for the rest): the file is corrupt; retrain the plugin or restore this checkpoint from a good copy")
+    prior = model.tail_log_prior
+    if prior is not None and abs(prior.double().logsumexp(0).item()) > 1e-4:  # the view would not be a distribution
+        raise CheckpointError(
+            f"{weights}: 'tail_log_prior' does not sum to 1 (log-sum {prior.double().logsumexp(0).item():.4g}): the "
+            f"file is corrupt; retrain the plugin or restore this checkpoint from a good copy")
     return model.to(device).eval()
 
 

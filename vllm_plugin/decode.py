@@ -60,12 +60,12 @@ def example_mask(prompt: Sequence[int], plugin: PluginLM) -> torch.Tensor | None
     return prompt_mask(list(prompt)[:start], plugin.config.vocab_size) & ~copy_mask(prompt, plugin)
 
 
-def tail_lift(plugin: PluginLM, in_prompt: torch.Tensor) -> tuple[torch.Tensor | None, float]:
-    """``experts.base_top_k``'s ``lifted`` and ``lift_offset`` for ``plugin``: the tokens its copy
-    scores lift (``in_prompt`` [1, V], ``copy_mask``) if it lifts them out of the flat tail
-    (``PluginConfig.copy_tail_offset``), else (None, 0.0)."""
+def tail_view(plugin: PluginLM, in_prompt: torch.Tensor) -> tuple[torch.Tensor | None, float, torch.Tensor | None]:
+    """``experts.base_top_k``'s ``lifted``, ``lift_offset`` and ``tail_prior`` for ``plugin``:
+    the tokens its copy scores lift (``in_prompt`` [1, V], ``copy_mask``) if it lifts them out of
+    the flat tail (``PluginConfig.copy_tail_offset``), else (None, 0.0); its tail prior or None."""
     offset = plugin.config.copy_tail_offset
-    return (None, 0.0) if offset is None else (in_prompt, offset)
+    return (None, 0.0, plugin.tail_log_prior) if offset is None else (in_prompt, offset, None)
 
 
 def pending_copy(in_prompt: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
@@ -150,7 +150,7 @@ def reference_generate(base, prompts: Sequence[Sequence[int]], plugin: PluginLM 
                 plugin_logits = plugin_logits[0].float()
             if plugin is not None and base is not None and top_k:  # the base as the plugin sees it
                 base_logits = base_top_k(base_logits[None], top_k, None if bias is None else bias[None],
-                                         *tail_lift(plugin, in_prompt))[0]
+                                         *tail_view(plugin, in_prompt))[0]
             if expert_repetition_penalty != 1.0 and plugin is not None:
                 generated = torch.zeros(plugin_logits.shape[-1], dtype=torch.bool)
                 generated[torch.tensor(out, dtype=torch.long)] = True
@@ -245,7 +245,7 @@ def reference_beam_search(base, prompt: Sequence[int], plugin: PluginLM | None =
                                               pending_copy(in_prompt, tokens[len(prompt):]), in_example)
         plugin_logits = plugin.add_candidate_score(state["out"][slot], plugin_logits, base_logits[None])[0]
         if top_k:  # the base as the plugin sees it, also for its gate
-            base_logits = base_top_k(base_logits[None], top_k, None, *tail_lift(plugin, in_prompt))[0]
+            base_logits = base_top_k(base_logits[None], top_k, None, *tail_view(plugin, in_prompt))[0]
         strength = weight
         if Mode.parse(mode) == Mode.PRODUCT:  # a gated plugin's strength at this position
             gate = plugin.strength(state["out"][slot], base_logits[None], plugin_logits[None])

@@ -39,25 +39,26 @@ class Mode(IntEnum):
 
 
 def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = None,
-               lifted: torch.Tensor | None = None, lift_offset: float = 0.0) -> torch.Tensor:
+               lifted: torch.Tensor | None = None, lift_offset: float = 0.0,
+               tail_prior: torch.Tensor | None = None) -> torch.Tensor:
     """The base as a closed API shows it: its top-``k`` log-probs, the remaining probability
-    spread evenly over every other token. A plugin trained from top-k log-probs
-    (``training.base_logits``, the same approximation) decodes against this, not the full base:
-    against the full one, the tail tokens it learned to lift from a flat floor are lifted from
-    wherever the full base has them.
+    spread over every other token (evenly, or by ``tail_prior``). A plugin trained from top-k
+    log-probs (``training.base_logits``, the same approximation) decodes against this, not the
+    full base: against the full one, the tail tokens it learned to lift from a flat floor are
+    lifted from wherever the full base has them.
 
     ``base_logits`` [n, V] are the logits as vLLM hands them to logits processors, after its
     constraints. Every token a constraint touched keeps its exact constrained log-prob instead
-    of the flat tail: those at -inf (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a
+    of the tail's: those at -inf (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a
     structured-output grammar) and those with a nonzero ``bias`` ([n, V], the request's
     ``logit_bias``). So the view never lifts a token above what vLLM gave it, and a request keeps
     its constraints. Unconstrained logits give exactly the plain top-k view. ``lifted`` [n, V]
-    bool and ``lift_offset``: the prompt's tokens lifted out of the flat tail
-    (``top_k_with_flat_tail``).
+    bool and ``lift_offset``: the prompt's tokens lifted out of the flat tail; ``tail_prior`` [V]:
+    log-probs the tail follows instead of spreading evenly (``top_k_with_flat_tail``).
     """
     log_probs = torch.log_softmax(base_logits.float(), -1)
     top, ids = log_probs.topk(k, dim=-1)
-    view = top_k_with_flat_tail(ids, top, base_logits.shape[-1], lifted, lift_offset)
+    view = top_k_with_flat_tail(ids, top, base_logits.shape[-1], lifted, lift_offset, tail_prior)
     touched = torch.isneginf(base_logits)
     if bias is not None:
         touched |= bias != 0
@@ -65,14 +66,25 @@ def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = No
 
 
 def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int, lifted: torch.Tensor | None = None,
-                         lift_offset: float = 0.0) -> torch.Tensor:
+                         lift_offset: float = 0.0, tail_prior: torch.Tensor | None = None) -> torch.Tensor:
     """[n, V] log-probs from [n, k] top log-probs ``top`` at token ids ``ids``: the mass they
     leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
     both build the base's top-k view here, so they cannot drift apart.
 
     ``lifted`` [n, V] bool: tokens placed apart from the rest of the tail (the task's input
     tokens, which a reference copies: ``PluginConfig.copy_tail_offset``). Those outside the top k
-    sit at ``lifted_tail``'s value instead, and the others share what mass is left."""
+    sit at ``lifted_tail``'s value instead, and the others share what mass is left.
+    ``tail_prior`` [V] (log-probs summing to 1; ``PluginConfig.tail_prior``): the mass left is
+    shared in proportion to it instead of evenly (``prior_tail``), no tail token above the k-th
+    listed log-prob (the API says it is not more likely), and the row renormalised for what that
+    cap takes away (the top k keep their ratios); a uniform prior is the flat tail. Not with
+    ``lifted``.
+    """
+    if tail_prior is not None:
+        if lifted is not None:
+            raise ValueError("a top-k view's tail follows a prior or lifts the prompt's tokens, not both")
+        view = _capped_prior_view(ids, top, tail_prior)
+        return view - view.logsumexp(-1, keepdim=True)
     if lifted is None:
         return flat_tail(top, vocab_size).expand(*top.shape[:-1], vocab_size).scatter(-1, ids, top)
     lifted = lifted.scatter(-1, ids, False)
@@ -98,6 +110,28 @@ def lifted_tail(top: torch.Tensor, n_lifted: torch.Tensor, vocab_size: int, offs
     lift = torch.minimum(top.amin(-1, keepdim=True) + offset, (0.5 * left / n.clamp(min=1)).log())
     tail = ((left - n * lift.exp()) / (vocab_size - top.shape[-1] - n).clamp(min=1)).log()
     return lift, tail
+
+
+def prior_tail(top: torch.Tensor, ids: torch.Tensor, tail_prior: torch.Tensor) -> torch.Tensor:
+    """[..., 1]: what to add to ``tail_prior`` [V] (log-probs) for each token outside the top k
+    (``top``, ``ids`` [..., k]) so that those tokens share the mass the top k leave in
+    proportion to the prior, before ``top_k_with_flat_tail`` caps them at the k-th log-prob:
+    log(1 - sum exp(top)) - log(1 - sum of the prior over ``ids``)."""
+    left = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+    rest = (1.0 - tail_prior[ids].exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+    return left.log() - rest.log()
+
+
+def _capped_prior_view(ids: torch.Tensor, top: torch.Tensor, tail_prior: torch.Tensor) -> torch.Tensor:
+    """[n, V] the prior-tail view before it is renormalised (``top_k_with_flat_tail``)."""
+    tail = torch.minimum(prior_tail(top, ids, tail_prior) + tail_prior, top.amin(-1, keepdim=True))
+    return tail.scatter(-1, ids, top)
+
+
+def prior_tail_log_norm(ids: torch.Tensor, top: torch.Tensor, tail_prior: torch.Tensor) -> torch.Tensor:
+    """[n, 1] what ``top_k_with_flat_tail`` subtracts from the prior-tail view of each row to
+    renormalise it after the cap (0 where no tail token reached the k-th log-prob)."""
+    return _capped_prior_view(ids, top, tail_prior).logsumexp(-1, keepdim=True)
 
 
 _LOG_P_FLOOR = -80.0

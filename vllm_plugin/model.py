@@ -15,6 +15,7 @@ processor never care which one they hold:
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -95,6 +96,12 @@ class PluginConfig:
     # 2 nats below the 20th and 5 to 6 above the flat tail (``benchmarks/top20_reach.py``).
     # None: the plain flat tail. Needs copy=True.
     copy_tail_offset: float | None = None
+    # The closed-API view with the task in mind: in the base's top-k view, the mass the top k leave
+    # is shared by the other tokens in proportion to the fit targets' unigram frequencies, add-this
+    # smoothed (``tail_log_prior``, a buffer), instead of evenly over the vocabulary, where a
+    # reference token the base ranks below its top 20 sits 4 to 6 nats below its real log-prob
+    # (``benchmarks/top20_reach.py``). None: the plain flat tail. Not with copy_tail_offset.
+    tail_prior: float | None = None
     # What the plugin was trained against; checked when it is loaded onto a base.
     tokenizer_fingerprint: str = ""
     base_model: str = ""
@@ -132,6 +139,11 @@ class PluginConfig:
                 or not isinstance(self.copy_tail_offset, (int, float)) or not -50 <= self.copy_tail_offset <= 0):
             raise ValueError(f"copy_tail_offset={self.copy_tail_offset!r} must be a number of nats between -50 and 0, "
                              f"for a plugin with copy scores (copy=True), or None")
+        if self.tail_prior is not None and (
+                isinstance(self.tail_prior, bool) or not isinstance(self.tail_prior, (int, float))
+                or not 0 < self.tail_prior <= 1e6 or self.copy_tail_offset is not None):
+            raise ValueError(f"tail_prior={self.tail_prior!r} must be a positive smoothing count (or None), and "
+                             f"not with copy_tail_offset")
         if (type(self.base_candidates) is not int or not 0 <= self.base_candidates <= MAX_CANDIDATES
                 or self.base_candidates > self.vocab_size):
             raise ValueError(f"base_candidates={self.base_candidates!r} must be an integer between 0 (none) and "
@@ -230,6 +242,10 @@ class PluginLM(nn.Module):
             if score is not None:  # starts at no bonus too
                 nn.init.zeros_(score.weight)
                 nn.init.zeros_(score.bias)
+        # [V] log-probs a top-k view's tail follows (``experts.top_k_with_flat_tail``); uniform
+        # until ``set_tail_prior``. None (no state-dict entry) without ``config.tail_prior``.
+        self.register_buffer("tail_log_prior", torch.full((config.vocab_size,), -math.log(config.vocab_size))
+                             if config.tail_prior is not None else None)
         self.bag = nn.Embedding(rows, config.d_model) if config.input_bag else None
         if self.bag is not None:  # starts at no shift: the plugin without it
             nn.init.zeros_(self.bag.weight)
@@ -248,6 +264,21 @@ class PluginLM(nn.Module):
                              f"({len(torch.unique(ids))} distinct)")
         self.index_of.fill_(k)
         self.index_of[ids] = torch.arange(k, device=self.index_of.device)
+
+    def set_tail_prior(self, log_prior: torch.Tensor) -> None:
+        """Make ``log_prior`` ([V] float log-probs, finite, summing to 1) the tail prior.
+
+        Raises:
+            ValueError: the plugin has no tail prior (``config.tail_prior``), or ``log_prior`` is
+                not a finite [V] distribution.
+        """
+        v = self.config.vocab_size
+        if self.tail_log_prior is None:
+            raise ValueError("this plugin's top-k view has a flat tail (config.tail_prior is None)")
+        if (log_prior.shape != (v,) or not torch.isfinite(log_prior).all()
+                or abs(log_prior.double().exp().sum().item() - 1.0) > 1e-4):
+            raise ValueError(f"a tail prior must be {v} finite log-probs summing to 1")
+        self.tail_log_prior.copy_(log_prior)
 
     def shortlist(self) -> torch.Tensor | None:
         """int64 [K]: the shortlisted token ids, sorted (None: the whole vocabulary)."""

@@ -373,7 +373,8 @@ def describe(name: str, model, path) -> str:
     k = int(c.training.get("top_k") or 0)
     lift = ("" if c.copy_tail_offset is None
             else f", the copied tokens {abs(c.copy_tail_offset):g} nats below the {k}th out of the tail")
-    view = f"top-{k} (the base's top-{k} log-probs + a flat tail{lift})" if k else "full"
+    tail = "a flat tail" if c.tail_prior is None else "a tail by the fit targets' unigram frequencies"
+    view = f"top-{k} (the base's top-{k} log-probs + {tail}{lift})" if k else "full"
     parameters = sum(p.numel() for p in model.parameters())
     gate = ((", strength gated per position" if c.gate else "") + (", copy scores on prompt tokens" if c.copy else "")
             + (f" from the last {len(c.copy_after)}-token marker on" if c.copy_after else "")
