@@ -68,7 +68,8 @@ QWEN_VALUES_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_task_values_gate_icl
 # chosen recipe, its top-20 twin and its lifted-tail twin beside zero-shot (benchmarks/results/lift_qwen).
 QWEN_LIFT_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_lift_gate_icl1
 # Qwen2.5-Coder-0.5B, the closed-API view whose tail follows the fit targets' unigram frequencies (the smoothing
-# top20_reach chooses on select) beside the chosen recipe and its flat-tail twin (benchmarks/results/prior_qwen).
+# top20_reach chooses on select) beside the chosen recipe and its flat-tail twin (benchmarks/results/prior_qwen); the same
+# four on SmolLM2 under the same protocol (benchmarks/results/prior_smollm2).
 QWEN_PRIOR_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
@@ -94,3 +95,4 @@ paper: install
 	$(VENV)/bin/python -m benchmarks.top20_reach --base qwen2.5-coder-0.5b
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --copy-tail-offset -2 --systems $(QWEN_LIFT_SYSTEMS) --results benchmarks/results/lift_qwen
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --tail-prior 0.01 --systems $(QWEN_PRIOR_SYSTEMS) --results benchmarks/results/prior_qwen
+	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base smollm2-135m --subset 300 --select-subset 150 --top20-source full_topk --tail-prior 0.1 --systems $(QWEN_PRIOR_SYSTEMS) --results benchmarks/results/prior_smollm2

@@ -102,6 +102,11 @@ def test_default_recipe_is_the_benchmarks_chosen_plugin():
     # jsonl's template has no text before {input} to find the task by: copy scores read the whole prompt
     jsonl = _train_spec("--dataset", "jsonl")
     assert (jsonl.copy, jsonl.copy_task_only, jsonl.shots) == (True, False, 1)
+    # the closed-API views: off unless asked for, then carried to the run as given
+    assert (default.tail_prior, default.copy_tail_offset) == (None, None)
+    closed = _train_spec("--source", "full_topk", "--tail-prior", "0.01")
+    assert (closed.source, closed.tail_prior) == ("full_topk", 0.01)
+    check_spec(closed, need_data=False)
 
 
 def test_unknown_recipe_is_refused_by_name(capsys):
