@@ -71,6 +71,7 @@ QWEN_LIFT_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortl
 # top20_reach chooses on select) beside the chosen recipe and its flat-tail twin (benchmarks/results/prior_qwen); the same
 # four on SmolLM2 under the same protocol (benchmarks/results/prior_smollm2).
 QWEN_PRIOR_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1
+PRIOR_SLOT_SYSTEMS = plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
 paper: install
@@ -96,3 +97,5 @@ paper: install
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --copy-tail-offset -2 --systems $(QWEN_LIFT_SYSTEMS) --results benchmarks/results/lift_qwen
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base qwen2.5-coder-0.5b --subset 300 --select-subset 150 --top20-source full_topk --tail-prior 0.01 --systems $(QWEN_PRIOR_SYSTEMS) --results benchmarks/results/prior_qwen
 	VLLM_CPU_KVCACHE_SPACE=4 $(VENV)/bin/python -m benchmarks.quality --dataset e2e --base smollm2-135m --subset 300 --select-subset 150 --top20-source full_topk --tail-prior 0.1 --systems $(QWEN_PRIOR_SYSTEMS) --results benchmarks/results/prior_smollm2
+	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-smollm2-135m/generations/select150/max64-float32 --systems $(PRIOR_SLOT_SYSTEMS) --decoding rp1-fp0.5 --results benchmarks/results/prior_smollm2
+	$(VENV)/bin/python -m benchmarks.e2e_slots --generations runs/quality/e2e-qwen2.5-coder-0.5b/generations/select150/max64-float32 --systems $(PRIOR_SLOT_SYSTEMS) --decoding rp1-fp0.5 --results benchmarks/results/prior_qwen
