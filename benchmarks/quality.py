@@ -80,7 +80,8 @@ task's tokens lifted out of the top-20 view's flat tail (``--copy-tail-offset``,
 ``benchmarks.top20_reach`` chooses on select for the base); plugin_shortlist_copy_task_top20_prior_icl1
 and plugin_shortlist_copy_task_top20_prior_gate_icl1, the twins whose top-20 view shares its tail by the
 fit targets' unigram frequencies (``--tail-prior``, the smoothing ``benchmarks.top20_reach`` chooses on
-select).
+select), and plugin_shortlist_copy_task_top20_prior_half_gate_icl1, by their square roots
+(``--tail-prior-power 0.5``).
 """
 from __future__ import annotations
 
@@ -136,7 +137,8 @@ NEEDS = {"plugin_alone": "small", "weighted_mix": "small", "plugin_recurrent": "
          "plugin_shortlist_copy_task_top20_lift_icl1": "shortlist_copy_task_top20_lift_icl1",
          "plugin_shortlist_copy_task_top20_lift_gate_icl1": "shortlist_copy_task_top20_lift_icl1_gated",
          "plugin_shortlist_copy_task_top20_prior_icl1": "shortlist_copy_task_top20_prior_icl1",
-         "plugin_shortlist_copy_task_top20_prior_gate_icl1": "shortlist_copy_task_top20_prior_icl1_gated"}
+         "plugin_shortlist_copy_task_top20_prior_gate_icl1": "shortlist_copy_task_top20_prior_icl1_gated",
+         "plugin_shortlist_copy_task_top20_prior_half_gate_icl1": "shortlist_copy_task_top20_prior_half_icl1_gated"}
 # Not in the default list. lora: decoded by its own model, not the base (training/lora.py).
 OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "plugin_recurrent_copy_gate",
                     "plugin_shortlist_copy", "plugin_shortlist_copy_gate", "plugin_shortlist_copy_top20",
@@ -152,7 +154,8 @@ OPTIONAL_SYSTEMS = ["lora", "plugin_recurrent_gate", "plugin_recurrent_copy", "p
                     "plugin_shortlist_copy_task_values_gate_icl1", "plugin_shortlist_copy_task_values_gatev_icl1",
                     "plugin_shortlist_copy_task_values_top20_gate_icl1", "plugin_shortlist_copy_task_top20_lift_icl1",
                     "plugin_shortlist_copy_task_top20_lift_gate_icl1", "plugin_shortlist_copy_task_top20_prior_icl1",
-                    "plugin_shortlist_copy_task_top20_prior_gate_icl1"]
+                    "plugin_shortlist_copy_task_top20_prior_gate_icl1",
+                    "plugin_shortlist_copy_task_top20_prior_half_gate_icl1"]
 # Runs that train exactly as another and differ only after training (the gate, fitted on the
 # trained plugin): they start from that run's last resume point and checkpoint.
 SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gated": "shortlist_copy",
@@ -169,7 +172,8 @@ SAME_TRAINING = {"gated": "recurrent", "copy_gated": "copy", "shortlist_copy_gat
                  "shortlist_copy_task_values_icl1_gated_values": "shortlist_copy_task_values_icl1",
                  "shortlist_copy_task_values_top20_icl1_gated": "shortlist_copy_task_values_top20_icl1",
                  "shortlist_copy_task_top20_lift_icl1_gated": "shortlist_copy_task_top20_lift_icl1",
-                 "shortlist_copy_task_top20_prior_icl1_gated": "shortlist_copy_task_top20_prior_icl1"}
+                 "shortlist_copy_task_top20_prior_icl1_gated": "shortlist_copy_task_top20_prior_icl1",
+                 "shortlist_copy_task_top20_prior_half_icl1_gated": "shortlist_copy_task_top20_prior_half_icl1"}
 STRENGTH_SYSTEM = re.compile(r"plugin_recurrent_w(\d+(?:\.\d+)?)")
 
 
@@ -279,6 +283,9 @@ def plugin_specs(dataset: str, base, split: str, top20_source: str = "vllm", sho
         "shortlist_copy_task_top20_prior_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
                                                         shortlist_min_count=1, shots=1, source=top20_source,
                                                         top_k=20, tail_prior=tail_prior),
+        "shortlist_copy_task_top20_prior_half_icl1": RunSpec(**common, arch="gru", copy=True, copy_task_only=True,
+                                                             shortlist_min_count=1, shots=1, source=top20_source,
+                                                             top_k=20, tail_prior=tail_prior, tail_prior_power=0.5),
         "transformer": RunSpec(**common, arch="transformer", d_model=256, n_layers=1),
         "top20": RunSpec(**common, arch="gru", source=top20_source, top_k=20),
         "small": RunSpec(**common, arch="gru", alone=True),
@@ -320,7 +327,8 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
         elif read_config(checkpoint).copy_tail_offset != spec.copy_tail_offset:
             raise SystemExit(f"{spec.out} was trained with another --copy-tail-offset than {spec.copy_tail_offset}: "
                              f"move it away (or pass another --runs) to retrain")
-        elif read_config(checkpoint).tail_prior != spec.tail_prior:
+        elif (read_config(checkpoint).tail_prior, read_config(checkpoint).tail_prior_power) != (
+                spec.tail_prior, spec.tail_prior_power):
             raise SystemExit(f"{spec.out} was trained with another --tail-prior than {spec.tail_prior}: "
                              f"move it away (or pass another --runs) to retrain")
         checkpoints[name] = str(checkpoint)
@@ -595,7 +603,8 @@ TOP20_TWIN = {"plugin_recurrent_top20": "plugin_recurrent", "plugin_shortlist_co
               "plugin_shortlist_copy_task_top20_lift_icl1": "plugin_shortlist_copy_task_icl1",
               "plugin_shortlist_copy_task_top20_lift_gate_icl1": "plugin_shortlist_copy_task_gate_icl1",
               "plugin_shortlist_copy_task_top20_prior_icl1": "plugin_shortlist_copy_task_icl1",
-              "plugin_shortlist_copy_task_top20_prior_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
+              "plugin_shortlist_copy_task_top20_prior_gate_icl1": "plugin_shortlist_copy_task_gate_icl1",
+              "plugin_shortlist_copy_task_top20_prior_half_gate_icl1": "plugin_shortlist_copy_task_gate_icl1"}
 TOP20_ROWS = tuple(TOP20_TWIN)
 
 

@@ -157,6 +157,11 @@ def test_tail_prior_shares_the_mass_the_top_k_leave_by_the_fit_targets_unigram_f
     unigram = bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.5)
     counts = torch.bincount(ts.flat_targets(), minlength=tiny.vocab_size).double()
     torch.testing.assert_close(unigram.double().exp(), (counts + 0.5) / (counts.sum() + 0.5 * tiny.vocab_size))
+    tempered = (counts + 0.5).sqrt()  # tail_prior_power 0.5; 0 is the flat tail's uniform prior
+    torch.testing.assert_close(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.5, 0.5).double().exp(),
+                               tempered / tempered.sum())
+    torch.testing.assert_close(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.5, 0.0),
+                               torch.full((tiny.vocab_size,), -math.log(tiny.vocab_size)))
     full = extract_full(tiny.base, ts, progress=False)
     with pytest.raises(BaseLogitsError, match="only a top-k cache without lifted tokens"):
         full.with_tail_prior(unigram)
@@ -498,9 +503,12 @@ def test_a_top_k_run_with_a_tail_prior_trains_and_selects_on_that_view(tiny, e2e
     assert evaluate(None, priored) == pytest.approx(metrics["base_select_loss"], rel=1e-5)
     assert evaluate(None, PairSet(splits.select_ts, select)) != pytest.approx(metrics["base_select_loss"], rel=1e-3)
     assert evaluate(plugin, priored) == pytest.approx(metrics["best_select_loss"], rel=1e-4)
-    for bad in (dict(source="full"), dict(copy_tail_offset=-1.0), dict(tail_prior=0.0)):
+    for bad in (dict(source="full"), dict(copy_tail_offset=-1.0), dict(tail_prior=0.0), dict(tail_prior_power=1.5)):
         with pytest.raises(ValueError, match="--tail-prior .* shares a top-k view's tail"):
             run(replace(spec, out=str(tmp_path / "bad"), **bad), progress=False, log=lambda *_: None)
+    with pytest.raises(ValueError, match="--tail-prior-power tempers the tail prior: it needs --tail-prior"):
+        run(replace(spec, out=str(tmp_path / "bad"), tail_prior=None, tail_prior_power=0.5), progress=False,
+            log=lambda *_: None)
 
 
 def test_gate_is_fitted_on_select_after_training(tiny, e2e_file, tmp_path):

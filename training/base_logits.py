@@ -356,13 +356,14 @@ class BaseLogits:
 
 
 # ----- source: local transformers forward (full logits) ------------------------------------
-def unigram_log_prior(ts: TokenizedSet, vocab_size: int, smoothing: float) -> torch.Tensor:
+def unigram_log_prior(ts: TokenizedSet, vocab_size: int, smoothing: float, power: float = 1.0) -> torch.Tensor:
     """[V] log-probs: the unigram distribution of ``ts``'s target tokens, add-``smoothing``
-    (every token of the vocabulary counted ``smoothing`` more times): the tail prior of a plugin
-    with ``PluginConfig.tail_prior``, from its fit split's references."""
+    (every token of the vocabulary counted ``smoothing`` more times), raised to ``power`` and
+    renormalised (0: uniform): the tail prior of a plugin with ``PluginConfig.tail_prior`` and
+    ``tail_prior_power``, from its fit split's references."""
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     counts.index_add_(0, ts.flat_targets(), torch.ones(ts.num_target_tokens, dtype=torch.float64))
-    return ((counts + smoothing) / (counts.sum() + smoothing * vocab_size)).log().float()
+    return torch.log_softmax(power * (counts + smoothing).log(), 0).float()
 
 
 def _head_of(model):

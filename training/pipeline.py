@@ -99,6 +99,8 @@ class RunSpec:
     # A top-k source: the base's view shares the mass its top k leave by the fit targets' unigram
     # frequencies, add-this smoothed (PluginConfig.tail_prior); None: evenly (the flat tail).
     tail_prior: float | None = None
+    # The power of that prior (PluginConfig.tail_prior_power): 1 the unigram frequencies, 0 flat.
+    tail_prior_power: float = 1.0
     # > 0: a shortlisted plugin scoring the tokens that occur at least this often in the fit
     # split's prompts and targets (train.task_shortlist), one shared logit for the rest; 0: all.
     shortlist_min_count: int = 0
@@ -185,10 +187,12 @@ def check_spec(spec: RunSpec, need_data: bool = True, make_out: bool = True) -> 
         raise ValueError(f"--copy-tail-offset {spec.copy_tail_offset} lifts copied tokens out of a top-k view's "
                          f"flat tail: it needs --copy and a top-k --source (not 'full'), and nats in [-50, 0]")
     if spec.tail_prior is not None and (spec.source == "full" or spec.alone or spec.copy_tail_offset is not None
-                                        or not 0 < spec.tail_prior <= 1e6):
+                                        or not 0 < spec.tail_prior <= 1e6 or not 0 <= spec.tail_prior_power <= 1):
         raise ValueError(f"--tail-prior {spec.tail_prior} shares a top-k view's tail by the fit targets' unigram "
-                         f"frequencies: it needs a top-k --source (not 'full'), a positive smoothing count, and not "
-                         f"--copy-tail-offset or --alone")
+                         f"frequencies: it needs a top-k --source (not 'full'), a positive smoothing count, a power in "
+                         f"[0, 1], and not --copy-tail-offset or --alone")
+    if spec.tail_prior is None and spec.tail_prior_power != 1.0:
+        raise ValueError("--tail-prior-power tempers the tail prior: it needs --tail-prior")
     if spec.shot_seed is not None and (not spec.shots or spec.nearest_shot):
         raise ValueError("--shot-seed chooses the drawn in-context examples: it needs --shots (and not --nearest-shot)")
     if spec.nearest_shot and spec.shots != 1:
@@ -277,12 +281,13 @@ def base_vocab_size(base_path: str) -> int:
 RESUME_KEYS = ("dataset", "source", "top_k", "fit_fraction", "split", "name_swap", "value_swap", "seed", "alone",
                "negatives", "candidate_k", "group_by_prompt", "shortlist_min_count", "shortlist", "dropout", "shots",
                "nearest_shot", "nearest_apart", "copy_task_only", "read_task_only", "copy_example", "base_candidates",
-               "scheduled_sampling", "shot_seed", "copy_tail_offset", "tail_prior")
+               "scheduled_sampling", "shot_seed", "copy_tail_offset", "tail_prior",
+               "tail_prior_power")
 RESUME_DEFAULTS = {"name_swap": 0.0, "value_swap": 0.0, "negatives": 0, "candidate_k": 32, "group_by_prompt": False,
                    "shortlist_min_count": 0, "shortlist": None, "dropout": 0.1, "shots": 0, "nearest_shot": False, "nearest_apart": "",
                    "copy_task_only": False, "read_task_only": False, "copy_example": False, "base_candidates": 0,
                    "scheduled_sampling": 0.0, "shot_seed": None, "copy_tail_offset": None,
-                   "tail_prior": None}
+                   "tail_prior": None, "tail_prior_power": 1.0}
 
 
 def task_marker(tokenizer, dataset: str, prompts: list[list[int]], segments: int) -> list[int]:
@@ -460,7 +465,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                 "copy_task_only": spec.copy_task_only, "read_task_only": spec.read_task_only,
                 "copy_example": spec.copy_example, "base_candidates": spec.base_candidates,
                 "scheduled_sampling": spec.train.scheduled_sampling, "copy_tail_offset": spec.copy_tail_offset,
-                "tail_prior": spec.tail_prior,
+                "tail_prior": spec.tail_prior, "tail_prior_power": spec.tail_prior_power,
                 # Which tokens, not only how often: other data would give another shortlist.
                 "shortlist": None if shortlist is None else hashlib.sha256(str(shortlist).encode()).hexdigest()[:16]}
     resume_model = spec.out_dir() / "resume" / "model"
@@ -480,7 +485,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
                                           ((fit_bl, fit_ts), (select_bl, select_ts), (gate_bl, gate_ts)))
             gate_bl = gate_bl if spec.gate_values else select_bl
         if spec.tail_prior is not None:  # the tail as the processor will share it for this plugin
-            tail_prior = unigram_log_prior(fit_ts, fit_bl.vocab_size, spec.tail_prior)
+            tail_prior = unigram_log_prior(fit_ts, fit_bl.vocab_size, spec.tail_prior, spec.tail_prior_power)
             fit_bl, select_bl = fit_bl.with_tail_prior(tail_prior), select_bl.with_tail_prior(tail_prior)
             gate_bl = gate_bl.with_tail_prior(tail_prior) if spec.gate_values else select_bl
     base_logits_s = time.time() - t0
@@ -492,6 +497,7 @@ def run(spec: RunSpec, progress: bool = True, log=print, refresh_cache: bool = F
         dropout=spec.dropout, copy=spec.copy, copy_after=copy_after, read_task_only=spec.read_task_only,
         copy_example=spec.copy_example, copy_pending=spec.copy_pending, input_bag=spec.input_bag,
         base_candidates=spec.base_candidates, copy_tail_offset=spec.copy_tail_offset, tail_prior=spec.tail_prior,
+        tail_prior_power=spec.tail_prior_power,
         shortlist_size=0 if shortlist is None else len(shortlist),
         tokenizer_fingerprint=fingerprint, base_model=base_path,
         prompt_template=with_shots(PROMPT_TEMPLATES.get(spec.dataset, "{input}"), [] if nearest else shots),

@@ -128,6 +128,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "targets' unigram frequencies, each token counted SMOOTHING more times (0.01 chosen on E2E's "
                         "select split, benchmarks.top20_reach), not evenly over the vocabulary, in training and at "
                         "serving (default: the flat tail)")
+    p.add_argument("--tail-prior-power", type=float, default=1.0, metavar="POWER",
+                   help="with --tail-prior: raise those frequencies to POWER in [0, 1] (renormalised) before "
+                        "sharing the tail by them; 0 is the flat tail (default 1)")
     p.add_argument("--out", help="run folder (default: runs/<dataset>-<arch>-<source>)")
     p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has a resume point")
 
@@ -157,7 +160,7 @@ def _spec(args):
         read_task_only=args.read_task_only, copy_example=args.copy_example, base_candidates=args.base_candidates,
         copy_pending=args.copy_pending, input_bag=args.input_bag, nearest_shot=args.nearest_shot,
         shot_seed=args.shot_seed, nearest_apart=args.nearest_apart, copy_tail_offset=args.copy_tail_offset,
-        tail_prior=args.tail_prior,
+        tail_prior=args.tail_prior, tail_prior_power=args.tail_prior_power,
         train=TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, patience=args.patience, seed=args.seed,
                           weight_decay=args.weight_decay, negatives=args.negatives, candidate_k=args.candidate_k,

@@ -102,6 +102,9 @@ class PluginConfig:
     # reference token the base ranks below its top 20 sits 4 to 6 nats below its real log-prob
     # (``benchmarks/top20_reach.py``). None: the plain flat tail. Not with copy_tail_offset.
     tail_prior: float | None = None
+    # The power those frequencies are raised to (then renormalised): 1 the unigram prior, 0 the
+    # flat tail, in between a tempered one, less sure of the task's words where the base is not.
+    tail_prior_power: float = 1.0
     # What the plugin was trained against; checked when it is loaded onto a base.
     tokenizer_fingerprint: str = ""
     base_model: str = ""
@@ -144,6 +147,9 @@ class PluginConfig:
                 or not 0 < self.tail_prior <= 1e6 or self.copy_tail_offset is not None):
             raise ValueError(f"tail_prior={self.tail_prior!r} must be a positive smoothing count (or None), and "
                              f"not with copy_tail_offset")
+        if isinstance(self.tail_prior_power, bool) or not isinstance(self.tail_prior_power, (int, float)) or not (
+                0 <= self.tail_prior_power <= 1):
+            raise ValueError(f"tail_prior_power={self.tail_prior_power!r} must be a number in [0, 1]")
         if (type(self.base_candidates) is not int or not 0 <= self.base_candidates <= MAX_CANDIDATES
                 or self.base_candidates > self.vocab_size):
             raise ValueError(f"base_candidates={self.base_candidates!r} must be an integer between 0 (none) and "
