@@ -68,10 +68,11 @@ QWEN_VALUES_SYSTEMS = zero_shot,icl_1,plugin_shortlist_copy_task_values_gate_icl
 # chosen recipe, its top-20 twin and its lifted-tail twin beside zero-shot (benchmarks/results/lift_qwen).
 QWEN_LIFT_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_lift_gate_icl1
 # Qwen2.5-Coder-0.5B, the closed-API view whose tail follows the fit targets' unigram frequencies (the smoothing
-# top20_reach chooses on select) beside the chosen recipe and its flat-tail twin (benchmarks/results/prior_qwen); the same
-# four on SmolLM2 under the same protocol (benchmarks/results/prior_smollm2).
-QWEN_PRIOR_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1
-PRIOR_SLOT_SYSTEMS = plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1
+# top20_reach chooses on select), and their square roots, beside the chosen recipe and its flat-tail twin
+# (benchmarks/results/prior_qwen); the same five on SmolLM2 under the same protocol (benchmarks/results/prior_smollm2),
+# and what each twin says of the MR on select (e2e_slots).
+QWEN_PRIOR_SYSTEMS = zero_shot,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1,plugin_shortlist_copy_task_top20_prior_half_gate_icl1
+PRIOR_SLOT_SYSTEMS = plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,plugin_shortlist_copy_task_top20_prior_gate_icl1,plugin_shortlist_copy_task_top20_prior_half_gate_icl1
 QWEN_SYSTEMS = zero_shot,zero_shot_chat,icl_1,icl_3,plugin_shortlist_copy,plugin_shortlist_copy_gate,plugin_shortlist_copy_top20,plugin_shortlist_copy_top20_gate,plugin_shortlist_copy_task_gate_icl1,plugin_shortlist_copy_task_top20_gate_icl1,icl_1_nearest
 
 paper: install
