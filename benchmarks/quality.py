@@ -329,7 +329,8 @@ def train_all(protocol: Protocol, base, names, root: Path, epochs: int, log, top
                              f"move it away (or pass another --runs) to retrain")
         elif (read_config(checkpoint).tail_prior, read_config(checkpoint).tail_prior_power) != (
                 spec.tail_prior, spec.tail_prior_power):
-            raise SystemExit(f"{spec.out} was trained with another --tail-prior than {spec.tail_prior}: "
+            raise SystemExit(f"{spec.out} was trained with another tail prior than --tail-prior {spec.tail_prior} "
+                             f"at power {spec.tail_prior_power}: "
                              f"move it away (or pass another --runs) to retrain")
         checkpoints[name] = str(checkpoint)
     return checkpoints

@@ -130,7 +130,8 @@ def test_tail_prior_shares_the_mass_the_top_k_leave_by_the_fit_targets_unigram_f
     passes the k-th, rows sum to 1; a uniform prior is the flat tail. ``unigram_log_prior``
     counts the targets, add-``smoothing``; the view is refused for a full cache, beside a lift,
     and with a prior of another size."""
-    from vllm_plugin.experts import top_k_with_flat_tail
+    from vllm_plugin.experts import base_top_k, top_k_with_flat_tail
+    from vllm_plugin.model import PluginConfig
 
     torch.manual_seed(0)
     lp = torch.log_softmax(3 * torch.randn(3, 50), -1)
@@ -170,6 +171,17 @@ def test_tail_prior_shares_the_mass_the_top_k_leave_by_the_fit_targets_unigram_f
         topk.with_lift(ts, [], -1.0).with_tail_prior(unigram)
     with pytest.raises(BaseLogitsError, match="a tail prior of"):
         topk.with_tail_prior(unigram[:-1])
+    with pytest.raises(BaseLogitsError, match="only a top-k cache with a flat tail"):
+        topk.with_tail_prior(unigram).with_lift(ts, [], -1.0)
+    with pytest.raises(ValueError, match="tail_prior_power tempers the tail prior: it needs tail_prior"):
+        PluginConfig(vocab_size=50, tail_prior_power=0.5)
+    # a token vLLM's logit_bias touched keeps its place relative to the top k: shifted with them
+    biased = torch.zeros(3, 50)
+    far = lp[0].argsort()[0]  # the least likely token of row 0
+    biased[0, far] = 1.0
+    constrained = base_top_k(lp, 5, biased, tail_prior=prior)
+    torch.testing.assert_close(constrained[0, far] - constrained[0, ids[0, 0]], lp[0, far] - lp[0, ids[0, 0]])
+    torch.testing.assert_close(constrained[1:], view[1:])
 
 
 def test_short_training_lowers_heldout_loss_and_resumes(tiny, e2e_file, tmp_path, monkeypatch):
@@ -249,8 +261,11 @@ def test_base_log_probs_at_some_columns_equal_the_full_rows(tiny, e2e_file, kind
         bl = bl_mod.topk_view(bl, ts, 5, progress=False)
     if kind == "topk_lift":
         bl = bl.with_lift(ts, [], -2.0)
-    if kind == "topk_prior":
-        bl = bl.with_tail_prior(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.1))
+    if kind == "topk_prior":  # a peaked prior, so that the cap at the k-th acts in many rows
+        bl = bl.with_tail_prior(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.001))
+        whole = bl.log_probs(torch.arange(len(bl)))
+        tail = torch.ones_like(whole, dtype=torch.bool).scatter(1, bl.topk_ids.long(), False)
+        assert ((whole >= whole.gather(1, bl.topk_ids.long()).amin(-1, keepdim=True) - 1e-6) & tail).any()
     rows = torch.arange(len(bl))
     candidates = bl.candidates(7)
     assert candidates.shape == (len(bl), 7 if kind == "full" else 5)
@@ -735,7 +750,7 @@ def test_shortlist_loss_is_the_exact_loss_at_the_cost_of_the_shortlist(tiny, e2e
     if kind == "topk_lift":
         bl = bl.with_lift(ts, marker, -1.0)
     if kind == "topk_prior":
-        bl = bl.with_tail_prior(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.1))
+        bl = bl.with_tail_prior(bl_mod.unigram_log_prior(ts, tiny.vocab_size, 0.001))
     data = PairSet(ts, bl)
     plugin = tiny_plugin(tiny.vocab_size, copy=copy_scores, gate=gate, copy_pending=pending, copy_after=marker,
                          copy_example=example, base_candidates=candidates, shortlist_size=tiny.vocab_size // 3)

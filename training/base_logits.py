@@ -13,7 +13,8 @@ Four sources, one cache format:
   (tested), in minutes instead of a second pass over the base.
 
 Top-k treatment of the tail: top-k sources keep the k best log-probs; the probability mass
-left over is spread evenly over the tokens not listed. The target token's exact log-prob
+left over is spread evenly over the tokens not listed (or, for a plugin trained with a tail
+prior, by the fit references' word frequencies: ``BaseLogits.with_tail_prior``). The target token's exact log-prob
 (APIs return it with ``echo``) is stored but deliberately *not* put into the distribution:
 lifted alone out of the flat tail, it tells the plugin which tail token is right, so the plugin
 can learn to raise the whole tail and let the base pick, which no base does at decoding time.
@@ -273,9 +274,11 @@ class BaseLogits:
         """The view's log-prob of tail ``tokens`` (int64, [m] or [n, 1]) given ``_view``'s ``tail``
         and ``top`` [n, k]: ``tail`` itself, or with a tail prior the prior added and capped at the
         k-th log-prob (``experts.top_k_with_flat_tail``)."""
+        from vllm_plugin.experts import capped_prior_tail
+
         if self.tail_log_prior is None:
             return tail
-        return torch.minimum(tail + self.tail_log_prior[tokens], top.amin(-1, keepdim=True))
+        return capped_prior_tail(tail, self.tail_log_prior[tokens], top)
 
     def with_lift(self, ts: TokenizedSet, after: list[int], offset: float) -> "BaseLogits":
         """This top-k cache with each row's prompt tokens (from the last ``after`` marker on, the
@@ -291,8 +294,8 @@ class BaseLogits:
 
         from vllm_plugin.model import copy_start
 
-        if self.kind != "topk":
-            raise BaseLogitsError("only a top-k cache has a flat tail to lift tokens out of")
+        if self.kind != "topk" or self.tail_log_prior is not None:
+            raise BaseLogitsError("only a top-k cache with a flat tail (no tail prior) has one to lift tokens out of")
         if ts.num_target_tokens != len(self):
             raise BaseLogitsError(f"{ts.num_target_tokens} target tokens for a cache of {len(self)} rows")
         tokens = [sorted(set(p[copy_start(p, after):])) for p in ts.prompts]

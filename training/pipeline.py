@@ -186,8 +186,11 @@ def check_spec(spec: RunSpec, need_data: bool = True, make_out: bool = True) -> 
                                               or not -50 <= spec.copy_tail_offset <= 0):
         raise ValueError(f"--copy-tail-offset {spec.copy_tail_offset} lifts copied tokens out of a top-k view's "
                          f"flat tail: it needs --copy and a top-k --source (not 'full'), and nats in [-50, 0]")
+    numbers = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (spec.tail_prior or 1.0,
+                                                                                   spec.tail_prior_power))
     if spec.tail_prior is not None and (spec.source == "full" or spec.alone or spec.copy_tail_offset is not None
-                                        or not 0 < spec.tail_prior <= 1e6 or not 0 <= spec.tail_prior_power <= 1):
+                                        or not numbers or not 0 < spec.tail_prior <= 1e6
+                                        or not 0 <= spec.tail_prior_power <= 1):
         raise ValueError(f"--tail-prior {spec.tail_prior} shares a top-k view's tail by the fit targets' unigram "
                          f"frequencies: it needs a top-k --source (not 'full'), a positive smoothing count, a power in "
                          f"[0, 1], and not --copy-tail-offset or --alone")

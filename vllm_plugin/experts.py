@@ -51,8 +51,9 @@ def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = No
     constraints. Every token a constraint touched keeps its exact constrained log-prob instead
     of the tail's: those at -inf (``allowed_token_ids``, ``bad_words``, ``min_tokens``, a
     structured-output grammar) and those with a nonzero ``bias`` ([n, V], the request's
-    ``logit_bias``). So the view never lifts a token above what vLLM gave it, and a request keeps
-    its constraints. Unconstrained logits give exactly the plain top-k view. ``lifted`` [n, V]
+    ``logit_bias``); with ``tail_prior`` shifted by the row's renormalisation, as the top k are.
+    So the view never lifts a token above what vLLM gave it relative to the top k, and a request
+    keeps its constraints. Unconstrained logits give exactly the plain top-k view. ``lifted`` [n, V]
     bool and ``lift_offset``: the prompt's tokens lifted out of the flat tail; ``tail_prior`` [V]:
     log-probs the tail follows instead of spreading evenly (``top_k_with_flat_tail``).
     """
@@ -62,13 +63,15 @@ def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = No
     touched = torch.isneginf(base_logits)
     if bias is not None:
         touched |= bias != 0
+    if tail_prior is not None:  # the prior view is renormalised: a touched token moves with the top k
+        log_probs = log_probs - prior_tail_log_norm(ids, top, tail_prior)
     return torch.where(touched, log_probs, view)
 
 
 def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int, lifted: torch.Tensor | None = None,
                          lift_offset: float = 0.0, tail_prior: torch.Tensor | None = None) -> torch.Tensor:
     """[n, V] log-probs from [n, k] top log-probs ``top`` at token ids ``ids``: the mass they
-    leave spread evenly over the other tokens. Training (cached top-k) and decoding (``base_top_k``)
+    leave spread over the other tokens (evenly, unless lifted or by a prior, below). Training (cached top-k) and decoding (``base_top_k``)
     both build the base's top-k view here, so they cannot drift apart.
 
     ``lifted`` [n, V] bool: tokens placed apart from the rest of the tail (the task's input
@@ -122,10 +125,16 @@ def prior_tail(top: torch.Tensor, ids: torch.Tensor, tail_prior: torch.Tensor) -
     return left.log() - rest.log()
 
 
+def capped_prior_tail(tail: torch.Tensor, prior_at: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Tail tokens' log-probs in the prior view: ``tail`` [n, 1] (``prior_tail``, less any row
+    shift) plus their prior ``prior_at`` ([m] or [n, m]), capped at the k-th of ``top`` [n, k]
+    (shifted alike): the one rule training's sparse reads (``BaseLogits``) and the dense view share."""
+    return torch.minimum(tail + prior_at, top.amin(-1, keepdim=True))
+
+
 def _capped_prior_view(ids: torch.Tensor, top: torch.Tensor, tail_prior: torch.Tensor) -> torch.Tensor:
     """[n, V] the prior-tail view before it is renormalised (``top_k_with_flat_tail``)."""
-    tail = torch.minimum(prior_tail(top, ids, tail_prior) + tail_prior, top.amin(-1, keepdim=True))
-    return tail.scatter(-1, ids, top)
+    return capped_prior_tail(prior_tail(top, ids, tail_prior), tail_prior, top).scatter(-1, ids, top)
 
 
 def prior_tail_log_norm(ids: torch.Tensor, top: torch.Tensor, tail_prior: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,8 @@ class PluginConfig:
         if isinstance(self.tail_prior_power, bool) or not isinstance(self.tail_prior_power, (int, float)) or not (
                 0 <= self.tail_prior_power <= 1):
             raise ValueError(f"tail_prior_power={self.tail_prior_power!r} must be a number in [0, 1]")
+        if self.tail_prior is None and self.tail_prior_power != 1.0:
+            raise ValueError("tail_prior_power tempers the tail prior: it needs tail_prior")
         if (type(self.base_candidates) is not int or not 0 <= self.base_candidates <= MAX_CANDIDATES
                 or self.base_candidates > self.vocab_size):
             raise ValueError(f"base_candidates={self.base_candidates!r} must be an integer between 0 (none) and "

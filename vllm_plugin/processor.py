@@ -10,7 +10,8 @@ has the ``vllm_plugin`` key (see ``plugin_table``). Per request,
 ``plugin_mode`` picks how the experts combine: ``product`` (default, the paper),
 ``mixture`` (``w * p_plugin + (1 - w) * p_base``, a baseline) or ``alone`` (the plugin only).
 A plugin trained from the base's top-k log-probs (a closed API's view) decodes against the
-same view of the base: its top-k log-probs and a flat tail (``experts.base_top_k``);
+same view of the base: its top-k log-probs and a flat tail, or the tail it was trained with
+(``experts.base_top_k``);
 ``plugin_base_top_k`` overrides that per request (0: the full base).
 
 Every step, each row that uses a plugin advances that plugin's state by the tokens it has not
@@ -373,7 +374,8 @@ def describe(name: str, model, path) -> str:
     k = int(c.training.get("top_k") or 0)
     lift = ("" if c.copy_tail_offset is None
             else f", the copied tokens {abs(c.copy_tail_offset):g} nats below the {k}th out of the tail")
-    tail = "a flat tail" if c.tail_prior is None else "a tail by the fit targets' unigram frequencies"
+    tail = ("a flat tail" if c.tail_prior is None else "a tail by the fit targets' unigram frequencies"
+            + ("" if c.tail_prior_power == 1 else f" to the power {c.tail_prior_power:g}"))
     view = f"top-{k} (the base's top-{k} log-probs + {tail}{lift})" if k else "full"
     parameters = sum(p.numel() for p in model.parameters())
     gate = ((", strength gated per position" if c.gate else "") + (", copy scores on prompt tokens" if c.copy else "")
