@@ -392,26 +392,17 @@ def test_top_k_plugin_decodes_against_the_base_top_k(tiny, engine):
     assert differs >= 2  # the top-k view changes the decoding, so the equalities test it
 
 
-def test_copy_tail_offset_lifts_the_task_out_of_the_flat_tail(tiny, engine):
-    """Plugin l, trained from top-k log-probs with ``copy_tail_offset``, sees the base's top-k view
-    with its task's tokens outside the top k at the k-th log-prob plus the offset, not in the flat
-    tail: served exactly as the reference decodes it, on the shortlisted path, on the
-    vocabulary-wide one (an expert penalty) and at another k per request; the same plugin with
-    the flat tail alone decodes some prompt differently."""
-    import copy
+def _served_as_reference_and_unlike(tiny, engine, name: str, prompts, flat) -> int:
+    """Serve plugin ``name`` (trained from top-k log-probs) on ``prompts`` greedily at its own k
+    (the shortlisted path), with an expert penalty (the vocabulary-wide path) and at k = 3 per
+    request; assert each output equals the reference decoder's, and return how many of those
+    references differ from the same decode with ``flat`` (the plugin with a plain flat tail)."""
+    from .conftest import TINY_TOP_K
 
-    from .conftest import COPY_MARKER, TINY_TOP_K
-
-    example = f"name -- Zizzi\narea -- riverside\n\n{COPY_MARKER}\nZizzi is a pub by the riverside.\n\n"
-    prompts = [tiny.encode(t) for t in (example + PROMPTS[2], PROMPTS[2], PROMPTS[4],
-                                        example + "name -- Cotto\nfood -- Indian\n\n" + COPY_MARKER + "\n")]
-    plugin = tiny.plugins["l"]
-    flat = copy.deepcopy(plugin)
-    flat.config.copy_tail_offset = None
-    differs = 0
+    plugin, differs = tiny.plugins[name], 0
     for extra, k, expert in (({}, TINY_TOP_K, 1.0), ({"plugin_expert_repetition_penalty": 1.3}, TINY_TOP_K, 1.3),
                              ({"plugin_base_top_k": 3}, 3, 1.0)):
-        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, extra_args={"plugin": "l", **extra})
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, extra_args={"plugin": name, **extra})
         outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [params] * len(prompts),
                                use_tqdm=False)
         for ids, out in zip(prompts, outs):
@@ -420,7 +411,26 @@ def test_copy_tail_offset_lifts_the_task_out_of_the_flat_tail(tiny, engine):
             assert list(out.outputs[0].token_ids) == want, (extra, ids)
             differs += want != reference_generate(tiny.base, [ids], flat, max_new_tokens=12, top_k=k,
                                                   expert_repetition_penalty=expert)[0]
-    assert differs >= 1
+    return differs
+
+
+def test_copy_tail_offset_lifts_the_task_out_of_the_flat_tail(tiny, engine):
+    """Plugin l, trained from top-k log-probs with ``copy_tail_offset``, sees the base's top-k view
+    with its task's tokens outside the top k at the k-th log-prob plus the offset, not in the flat
+    tail: served exactly as the reference decodes it, on the shortlisted path, on the
+    vocabulary-wide one (an expert penalty) and at another k per request; the same plugin with
+    the flat tail alone decodes some prompt differently."""
+    import copy
+
+    from .conftest import COPY_MARKER
+
+    example = f"name -- Zizzi\narea -- riverside\n\n{COPY_MARKER}\nZizzi is a pub by the riverside.\n\n"
+    prompts = [tiny.encode(t) for t in (example + PROMPTS[2], PROMPTS[2], PROMPTS[4],
+                                        example + "name -- Cotto\nfood -- Indian\n\n" + COPY_MARKER + "\n")]
+    plugin = tiny.plugins["l"]
+    flat = copy.deepcopy(plugin)
+    flat.config.copy_tail_offset = None
+    assert _served_as_reference_and_unlike(tiny, engine, "l", prompts, flat) >= 1
 
 
 def test_tail_prior_shares_the_top_k_views_tail(tiny, engine):
@@ -430,25 +440,11 @@ def test_tail_prior_shares_the_top_k_views_tail(tiny, engine):
     request; the same plugin with a flat tail decodes some prompt differently."""
     import copy
 
-    from .conftest import TINY_TOP_K
-
     prompts = [tiny.encode(p) for p in PROMPTS[:5]]
     plugin = tiny.plugins["u"]
     flat = copy.deepcopy(plugin)
     flat.tail_log_prior = None
-    differs = 0
-    for extra, k, expert in (({}, TINY_TOP_K, 1.0), ({"plugin_expert_repetition_penalty": 1.3}, TINY_TOP_K, 1.3),
-                             ({"plugin_base_top_k": 3}, 3, 1.0)):
-        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, extra_args={"plugin": "u", **extra})
-        outs = engine.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], [params] * len(prompts),
-                               use_tqdm=False)
-        for ids, out in zip(prompts, outs):
-            want = reference_generate(tiny.base, [ids], plugin, max_new_tokens=12, top_k=k,
-                                      expert_repetition_penalty=expert)[0]
-            assert list(out.outputs[0].token_ids) == want, (extra, ids)
-            differs += want != reference_generate(tiny.base, [ids], flat, max_new_tokens=12, top_k=k,
-                                                  expert_repetition_penalty=expert)[0]
-    assert differs >= 1
+    assert _served_as_reference_and_unlike(tiny, engine, "u", prompts, flat) >= 1
 
 
 def test_requests_arriving_at_different_times(tiny, engine):

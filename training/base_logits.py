@@ -315,10 +315,10 @@ class BaseLogits:
         """
         from dataclasses import replace
 
-        if self.kind != "topk" or self.lift_ids is not None:
-            raise BaseLogitsError("only a top-k cache without lifted tokens has a flat tail to share by a prior")
         from vllm_plugin.experts import prior_tail_log_norm
 
+        if self.kind != "topk" or self.lift_ids is not None:
+            raise BaseLogitsError("only a top-k cache without lifted tokens has a flat tail to share by a prior")
         if log_prior.shape != (self.vocab_size,):
             raise BaseLogitsError(f"a tail prior of {tuple(log_prior.shape)} for a vocabulary of {self.vocab_size}")
         log_prior = log_prior.float()

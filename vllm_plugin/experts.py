@@ -64,7 +64,7 @@ def base_top_k(base_logits: torch.Tensor, k: int, bias: torch.Tensor | None = No
     if bias is not None:
         touched |= bias != 0
     if tail_prior is not None:  # the prior view is renormalised: a touched token moves with the top k
-        log_probs = log_probs - prior_tail_log_norm(ids, top, tail_prior)
+        log_probs = log_probs + (view.gather(-1, ids[..., :1]) - top[..., :1])
     return torch.where(touched, log_probs, view)
 
 
@@ -95,11 +95,16 @@ def top_k_with_flat_tail(ids: torch.Tensor, top: torch.Tensor, vocab_size: int, 
     return torch.where(lifted, lift, tail).scatter(-1, ids, top)
 
 
+def _left_mass(top: torch.Tensor) -> torch.Tensor:
+    """[..., 1] the probability the top-k log-probs ``top`` [..., k] leave to the other tokens
+    (kept above 0, so its log stays finite when the top k hold all of it)."""
+    return (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+
+
 def flat_tail(top: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[..., 1] log-prob of each token outside the top-k: the mass the top-k log-probs ``top``
     [..., k] leave, spread evenly over the other ``vocab_size - k`` tokens."""
-    tail = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6) / (vocab_size - top.shape[-1])
-    return tail.log()
+    return (_left_mass(top) / (vocab_size - top.shape[-1])).log()
 
 
 def lifted_tail(top: torch.Tensor, n_lifted: torch.Tensor, vocab_size: int, offset: float):
@@ -108,7 +113,7 @@ def lifted_tail(top: torch.Tensor, n_lifted: torch.Tensor, vocab_size: int, offs
     [..., 1]: a lifted token sits ``offset`` nats (<= 0) from the k-th log-prob, at most half
     the mass left over shared among the lifted ones, and the other tail tokens share the rest
     evenly, so the view stays a distribution. ``n_lifted`` = 0 gives ``flat_tail``."""
-    left = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
+    left = _left_mass(top)
     n = n_lifted.to(top.dtype)
     lift = torch.minimum(top.amin(-1, keepdim=True) + offset, (0.5 * left / n.clamp(min=1)).log())
     tail = ((left - n * lift.exp()) / (vocab_size - top.shape[-1] - n).clamp(min=1)).log()
@@ -120,9 +125,7 @@ def prior_tail(top: torch.Tensor, ids: torch.Tensor, tail_prior: torch.Tensor) -
     (``top``, ``ids`` [..., k]) so that those tokens share the mass the top k leave in
     proportion to the prior, before ``top_k_with_flat_tail`` caps them at the k-th log-prob:
     log(1 - sum exp(top)) - log(1 - sum of the prior over ``ids``)."""
-    left = (1.0 - top.exp().sum(-1, keepdim=True)).clamp(min=1e-6)
-    rest = (1.0 - tail_prior[ids].exp().sum(-1, keepdim=True)).clamp(min=1e-6)
-    return left.log() - rest.log()
+    return _left_mass(top).log() - _left_mass(tail_prior[ids]).log()
 
 
 def capped_prior_tail(tail: torch.Tensor, prior_at: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
